@@ -1,0 +1,33 @@
+# The two commands a new user runs: `make setup` then `make test`.
+PY ?= python3
+VENV ?= .venv
+# The PyTorch build to install. The default pins 2.13.0: on the project machines pip takes the CPU wheel
+# that lies on disk; elsewhere pip takes PyPI's default build (CUDA on Linux). For another build, pass the
+# pip arguments of your choice, e.g. `make setup TORCH="torch==2.13.0 --index-url <your PyTorch index>"`.
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: setup test test-all lint format demo clean
+
+setup:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install $(TORCH)
+	$(BIN)/pip install -e ".[dev]"
+
+test:
+	$(BIN)/python -m pytest
+
+test-all:
+	$(BIN)/python -m pytest -m "slow or not slow"
+
+lint:
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+format:
+	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix src tests bench
+
+clean:
+	rm -rf .pytest_cache .ruff_cache build dist src/*.egg-info

@@ -1,0 +1,49 @@
+"""The `gpt2mm` command: dispatch only, one subcommand per job.
+
+Each subcommand lives in its own module, imported only when it runs (so `gpt2mm --help` is instant and a
+missing optional dependency of one job does not break the others). A module provides:
+
+    def configure(parser: argparse.ArgumentParser) -> None   # adds the job's arguments
+    def run(args: argparse.Namespace) -> int | None          # does the job; returns the exit code
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from gpt2mm.errors import UsageError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "init": ("gpt2mm.commands.init", "write a ready-to-load random model + processor from a preset"),
+    "convert-seed": ("gpt2mm.convert_seed", "convert a state dict saved by the seed's code"),
+    "synth": ("gpt2mm.data.synthetic", "render the synthetic shapes world (VQA v2 + LLaVA formats)"),
+    "vqa-score": ("gpt2mm.eval.score", "score VQA results with the official VQA v2 accuracy"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="gpt2mm", description="A small multimodal GPT-2.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_) in COMMANDS.items():
+        sub.add_parser(name, help=help_, add_help=False)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        parser.parse_args(argv or ["--help"])  # prints help or the "invalid choice" error and exits
+        return 2
+    name = argv[0]
+    module = importlib.import_module(COMMANDS[name][0])
+    cmd_parser = argparse.ArgumentParser(prog=f"gpt2mm {name}", description=COMMANDS[name][1])
+    module.configure(cmd_parser)
+    args = cmd_parser.parse_args(argv[1:])
+    try:
+        code = module.run(args)
+    except UsageError as e:
+        cmd_parser.error(str(e))  # exits with code 2
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,438 @@
+"""MultimodalGPT2ForConditionalGeneration: CLIP ViT -> projector -> added to `<image>` token embeddings -> GPT-2.
+
+Read top to bottom, it follows the architecture figure:
+
+    pixel_values (N, 3, H, W)
+      -> vision tower (CLIP ViT, frozen)                 (N, T_img, C_vision)    T_img = 50 for ViT-B/32
+      -> projector: Linear -> LayerNorm -> transformer   (N, T_img, C_text)
+    input_ids (B, T) with N * T_img `<image>` tokens
+      -> token embeddings                                (B, T, C_text)
+      -> image features added at the `<image>` positions (or replacing them, fusion="replace")
+      -> GPT-2 -> LM head                                (B, T, vocab)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageTextToText,
+    CLIPVisionModel,
+    GenerationConfig,
+    GenerationMixin,
+    GPT2LMHeadModel,
+    GPT2Model,
+    PreTrainedModel,
+)
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from gpt2mm.config import MultimodalGPT2Config
+
+IGNORE_INDEX = -100
+
+
+class MultimodalProjector(nn.Module):
+    """Vision width -> text width: Linear -> LayerNorm -> `projector_num_layers` transformer layers (the seed's)."""
+
+    def __init__(self, config: MultimodalGPT2Config):
+        super().__init__()
+        d = config.text_config.hidden_size
+        self.linear = nn.Linear(config.vision_config.hidden_size, d)
+        self.norm = nn.LayerNorm(d)
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                d_model=d,
+                nhead=config.projector_num_heads,
+                dim_feedforward=config.projector_ffn_dim,
+                dropout=config.projector_dropout,
+                activation=config.projector_activation,
+                norm_first=config.projector_norm_first,
+                batch_first=True,
+            )
+            for _ in range(config.projector_num_layers)
+        )
+        self.token_mixing = config.projector_token_mixing
+
+    def forward(self, vision_states: torch.Tensor) -> torch.Tensor:
+        x = self.norm(self.linear(vision_states))  # (N, T_img, C_text)
+        mask = None
+        if not self.token_mixing:  # each image token attends only to itself (the seed at batch 1)
+            t = x.shape[1]
+            mask = ~torch.eye(t, dtype=torch.bool, device=x.device)  # True = may not attend
+        for layer in self.layers:
+            x = layer(x, src_mask=mask)
+        return x
+
+
+class MultimodalGPT2PreTrainedModel(PreTrainedModel):
+    config_class = MultimodalGPT2Config
+    config: MultimodalGPT2Config
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["GPT2Block", "CLIPEncoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _can_compile_fullgraph = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # CLIP and GPT-2 initialise their own modules; this covers the projector and the LM head.
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+class MultimodalGPT2ForConditionalGeneration(MultimodalGPT2PreTrainedModel, GenerationMixin):
+    """The seed's multimodal GPT-2 as a `transformers` model: forward, loss, `generate`, save/load."""
+
+    _tied_weights_keys = {"lm_head.weight": "language_model.wte.weight"}
+
+    def __init__(self, config: MultimodalGPT2Config):
+        super().__init__(config)
+        self.vision_tower = CLIPVisionModel(config.vision_config)
+        self.projector = MultimodalProjector(config)
+        self.language_model = GPT2Model(config.text_config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+        tc = config.text_config
+        self.generation_config = GenerationConfig(
+            bos_token_id=tc.bos_token_id,
+            eos_token_id=tc.eos_token_id,
+            pad_token_id=tc.pad_token_id if tc.pad_token_id is not None else tc.eos_token_id,
+            suppress_tokens=[config.image_token_id],  # the model never writes an `<image>` itself
+        )
+        if config.freeze_vision:
+            self.freeze_vision()
+
+    # --- plumbing that transformers expects ---------------------------------------------------------------
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.language_model.wte
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.language_model.wte = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def freeze_vision(self) -> None:
+        """No gradients and eval mode for the vision tower (it stays in eval mode through `.train()`)."""
+        self.vision_tower.requires_grad_(False)
+        self.vision_tower.eval()
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any):
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives a tuple
+        if model.config.freeze_vision:  # loading materialises fresh parameters: freeze them again
+            model.freeze_vision()
+        return loaded
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.config.freeze_vision:
+            self.vision_tower.eval()
+        return self
+
+    @property
+    def vision_frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.vision_tower.parameters())
+
+    # --- the image path ---------------------------------------------------------------------------------
+
+    def get_vision_hidden_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """What the vision tower gives the projector: (num_images, num_image_tokens, vision_hidden_size).
+
+        With a frozen tower these can be computed once per image and cached (see `gpt2mm.data.features`).
+        """
+        layer = self.config.vision_feature_layer
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.vision_frozen):
+            out = self.vision_tower(
+                pixel_values=pixel_values.to(self.vision_tower.dtype), output_hidden_states=layer != -1
+            )
+            states = out.last_hidden_state if layer == -1 else out.hidden_states[layer]  # (N, 1 + P, C_v)
+        if self.config.vision_drop_cls:
+            states = states[:, 1:]  # (N, P, C_v)
+        return states
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor | None = None, vision_hidden_states: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Projected image features, (num_images, num_image_tokens, text_hidden_size): what is added to
+        (with fusion="replace": what replaces) the embeddings of the `<image>` tokens."""
+        if vision_hidden_states is None:
+            if pixel_values is None:
+                raise ValueError("get_image_features needs pixel_values or vision_hidden_states")
+            vision_hidden_states = self.get_vision_hidden_states(pixel_values)
+        return self.projector(vision_hidden_states.to(self.projector.linear.weight.dtype))
+
+    def _embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        vision_hidden_states: torch.Tensor | None,
+        in_prefill: bool,
+    ) -> torch.Tensor:
+        """Token embeddings with the image features fused in at the `<image>` positions."""
+        embeds = self.get_input_embeddings()(input_ids)  # (B, T, C)
+        image_mask = input_ids == self.config.image_token_id  # (B, T)
+        have_images = pixel_values is not None or vision_hidden_states is not None
+        if not have_images:
+            if in_prefill and image_mask.any():
+                raise ValueError(
+                    f"input_ids hold {int(image_mask.sum())} {self.config.image_token} tokens but no "
+                    "pixel_values were given"
+                )
+            return embeds
+        n_images = (pixel_values if pixel_values is not None else vision_hidden_states).shape[0]
+        per_image = self.config.num_image_tokens
+        n_tokens = int(image_mask.sum())
+        if n_tokens != n_images * per_image:
+            raise ValueError(
+                f"input_ids hold {n_tokens} {self.config.image_token} tokens but {n_images} images were given, "
+                f"which need {n_images} x {per_image} = {n_images * per_image} {self.config.image_token} tokens"
+            )
+        per_row = image_mask.sum(dim=1)
+        if bool((per_row % per_image).any()):
+            raise ValueError(
+                f"each image fills {per_image} consecutive {self.config.image_token} tokens, but the samples "
+                f"hold {per_row.tolist()} of them"
+            )
+        features = self.get_image_features(pixel_values, vision_hidden_states)  # (N, T_img, C)
+        features = features.reshape(-1, features.shape[-1]).to(embeds.dtype)  # (N * T_img, C), in order
+        if self.config.fusion == "add":
+            features = embeds[image_mask] + features
+        return embeds.masked_scatter(image_mask.unsqueeze(-1), features)
+
+    # --- forward -----------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        past_key_values: Any | None = None,
+        cache: Any | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        vision_hidden_states: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_logits: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """The usual causal-LM forward, with images.
+
+        Args:
+            pixel_values: (num_images, 3, H, W), in the order of the images' `<image>` runs in `input_ids`.
+            vision_hidden_states: precomputed vision-tower outputs (a frozen-vision feature cache) instead
+                of `pixel_values`.
+            labels: (B, T); positions labelled -100 are ignored, the rest are predicted from the previous
+                position (shifted inside, as in transformers).
+            past_key_values / cache: the KV cache (`cache` is the transformers 5 name; both are accepted).
+            return_logits: whether to return logits. By default they are skipped only when training with
+                labels: the LM head then runs on the labelled positions alone, never building the full
+                (B, T, vocab) tensor.
+        """
+        if past_key_values is not None and cache is not None:
+            raise ValueError("pass the KV cache as `cache` or `past_key_values`, not both")
+        cache = cache if cache is not None else past_key_values
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            in_prefill = cache is None or cache.get_seq_length() == 0
+            inputs_embeds = self._embed(input_ids, pixel_values, vision_hidden_states, in_prefill)
+        elif pixel_values is not None or vision_hidden_states is not None:
+            raise ValueError("images need input_ids (to find the <image> positions), not inputs_embeds")
+
+        out = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden = out.last_hidden_state  # (B, T, C)
+
+        if return_logits is None:
+            return_logits = labels is None or not self.training
+        logits = loss = None
+        if return_logits:
+            kept = (
+                hidden[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else hidden[:, logits_to_keep]
+            )
+            logits = self.lm_head(kept)  # (B, T_kept, vocab)
+        if labels is not None:
+            if logits is not None and logits.shape[1] == hidden.shape[1]:
+                loss = causal_lm_loss_from_logits(logits, labels, num_items_in_batch)
+            else:
+                loss = causal_lm_loss(hidden, labels, self.lm_head, num_items_in_batch)
+
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=out.cache if use_cache is not False else None,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+        )
+
+    # --- generation --------------------------------------------------------------------------------------
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **kw):
+        # Beams and `num_return_sequences` repeat each sample; its images (possibly several) go with it.
+        images = {k: kw.pop(k) for k in ("pixel_values", "vision_hidden_states") if kw.get(k) is not None}
+        if images and expand_size > 1:
+            per_sample = (input_ids == self.config.image_token_id).sum(1) // self.config.num_image_tokens
+            owner = torch.repeat_interleave(
+                torch.arange(len(per_sample), device=per_sample.device), per_sample
+            )
+            for key, value in images.items():
+                chunks = [value[owner == i] for i in range(len(per_sample))]
+                images[key] = torch.cat([c for c in chunks for _ in range(expand_size)])
+        input_ids, kw = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **kw
+        )
+        kw.update(images)
+        return input_ids, kw
+
+    # --- building from pretrained backbones ----------------------------------------------------------------
+
+    @classmethod
+    def from_backbones(
+        cls,
+        vision: str | os.PathLike,
+        text: str | os.PathLike,
+        tokenizer: Any | None = None,
+        **overrides: Any,
+    ) -> tuple[MultimodalGPT2ForConditionalGeneration, Any]:
+        """Build the model from a pretrained CLIP (vision tower only) and a pretrained GPT-2.
+
+        `vision` / `text` are hub ids or local directories. `<image>` is added to the GPT-2 tokenizer (or
+        to `tokenizer`), the embeddings are resized, and every pretrained weight is copied with an explicit
+        check that the key sets and shapes match. Returns `(model, processor)`.
+        """
+        from transformers import AutoTokenizer, CLIPImageProcessor
+
+        from gpt2mm.processing import MultimodalGPT2Processor
+        from gpt2mm.tokenizer import add_image_token
+
+        clip = CLIPVisionModel.from_pretrained(vision)
+        gpt2 = GPT2LMHeadModel.from_pretrained(text)
+        tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(text)
+        image_token = overrides.get("image_token", "<image>")
+        image_token_id = add_image_token(tokenizer, image_token)
+        vocab_size = max(len(tokenizer), gpt2.config.vocab_size)
+        gpt2.resize_token_embeddings(vocab_size, mean_resizing=True)
+
+        text_config = gpt2.config.to_dict()
+        text_config["vocab_size"] = vocab_size
+        text_config["pad_token_id"] = tokenizer.pad_token_id
+        config = MultimodalGPT2Config(
+            vision_config=clip.config.to_dict(),
+            text_config=text_config,
+            image_token_id=image_token_id,
+            **overrides,
+        )
+        model = cls(config)
+        copy_state(clip, model.vision_tower, "vision tower")
+        copy_state(gpt2.transformer, model.language_model, "GPT-2")
+        model.tie_weights()
+        assert torch.equal(model.lm_head.weight, gpt2.lm_head.weight), "LM head not tied to the embeddings"
+        try:
+            image_processor = CLIPImageProcessor.from_pretrained(vision)
+        except OSError:
+            image_processor = default_image_processor(config)
+        processor = MultimodalGPT2Processor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            num_image_tokens=config.num_image_tokens,
+            image_token=config.image_token,
+        )
+        return model, processor
+
+
+def copy_state(src: nn.Module, dst: nn.Module, what: str) -> None:
+    """Copy a pretrained module's weights, asserting that keys and shapes match one to one (nanoGPT style)."""
+    s, d = src.state_dict(), dst.state_dict()
+    missing, unexpected = sorted(set(d) - set(s)), sorted(set(s) - set(d))
+    if missing or unexpected:
+        raise ValueError(f"{what}: state dicts differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for key, value in s.items():
+        if value.shape != d[key].shape:
+            raise ValueError(f"{what}: {key} has shape {tuple(value.shape)}, expected {tuple(d[key].shape)}")
+    dst.load_state_dict(s, strict=True)
+
+
+def default_image_processor(config: MultimodalGPT2Config):
+    """A CLIP image processor sized for the vision tower (CLIP's normalisation statistics)."""
+    from transformers import CLIPImageProcessor
+
+    size = config.vision_config.image_size
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+# --- the loss ------------------------------------------------------------------------------------------------
+
+
+def causal_lm_loss(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    lm_head: nn.Module,
+    num_items_in_batch: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Next-token cross-entropy with the LM head run only on the positions that have a label.
+
+    hidden (B, T, C) at position t predicts labels[:, t + 1]; labels of -100 are ignored. Equal to the
+    loss on full logits (a test checks it) without the (B, T, vocab) tensor: the answer tokens are a few
+    of the ~70 positions of a VQA sample.
+    """
+    targets = labels[:, 1:]  # (B, T-1)
+    keep = targets != IGNORE_INDEX
+    logits = lm_head(hidden[:, :-1][keep])  # (M, vocab)
+    return _reduce(F.cross_entropy(logits.float(), targets[keep], reduction="sum"), keep, num_items_in_batch)
+
+
+def causal_lm_loss_from_logits(
+    logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None
+) -> torch.Tensor:
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    loss = F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="sum")
+    return _reduce(loss, keep, num_items_in_batch)
+
+
+def _reduce(total: torch.Tensor, keep: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+    # Mean over labelled tokens; under gradient accumulation the trainer passes the count of the whole batch.
+    denom = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
+    if isinstance(denom, torch.Tensor):
+        denom = denom.to(total.device)
+    return total / denom
+
+
+AutoConfig.register("gpt2mm", MultimodalGPT2Config, exist_ok=True)
+AutoModel.register(MultimodalGPT2Config, MultimodalGPT2ForConditionalGeneration, exist_ok=True)
+AutoModelForImageTextToText.register(
+    MultimodalGPT2Config, MultimodalGPT2ForConditionalGeneration, exist_ok=True
+)

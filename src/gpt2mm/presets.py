@@ -1,0 +1,71 @@
+"""Building and loading a model + processor in one call: from a preset, a directory or a hub id."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from gpt2mm.config import MultimodalGPT2Config, get_preset
+from gpt2mm.modeling import MultimodalGPT2ForConditionalGeneration, default_image_processor
+from gpt2mm.processing import MultimodalGPT2Processor
+
+
+def build_model(
+    preset: str, pretrained: bool | None = None, **overrides: Any
+) -> tuple[MultimodalGPT2ForConditionalGeneration, MultimodalGPT2Processor]:
+    """A model + processor for a preset.
+
+    `pretrained=True` loads the preset's pretrained backbones (hub ids or directories; needs them to be
+    reachable); `False` builds random weights from the embedded configs, offline. The default is pretrained
+    for presets that name backbones and random for `tiny`.
+    """
+    p = get_preset(preset)
+    has_backbones = p.vision_backbone is not None and p.text_backbone is not None
+    pretrained = has_backbones if pretrained is None else pretrained
+    if pretrained:
+        if not has_backbones:
+            raise ValueError(f"preset {preset!r} has no pretrained backbones; use pretrained=False")
+        return MultimodalGPT2ForConditionalGeneration.from_backbones(
+            p.vision_backbone, p.text_backbone, **{**p.model, **overrides}
+        )
+    config = MultimodalGPT2Config.from_preset(preset, **overrides)
+    model = MultimodalGPT2ForConditionalGeneration(config)
+    return model, processor_for(config, preset)
+
+
+def processor_for(config: MultimodalGPT2Config, preset: str) -> MultimodalGPT2Processor:
+    """The processor that goes with a randomly initialised preset (offline)."""
+    if preset == "tiny":
+        from gpt2mm.tokenizer import build_tiny_tokenizer
+
+        tokenizer = build_tiny_tokenizer()
+    else:
+        from transformers import AutoTokenizer
+
+        from gpt2mm.tokenizer import add_image_token
+
+        tokenizer = AutoTokenizer.from_pretrained(get_preset(preset).text_backbone)
+        add_image_token(tokenizer, config.image_token)
+    if tokenizer.convert_tokens_to_ids(config.image_token) != config.image_token_id:
+        raise ValueError("the tokenizer's image token id does not match the config's")
+    if len(tokenizer) > config.text_config.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, more than vocab_size")
+    return MultimodalGPT2Processor(
+        image_processor=default_image_processor(config),
+        tokenizer=tokenizer,
+        num_image_tokens=config.num_image_tokens,
+        image_token=config.image_token,
+    )
+
+
+def load_model(
+    name_or_path: str | os.PathLike, **kwargs: Any
+) -> tuple[MultimodalGPT2ForConditionalGeneration, MultimodalGPT2Processor]:
+    """Load a saved model and its processor from a directory or a hub id."""
+    path = Path(name_or_path)
+    if path.exists() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a gpt2mm model directory: it has no config.json")
+    model = MultimodalGPT2ForConditionalGeneration.from_pretrained(name_or_path, **kwargs)
+    processor = MultimodalGPT2Processor.from_pretrained(name_or_path)
+    return model, processor

@@ -1,0 +1,174 @@
+"""MultimodalGPT2Processor: tokenizer + CLIP image processor + the seed's prompt format.
+
+The prompt format is the seed's, `Q: <image> {question} A: {answer}<|endoftext|>`, where the single
+`<image>` placeholder is expanded to `num_image_tokens` tokens (the transformers convention for LLaVA-style
+processors). Training labels are -100 everywhere except the answer tokens and the end-of-text token (the
+seed's answer-only loss). Conversations (stage 3) chain the same format turn after turn, so stage 1 and
+stage 3 share it:
+
+    Q: <image> {user 1} A: {assistant 1}<|endoftext|>Q: {user 2} A: {assistant 2}<|endoftext|>
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import ProcessorMixin
+from transformers.feature_extraction_utils import BatchFeature
+
+from gpt2mm.modeling import IGNORE_INDEX
+
+USER_PREFIX = "Q:"
+ASSISTANT_PREFIX = " A:"
+
+
+class MultimodalGPT2Processor(ProcessorMixin):
+    """Turns text with `<image>` placeholders and images into `input_ids`, `attention_mask`, `pixel_values`.
+
+    `processor(text="Q: <image> What color is the dog? A:", images=image)` expands the placeholder to
+    `num_image_tokens` `<image>` tokens. For training examples with answer-only labels use
+    `encode_example` (one question and answer) or `encode_conversation` (several turns).
+    """
+
+    def __init__(
+        self,
+        image_processor: Any = None,
+        tokenizer: Any = None,
+        num_image_tokens: int = 50,
+        image_token: str = "<image>",
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ):
+        self.num_image_tokens = num_image_tokens
+        self.image_token = image_token
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+        vocab = tokenizer.get_vocab()
+        if image_token not in vocab:
+            raise ValueError(f"the tokenizer has no {image_token!r} token; add it with add_image_token()")
+        self.image_token_id = vocab[image_token]
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    # --- the transformers-style call --------------------------------------------------------------------
+
+    def __call__(
+        self,
+        text: str | Sequence[str] | None = None,
+        images: Any = None,
+        padding: bool | str = True,
+        padding_side: str | None = None,
+        return_tensors: str | None = "pt",
+        **kwargs: Any,
+    ) -> BatchFeature:
+        """Tokenize `text` (each `<image>` placeholder expanded) and preprocess `images` (in placeholder order).
+
+        Raises ValueError when the number of placeholders differs from the number of images.
+        """
+        flat_images = _flatten_images(images)
+        data: dict[str, Any] = {}
+        if text is not None:
+            texts = [text] if isinstance(text, str) else list(text)
+            n_placeholders = sum(t.count(self.image_token) for t in texts)
+            if images is not None and n_placeholders != len(flat_images):
+                raise ValueError(
+                    f"the text holds {n_placeholders} {self.image_token} placeholders but {len(flat_images)} "
+                    "images were given"
+                )
+            expanded = [self.expand_image_tokens(t) for t in texts]
+            data.update(
+                self.tokenizer(
+                    expanded,
+                    padding=padding,
+                    padding_side=padding_side,
+                    return_tensors=return_tensors,
+                    **kwargs,
+                )
+            )
+        if images is not None:
+            data["pixel_values"] = self.preprocess_images(flat_images)
+        return BatchFeature(data=data, tensor_type=None)
+
+    def expand_image_tokens(self, text: str) -> str:
+        return text.replace(self.image_token, self.image_token * self.num_image_tokens)
+
+    def preprocess_images(self, images: Sequence[Any]) -> torch.Tensor:
+        """PIL images (any size, converted to RGB) -> (N, 3, H, W) float pixel values."""
+        images = [im.convert("RGB") if hasattr(im, "convert") else im for im in images]
+        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+    def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args: Any, **kwargs: Any) -> str:
+        return self.tokenizer.decode(*args, **kwargs)
+
+    # --- the seed's prompt format and its labels --------------------------------------------------------
+
+    def format_prompt(self, question: str, with_image: bool = True) -> str:
+        """`Q: <image> {question} A:`: what the model sees before it answers."""
+        image = f" {self.image_token}" if with_image else ""
+        return f"{USER_PREFIX}{image} {question.strip()}{ASSISTANT_PREFIX}"
+
+    def encode_example(self, question: str, answer: str, with_image: bool = True) -> dict[str, list[int]]:
+        """One VQA sample: `input_ids` and `labels` (-100 except on the answer tokens and end-of-text)."""
+        return self.encode_conversation([("user", question), ("assistant", answer)], with_image=with_image)
+
+    def encode_conversation(
+        self, turns: Sequence[tuple[str, str]], with_image: bool = True
+    ) -> dict[str, list[int]]:
+        """Alternating (role, text) turns, user first -> `input_ids` and `labels` on the assistant turns only.
+
+        The image placeholder goes in the first user turn. Each part is tokenized on its own, so the label
+        boundaries are exact and the prompt tokens equal those that `format_prompt` gives at inference.
+        """
+        ids: list[int] = []
+        labels: list[int] = []
+        eos = self.tokenizer.eos_token_id
+        for i, (role, text) in enumerate(turns):
+            expected = "user" if i % 2 == 0 else "assistant"
+            if role != expected:
+                raise ValueError(f"turn {i} has role {role!r}; turns alternate user/assistant, user first")
+            if role == "user":
+                prompt = self.format_prompt(text, with_image=with_image and i == 0)
+                part = self._tokens(self.expand_image_tokens(prompt))
+                ids += part
+                labels += [IGNORE_INDEX] * len(part)
+            else:
+                part = self._tokens(" " + text.strip()) + [eos]
+                ids += part
+                labels += part
+        return {"input_ids": ids, "labels": labels}
+
+    def _tokens(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def postprocess_answer(self, text: str) -> str:
+        """A generated continuation -> the answer: up to end-of-text or the next `Q:`, trimmed."""
+        for stop in (self.tokenizer.eos_token, f"\n{USER_PREFIX}", f" {USER_PREFIX} ", "\n\n"):
+            if stop and stop in text:
+                text = text.split(stop, 1)[0]
+        return text.strip()
+
+
+def _flatten_images(images: Any) -> list[Any]:
+    if images is None:
+        return []
+    if isinstance(images, (list, tuple)):
+        out: list[Any] = []
+        for item in images:
+            out.extend(_flatten_images(item) if isinstance(item, (list, tuple)) else [item])
+        return out
+    return [images]
+
+
+def _register() -> None:
+    from transformers import AutoProcessor
+
+    from gpt2mm.config import MultimodalGPT2Config
+
+    AutoProcessor.register(MultimodalGPT2Config, MultimodalGPT2Processor, exist_ok=True)
+
+
+_register()

@@ -1,0 +1,300 @@
+"""Parity of MultimodalGPT2ForConditionalGeneration with the transformers modules it wraps."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel, AutoProcessor, GPT2LMHeadModel
+
+from conftest import make_image
+from gpt2mm import MultimodalGPT2Config, MultimodalGPT2ForConditionalGeneration, MultimodalGPT2Processor
+from gpt2mm.modeling import IGNORE_INDEX
+
+
+def reference_gpt2(model: MultimodalGPT2ForConditionalGeneration) -> GPT2LMHeadModel:
+    """A plain GPT2LMHeadModel holding our language model's weights."""
+    ref = GPT2LMHeadModel(model.config.text_config)
+    missing, unexpected = (
+        ref.transformer.load_state_dict(model.language_model.state_dict(), strict=True),
+        None,
+    )
+    ref.tie_weights()
+    assert torch.equal(ref.lm_head.weight, model.lm_head.weight)
+    del missing, unexpected
+    return ref.eval()
+
+
+def batch(processor, questions, images, **kw):
+    texts = [processor.format_prompt(q) for q in questions]
+    return processor(text=texts, images=images, **kw)
+
+
+def test_from_backbones_copies_weights_and_adds_image_token(backbone_dirs, tiny_pair):
+    model, processor = tiny_pair
+    from transformers import CLIPVisionModel
+
+    clip = CLIPVisionModel.from_pretrained(backbone_dirs[0])
+    gpt2 = GPT2LMHeadModel.from_pretrained(backbone_dirs[1])
+    base_vocab = gpt2.config.vocab_size
+    assert model.config.image_token_id == base_vocab  # the first id after the base vocabulary
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == base_vocab
+    assert model.config.text_config.vocab_size == base_vocab + 1
+    for key, value in clip.state_dict().items():
+        assert torch.equal(model.vision_tower.state_dict()[key], value), key
+    for key, value in gpt2.transformer.state_dict().items():
+        ours = model.language_model.state_dict()[key]
+        if key == "wte.weight":
+            assert torch.equal(ours[:base_vocab], value)
+        else:
+            assert torch.equal(ours, value), key
+    assert model.lm_head.weight.data_ptr() == model.language_model.wte.weight.data_ptr()  # tied
+    assert model.config.num_image_tokens == 5  # 32 px / patch 16 -> 4 patches + CLS
+
+
+def test_text_only_logits_equal_gpt2(tiny_pair):
+    model, processor = tiny_pair
+    ref = reference_gpt2(model)
+    enc = processor.tokenizer(
+        ["Q: What color is the circle? A: red", "Q: How many? A:"], return_tensors="pt", padding=True
+    )
+    with torch.no_grad():
+        ours = model(**enc).logits
+        theirs = ref(**enc).logits
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_image_logits_equal_gpt2_on_embeddings_plus_features(tiny_pair):
+    model, processor = tiny_pair
+    ref = reference_gpt2(model)
+    images = [make_image(1), make_image(2)]
+    enc = batch(processor, ["What color is it?", "How many circles are there?"], images)
+    with torch.no_grad():
+        ours = model(**enc).logits
+        feats = model.get_image_features(enc["pixel_values"])  # (2, 5, C)
+        assert feats.shape == (2, model.config.num_image_tokens, model.config.text_config.n_embd)
+        embeds = ref.transformer.wte(enc["input_ids"]).clone()
+        for b in range(2):  # naive: find each sample's <image> positions and add its features
+            pos = (enc["input_ids"][b] == model.config.image_token_id).nonzero().flatten()
+            embeds[b, pos] += feats[b]
+        theirs = ref(inputs_embeds=embeds, attention_mask=enc["attention_mask"]).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_image_tokens_anywhere_and_several_images_per_sample(tiny_pair):
+    model, processor = tiny_pair
+    ref = reference_gpt2(model)
+    imgs = [make_image(3), make_image(4), make_image(5)]
+    texts = ["<image> first then <image> second", "a question about <image> this one"]
+    enc = processor(text=texts, images=imgs)
+    with torch.no_grad():
+        ours = model(**enc).logits
+        feats = model.get_image_features(enc["pixel_values"]).flatten(0, 1)  # (3 * 5, C) in order
+        embeds = ref.transformer.wte(enc["input_ids"]).clone()
+        mask = enc["input_ids"] == model.config.image_token_id
+        embeds[mask] += feats
+        theirs = ref(inputs_embeds=embeds, attention_mask=enc["attention_mask"]).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_replace_fusion_puts_features_in_place_of_embeddings(backbone_dirs):
+    model, processor = MultimodalGPT2ForConditionalGeneration.from_backbones(
+        *backbone_dirs, fusion="replace", projector_num_heads=4, projector_ffn_dim=64
+    )
+    model.eval()
+    ref = reference_gpt2(model)
+    enc = batch(processor, ["What is it?"], [make_image(6)])
+    with torch.no_grad():
+        feats = model.get_image_features(enc["pixel_values"])[0]
+        embeds = ref.transformer.wte(enc["input_ids"]).clone()
+        embeds[0, enc["input_ids"][0] == model.config.image_token_id] = feats
+        torch.testing.assert_close(
+            model(**enc).logits, ref(inputs_embeds=embeds).logits, rtol=1e-5, atol=1e-5
+        )
+
+
+def test_count_mismatch_raises_naming_both_counts(tiny_pair):
+    model, processor = tiny_pair
+    enc = batch(processor, ["one", "two"], [make_image(7), make_image(8)])
+    with pytest.raises(ValueError, match=r"10 <image> tokens but 1 images.*5 = 5"):
+        model(input_ids=enc["input_ids"], pixel_values=enc["pixel_values"][:1])
+    with pytest.raises(ValueError, match="no pixel_values"):
+        model(input_ids=enc["input_ids"])
+    with pytest.raises(ValueError, match="2 <image> placeholders but 1 images"):
+        processor(text=["<image> a", "<image> b"], images=[make_image(9)])
+
+
+def test_loss_on_labelled_positions_only_equals_full_logits_loss(tiny_pair):
+    model, processor = tiny_pair
+    model = copy.deepcopy(model)
+    examples = [
+        processor.encode_example("What color is the circle?", "red"),
+        processor.encode_example("How many?", "3"),
+    ]
+    width = max(len(e["input_ids"]) for e in examples)
+    pad = processor.tokenizer.pad_token_id
+    ids = torch.tensor([e["input_ids"] + [pad] * (width - len(e["input_ids"])) for e in examples])
+    labels = torch.tensor([e["labels"] + [IGNORE_INDEX] * (width - len(e["labels"])) for e in examples])
+    attn = (torch.arange(width)[None] < torch.tensor([len(e["input_ids"]) for e in examples])[:, None]).long()
+    pixels = processor.preprocess_images([make_image(10), make_image(11)])
+    model.train()
+    for m in model.modules():  # no dropout: the two paths must see the same network
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    out = model(input_ids=ids, attention_mask=attn, pixel_values=pixels, labels=labels)
+    assert out.logits is None  # training with labels: no (B, T, vocab) logits
+    full = model(input_ids=ids, attention_mask=attn, pixel_values=pixels, labels=labels, return_logits=True)
+    assert full.logits.shape == (2, width, model.config.text_config.vocab_size)
+    naive = torch.nn.functional.cross_entropy(
+        full.logits[:, :-1].reshape(-1, full.logits.shape[-1]),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+    )
+    torch.testing.assert_close(out.loss, naive, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(full.loss, naive, rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_vision_gets_no_gradients(tiny_pair):
+    model, processor = tiny_pair
+    model = copy.deepcopy(model).train()
+    assert model.config.freeze_vision and not model.vision_tower.training  # stays in eval mode
+    ex = processor.encode_example("What color?", "red")
+    out = model(
+        input_ids=torch.tensor([ex["input_ids"]]),
+        labels=torch.tensor([ex["labels"]]),
+        pixel_values=processor.preprocess_images([make_image(12)]),
+    )
+    out.loss.backward()
+    assert all(p.grad is None for p in model.vision_tower.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.projector.parameters())
+    assert model.language_model.wte.weight.grad.abs().sum() > 0
+
+
+def test_cached_greedy_decoding_equals_uncached(tiny_pair):
+    model, processor = tiny_pair
+    enc = batch(processor, ["What color is the circle?"], [make_image(13)])
+    kw = dict(max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    with torch.no_grad():
+        cached = model.generate(**enc, use_cache=True, **kw)
+        uncached = model.generate(**enc, use_cache=False, **kw)
+        assert torch.equal(cached, uncached)
+        # and step by step: the cached step's logits equal a full forward over the whole sequence
+        out = model(**enc, use_cache=True)
+        full = model(input_ids=cached, pixel_values=enc["pixel_values"]).logits
+        torch.testing.assert_close(
+            out.logits[:, -1], full[:, enc["input_ids"].shape[1] - 1], rtol=1e-4, atol=1e-5
+        )
+        step = model(input_ids=cached[:, -8:-7], cache=out.cache)
+        torch.testing.assert_close(
+            step.logits[:, -1], full[:, enc["input_ids"].shape[1]], rtol=1e-4, atol=1e-5
+        )
+
+
+def test_image_encoded_once_in_prefill(tiny_pair, monkeypatch):
+    model, processor = tiny_pair
+    calls = []
+    original = model.vision_tower.forward
+    monkeypatch.setattr(model.vision_tower, "forward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    enc = batch(processor, ["What?"], [make_image(14)])
+    with torch.no_grad():
+        model.generate(**enc, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert len(calls) == 1
+
+
+def test_batched_left_padded_generation_equals_one_at_a_time(tiny_pair):
+    model, processor = tiny_pair
+    questions = ["What color is the big circle on the left?", "How many?", "Is there a red square?"]
+    images = [make_image(20 + i) for i in range(3)]
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        enc = batch(processor, questions, images, padding_side="left")
+        together = model.generate(**enc, **kw)[:, enc["input_ids"].shape[1] :]
+        for i in range(3):
+            single = batch(processor, [questions[i]], [images[i]])
+            alone = model.generate(**single, **kw)[:, single["input_ids"].shape[1] :]
+            assert torch.equal(together[i], alone[0]), i
+
+
+def test_sampling_and_beam_search(tiny_pair):
+    model, processor = tiny_pair
+    enc = batch(processor, ["What?", "Where is it?"], [make_image(30), make_image(31)], padding_side="left")
+    with torch.no_grad():
+        torch.manual_seed(0)
+        a = model.generate(**enc, do_sample=True, top_p=0.9, temperature=1.0, max_new_tokens=5)
+        torch.manual_seed(0)
+        b = model.generate(**enc, do_sample=True, top_p=0.9, temperature=1.0, max_new_tokens=5)
+        assert torch.equal(a, b)
+        beams = model.generate(**enc, num_beams=3, num_return_sequences=2, max_new_tokens=4, do_sample=False)
+        assert beams.shape[0] == 4
+        # beam search with one beam is greedy
+        greedy = model.generate(**enc, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        one_beam = model.generate(**enc, num_beams=1, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        assert torch.equal(greedy, one_beam)
+        # several images per sample survive the expansion for beams
+        multi = processor(
+            text=["<image> and <image> A:", "<image> A:"],
+            images=[make_image(1), make_image(2), make_image(3)],
+            padding_side="left",
+        )
+        out = model.generate(**multi, num_beams=2, num_return_sequences=2, max_new_tokens=3)
+        assert out.shape[0] == 4
+    assert (beams[:, enc["input_ids"].shape[1] :] != model.config.image_token_id).all()
+
+
+def test_save_load_roundtrip_is_bit_identical_and_auto_classes_find_it(tiny_pair, tmp_path):
+    model, processor = tiny_pair
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "config.json").is_file()
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "gpt2mm"
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(loaded, MultimodalGPT2ForConditionalGeneration)
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert loaded.vision_frozen  # freezing survives loading
+    proc2 = AutoProcessor.from_pretrained(tmp_path)
+    assert isinstance(proc2, MultimodalGPT2Processor) and proc2.num_image_tokens == processor.num_image_tokens
+    enc = batch(processor, ["What?"], [make_image(40)])
+    enc2 = batch(proc2, ["What?"], [make_image(40)])
+    assert torch.equal(enc["input_ids"], enc2["input_ids"]) and torch.equal(
+        enc["pixel_values"], enc2["pixel_values"]
+    )
+    with torch.no_grad():
+        assert torch.equal(model(**enc).logits, loaded.eval()(**enc).logits)
+
+
+def test_vision_hidden_states_stand_in_for_pixels(tiny_pair):
+    model, processor = tiny_pair
+    enc = batch(processor, ["What?"], [make_image(41)])
+    with torch.no_grad():
+        states = model.get_vision_hidden_states(enc["pixel_values"])
+        a = model(**enc).logits
+        b = model(
+            input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], vision_hidden_states=states
+        ).logits
+    assert torch.equal(a, b)
+
+
+def test_drop_cls_and_projector_layers_options():
+    cfg = MultimodalGPT2Config.from_preset("tiny", vision_drop_cls=True, projector_num_layers=2)
+    assert cfg.num_image_tokens == 9
+    model = MultimodalGPT2ForConditionalGeneration(cfg)
+    assert len(model.projector.layers) == 2
+    feats = model.get_image_features(torch.randn(2, 3, 48, 48))
+    assert feats.shape == (2, 9, cfg.text_config.n_embd)
+    with pytest.raises(ValueError, match="fusion"):
+        MultimodalGPT2Config.from_preset("tiny", fusion="concat")
+
+
+@pytest.mark.parametrize("name", ["seed", "small", "tiny"])
+def test_presets_offline_and_seed_under_a_billion(name):
+    cfg = MultimodalGPT2Config.from_preset(name)
+    with torch.device("meta"):
+        model = MultimodalGPT2ForConditionalGeneration(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    if name == "seed":
+        assert cfg.num_image_tokens == 50 and cfg.text_config.n_embd == 1280 and cfg.text_config.n_layer == 36
+        assert 8e8 < n < 1e9, n  # CLIP ViT-B/32 vision (88M) + GPT-2 large (774M) + projector
+    if name == "tiny":
+        assert n < 5e6 and not cfg.freeze_vision
