@@ -1,0 +1,77 @@
+"""The processor: placeholder expansion, the seed's prompt format and its answer-only labels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_image
+
+from gpt2mm import MultimodalGPT2Config, MultimodalGPT2ForConditionalGeneration, MultimodalGPT2Processor, build_model
+from gpt2mm.cli import main
+from gpt2mm.modeling import IGNORE_INDEX
+from gpt2mm.tokenizer import build_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_processor():
+    return build_model("tiny")[1]
+
+
+def test_placeholder_expands_to_num_image_tokens(tiny_processor):
+    p = tiny_processor
+    enc = p(text=["Q: <image> What color? A:", "no image here"], images=[make_image(0)])
+    ids = enc["input_ids"]
+    assert (ids[0] == p.image_token_id).sum() == p.num_image_tokens == 10
+    assert (ids[1] == p.image_token_id).sum() == 0
+    assert enc["pixel_values"].shape == (1, 3, 48, 48)
+    # the expanded run is contiguous
+    pos = (ids[0] == p.image_token_id).nonzero().flatten()
+    assert torch.equal(pos, torch.arange(pos[0], pos[0] + 10))
+
+
+def test_answer_only_labels(tiny_processor):
+    p = tiny_processor
+    ex = p.encode_example("What color is the circle?", "dark red")
+    ids, labels = ex["input_ids"], ex["labels"]
+    answer = p.tokenizer(" dark red", add_special_tokens=False)["input_ids"] + [p.tokenizer.eos_token_id]
+    n = len(answer)
+    assert ids[-n:] == answer and labels[-n:] == answer
+    assert labels[:-n] == [IGNORE_INDEX] * (len(ids) - n)
+    # the prompt part is exactly what inference feeds the model
+    prompt_ids = p(text=p.format_prompt("What color is the circle?"))["input_ids"][0].tolist()
+    assert ids[:-n] == prompt_ids
+    assert p.decode(ids) == "Q: " + "<image>" * 10 + " What color is the circle? A: dark red<|endoftext|>"
+
+
+def test_conversation_labels_cover_assistant_turns_only(tiny_processor):
+    p = tiny_processor
+    turns = [("user", "Describe it."), ("assistant", "A red circle."), ("user", "How many?"), ("assistant", "1")]
+    ex = p.encode_conversation(turns)
+    kept = [t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE_INDEX]
+    eos = p.tokenizer.eos_token_id
+    expected = p._tokens(" A red circle.") + [eos] + p._tokens(" 1") + [eos]
+    assert kept == expected
+    assert ex["input_ids"].count(p.image_token_id) == 10  # the image goes in the first turn only
+    with pytest.raises(ValueError, match="alternate"):
+        p.encode_conversation([("assistant", "hi")])
+
+
+def test_postprocess_answer(tiny_processor):
+    p = tiny_processor
+    assert p.postprocess_answer(" red<|endoftext|>Q: more") == "red"
+    assert p.postprocess_answer(" 3\nQ: next") == "3"
+
+
+def test_init_command_writes_a_loadable_model(tmp_path, capsys):
+    out = tmp_path / "tiny"
+    assert main(["init", "--preset", "tiny", str(out)]) == 0
+    model = MultimodalGPT2ForConditionalGeneration.from_pretrained(out)
+    proc = MultimodalGPT2Processor.from_pretrained(out)
+    assert model.config.num_image_tokens == proc.num_image_tokens == 10
+    assert proc.tokenizer.get_vocab() == build_tiny_tokenizer().get_vocab()  # deterministic, offline
+    assert MultimodalGPT2Config.from_pretrained(out).to_dict() == MultimodalGPT2Config.from_preset("tiny").to_dict() | {
+        k: v for k, v in model.config.to_dict().items() if k in ("architectures", "transformers_version", "dtype")
+    }
+    with pytest.raises(SystemExit):  # never writes over what is there
+        main(["init", "--preset", "tiny", str(out)])
+    assert "not an empty directory" in capsys.readouterr().err
