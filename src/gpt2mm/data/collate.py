@@ -1,0 +1,118 @@
+"""From samples to batches: encoding with the shared prompt format, dynamic padding, length grouping.
+
+Every sample type (VQA, LLaVA conversations, CSV, Hugging Face) is a `Sample` of user/assistant turns, so
+stage 1 and stage 3 share one prompt format and one labelling rule: labels on the assistant turns (the
+answer, for VQA) and their end-of-text tokens, -100 elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gpt2mm.data.samples import Sample
+from gpt2mm.modeling import IGNORE_INDEX
+
+
+@dataclass
+class Encoded:
+    """One training example: token ids, labels, and which image (if any) it needs."""
+
+    input_ids: list[int]
+    labels: list[int]
+    image: str | None
+    index: int  # position of the sample in its source list
+
+
+@dataclass
+class EncodeReport:
+    """What encoding kept, truncated and skipped (a skipped sample is counted, never silently dropped)."""
+
+    kept: int = 0
+    truncated: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    def summary(self) -> str:
+        skipped = sum(self.skipped.values())
+        text = f"{self.kept} samples kept, {self.truncated} truncated, {skipped} skipped"
+        if skipped:
+            text += " (" + ", ".join(f"{n} {why}" for why, n in self.skipped.most_common()) + ")"
+        return text
+
+
+def encode_samples(samples: Sequence[Sample], processor: Any, max_length: int) -> tuple[list[Encoded], EncodeReport]:
+    """Tokenize samples; over-long ones are truncated at the end, unless that would cut image tokens or the
+    whole answer, in which case the sample is skipped and counted."""
+    out: list[Encoded] = []
+    report = EncodeReport()
+    for i, s in enumerate(samples):
+        turns = [(t.role, t.text) for t in s.turns]
+        enc = processor.encode_conversation(turns, with_image=s.image is not None)
+        ids, labels = enc["input_ids"], enc["labels"]
+        if len(ids) > max_length:
+            image_end = max((j + 1 for j, t in enumerate(ids) if t == processor.image_token_id), default=0)
+            first_label = next((j for j, lab in enumerate(labels) if lab != IGNORE_INDEX), len(labels))
+            if image_end > max_length:
+                report.skipped["longer than max_length before the end of the image tokens"] += 1
+                continue
+            if first_label >= max_length:  # labels[j] is predicted from position j - 1 < max_length
+                report.skipped["answer entirely beyond max_length"] += 1
+                continue
+            ids, labels = ids[:max_length], labels[:max_length]
+            report.truncated += 1
+        out.append(Encoded(ids, labels, s.image, i))
+        report.kept += 1
+    return out, report
+
+
+class Collator:
+    """Pads a list of examples to the batch's longest (right padding for training), stacks the images."""
+
+    def __init__(self, pad_token_id: int, pixel_source: Callable[[str], torch.Tensor] | None = None):
+        self.pad_token_id = pad_token_id
+        self.pixel_source = pixel_source  # image path -> (3, H, W) pixel values (or cached vision states)
+
+    def __call__(self, examples: Sequence[Encoded]) -> dict[str, torch.Tensor]:
+        width = max(len(e.input_ids) for e in examples)
+        ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for i, e in enumerate(examples):
+            n = len(e.input_ids)
+            ids[i, :n] = torch.tensor(e.input_ids)
+            labels[i, :n] = torch.tensor(e.labels)
+            mask[i, :n] = 1
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        images = [e.image for e in examples if e.image is not None]
+        if images:
+            if self.pixel_source is None:
+                raise ValueError("examples have images but the collator has no pixel_source")
+            batch["pixel_values"] = torch.stack([self.pixel_source(p) for p in images])
+        return batch
+
+
+def length_grouped_batches(
+    lengths: Sequence[int], batch_size: int, generator: torch.Generator, mega_batch_factor: int = 50
+) -> list[list[int]]:
+    """Shuffled batches of similar lengths (less padding): shuffle, cut into mega-batches of
+    `mega_batch_factor` batches, sort each by length, split into batches, shuffle the batches."""
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    mega = batch_size * mega_batch_factor
+    batches: list[list[int]] = []
+    for start in range(0, len(order), mega):
+        chunk = sorted(order[start : start + mega], key=lambda i: -lengths[i])
+        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+    perm = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in perm]
+
+
+def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> list[list[int]]:
+    order = torch.randperm(n, generator=generator).tolist()
+    return [order[j : j + batch_size] for j in range(0, n, batch_size)]

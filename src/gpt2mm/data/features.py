@@ -1,0 +1,134 @@
+"""The frozen-vision feature cache: vision-tower outputs computed once per image, memory-mapped from disk.
+
+With the vision tower frozen, its output for an image never changes, and VQA asks about 5 questions per
+image: decoding JPEGs and running CLIP every step is wasted work that starves a fast GPU. The cache lives in
+`ROOT/<key>/`, where the key hashes the vision weights, the vision config, the feature layer / CLS choice and
+the image preprocessing, so a change of any of them gives a new, empty cache instead of stale features.
+Within a cache, an image is identified by its path, size and modification time.
+
+    cache = FeatureCache(root, model, processor)
+    cache.build(image_paths)               # computes what is missing, atomically
+    states = cache[path]                   # (num_image_tokens, vision_hidden_size), float16 memory map
+    model(input_ids=..., vision_hidden_states=torch.stack([...]))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gpt2mm.errors import DataError
+
+
+def cache_key(model: Any, processor: Any) -> str:
+    """A hash of everything that determines the vision features of an image."""
+    h = hashlib.sha256()
+    cfg = model.config
+    h.update(json.dumps(cfg.vision_config.to_dict(), sort_keys=True, default=str).encode())
+    h.update(f"layer={cfg.vision_feature_layer};drop_cls={cfg.vision_drop_cls}".encode())
+    h.update(json.dumps(processor.image_processor.to_dict(), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.vision_tower.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def image_identity(path: str | Path) -> str:
+    st = os.stat(path)
+    return f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
+
+
+class FeatureCache:
+    def __init__(self, root: str | Path, model: Any, processor: Any):
+        if not model.vision_frozen:
+            raise ValueError("the feature cache needs a frozen vision tower (freeze_vision=True)")
+        self.model = model
+        self.processor = processor
+        self.dir = Path(root) / cache_key(model, processor)
+        self.index: dict[str, int] = {}
+        self.array: np.ndarray | None = None
+        self.skipped: Counter = Counter()
+        self._load()
+
+    def _load(self) -> None:
+        index_file = self.dir / "index.json"
+        if index_file.is_file():
+            self.index = json.loads(index_file.read_text())
+            self.array = np.load(self.dir / "features.npy", mmap_mode="r")
+
+    def __contains__(self, path: str | Path) -> bool:
+        return image_identity(path) in self.index
+
+    def __getitem__(self, path: str | Path) -> torch.Tensor:
+        try:
+            row = self.index[image_identity(path)]
+        except (KeyError, FileNotFoundError):
+            raise KeyError(f"{path} is not in the feature cache {self.dir}; run build() first") from None
+        return torch.from_numpy(np.asarray(self.array[row], dtype=np.float32))
+
+    @torch.no_grad()
+    def build(self, paths: Sequence[str | Path], batch_size: int = 64, skip_bad: bool = False, progress: bool = False) -> int:
+        """Compute the features of the images not yet cached; returns how many were added.
+
+        The new cache (old rows + new rows) is written under temporary names and renamed into place, so an
+        interrupted build leaves the previous cache intact.
+        """
+        from gpt2mm.data.images import load_image
+
+        todo = list(dict.fromkeys(str(p) for p in paths if image_identity(p) not in self.index))
+        if not todo:
+            return 0
+        device = next(self.model.vision_tower.parameters()).device
+        new_rows: list[np.ndarray] = []
+        new_ids: list[str] = []
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(todo), desc="vision features")
+        for start in range(0, len(todo), batch_size):
+            chunk, images = [], []
+            for p in todo[start : start + batch_size]:
+                try:
+                    images.append(load_image(p))
+                    chunk.append(p)
+                except DataError:
+                    if not skip_bad:
+                        raise
+                    self.skipped["unreadable image"] += 1
+            if images:
+                pixels = self.processor.preprocess_images(images).to(device)
+                states = self.model.get_vision_hidden_states(pixels).float().cpu().numpy().astype(np.float16)
+                new_rows.append(states)
+                new_ids += [image_identity(p) for p in chunk]
+            if bar is not None:
+                bar.update(len(todo[start : start + batch_size]))
+        if bar is not None:
+            bar.close()
+        if not new_rows:
+            return 0
+        added = np.concatenate(new_rows)
+        old = np.asarray(self.array) if self.array is not None else added[:0]
+        merged = np.concatenate([old, added])
+        index = dict(self.index)
+        for i, ident in enumerate(new_ids):
+            index[ident] = len(old) + i
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp_array = self.dir / "features.npy.tmp"
+        with open(tmp_array, "wb") as f:
+            np.save(f, merged)
+        tmp_index = self.dir / "index.json.tmp"
+        tmp_index.write_text(json.dumps(index))
+        os.replace(tmp_array, self.dir / "features.npy")
+        os.replace(tmp_index, self.dir / "index.json")
+        self.array = None
+        self._load()
+        return len(new_ids)

@@ -1,0 +1,198 @@
+"""Official VQA v2 files (questions json + annotations json + image folder) as `Sample`s.
+
+    samples, report = load_vqa("v2_OpenEnded_mscoco_train2014_questions.json",
+                               "v2_mscoco_train2014_annotations.json", "train2014/", limit=100_000)
+    print(report.summary())
+
+Image file names follow the COCO convention `COCO_{subtype}_{image_id:012d}.jpg`, with a `.png` accepted
+when the `.jpg` is absent (the synthetic world writes PNGs). The subtype comes from the questions file's
+`data_subtype` key (or the `data_subtype` argument): a subtype with a year is used as is (`train2014`,
+`val2014`, `test2015`); one without a year gets `2014` appended (`train` -> `train2014`), since the
+synthetic world writes `data_subtype: "train"` and files `COCO_train2014_*.png`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from gpt2mm.data.samples import LoadReport, Sample, Turn, strip_image_placeholder
+from gpt2mm.errors import DataError, UsageError
+
+ANSWER_MODES = ("multiple_choice", "sample")
+
+
+def coco_subtype(data_subtype: str) -> str:
+    """The subtype in COCO file names: `train2014` stays, a year-less `train` becomes `train2014`."""
+    return data_subtype if re.search(r"\d{4}$", data_subtype) else f"{data_subtype}2014"
+
+
+def coco_image_name(image_id: int, data_subtype: str, ext: str = ".jpg") -> str:
+    """`COCO_{subtype}_{image_id:012d}{ext}`, e.g. `COCO_val2014_000000000042.jpg`."""
+    return f"COCO_{coco_subtype(data_subtype)}_{int(image_id):012d}{ext}"
+
+
+def pick_answer(answers: list[str], question_id: int, seed: int) -> str:
+    """One of the human answers, drawn by a hash of (seed, question id): the same draw in every run and
+    process, independent of the order or subset of questions loaded."""
+    digest = hashlib.sha256(f"{seed}:{question_id}".encode()).digest()
+    return answers[int.from_bytes(digest[:8], "big") % len(answers)]
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Parsed JSON, or a `DataError` naming the file (missing, unreadable or not JSON)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from e
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from e
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def load_vqa(
+    questions: str | os.PathLike,
+    annotations: str | os.PathLike,
+    images: str | os.PathLike,
+    answer_mode: str = "multiple_choice",
+    seed: int = 0,
+    limit: int | None = None,
+    data_subtype: str | None = None,
+    check_images: bool = True,
+    skip_bad: bool = False,
+) -> tuple[list[Sample], LoadReport]:
+    """VQA v2 questions with their annotations, as samples `[user: question, assistant: answer]`.
+
+    answer_mode: "multiple_choice" answers with the annotation's `multiple_choice_answer`; "sample" with one
+        of the 10 human answers, drawn deterministically per (seed, question id) (see `pick_answer`).
+    limit: keep the first N samples in the questions file's order (the seed used the first 100k); with
+        `skip_bad`, skipped questions do not count towards N.
+    check_images: check that each image file exists (.jpg, else .png); without it, no file system access
+        per image: the extension is that of the first image found, .jpg when none is.
+    skip_bad: count bad questions (no annotation, bad schema, missing image, duplicate id) in the report
+        instead of raising `DataError`.
+    """
+    if answer_mode not in ANSWER_MODES:
+        raise UsageError(f"answer_mode must be one of {', '.join(ANSWER_MODES)}, not {answer_mode!r}")
+    report = LoadReport(str(questions), skip_bad=skip_bad)
+    qdata = read_json(questions)
+    if not isinstance(qdata, dict) or not isinstance(qdata.get("questions"), list):
+        raise DataError(
+            f"{questions}: expected a JSON object with a 'questions' list (VQA v2 questions file)"
+        )
+    adata = read_json(annotations)
+    if not isinstance(adata, dict) or not isinstance(adata.get("annotations"), list):
+        raise DataError(
+            f"{annotations}: expected a JSON object with an 'annotations' list (VQA v2 annotations file)"
+        )
+    subtype = data_subtype or qdata.get("data_subtype")
+    if not isinstance(subtype, str) or not subtype:
+        raise DataError(
+            f"{questions}: no 'data_subtype' key (e.g. 'train2014'); pass data_subtype= to name the images"
+        )
+    by_qid: dict[int, dict] = {}
+    for ann in adata["annotations"]:
+        if isinstance(ann, dict) and _is_int(ann.get("question_id")):
+            by_qid[ann["question_id"]] = ann  # malformed annotations surface as "no annotation" below
+
+    folder = Path(images)
+    image_paths: dict[Any, str | None] = {}  # image id -> path (None: missing), each image checked once
+    fixed_ext: str | None = None
+
+    def image_path(image_id: int) -> str | None:
+        nonlocal fixed_ext
+        if image_id in image_paths:
+            return image_paths[image_id]
+        jpg = folder / coco_image_name(image_id, subtype, ".jpg")
+        if check_images or fixed_ext is None:
+            png = jpg.with_suffix(".png")
+            found = jpg if jpg.is_file() else png if png.is_file() else None
+            if not check_images:
+                fixed_ext = found.suffix if found is not None else ".jpg"
+                found = jpg.with_suffix(fixed_ext)
+        else:
+            found = jpg.with_suffix(fixed_ext)
+        image_paths[image_id] = None if found is None else str(found)
+        return image_paths[image_id]
+
+    samples: list[Sample] = []
+    seen: set[int] = set()
+    for i, q in enumerate(qdata["questions"]):
+        if limit is not None and len(samples) >= limit:
+            break
+        where = f"{questions}: question {i}"
+        if not (
+            isinstance(q, dict)
+            and _is_int(q.get("question_id"))
+            and _is_int(q.get("image_id"))
+            and isinstance(q.get("question"), str)
+        ):
+            report.bad("bad schema", f"{where}: expected {{image_id: int, question: str, question_id: int}}")
+            continue
+        qid = q["question_id"]
+        where = f"{questions}: question_id {qid}"
+        if qid in seen:
+            report.bad("duplicate id", f"{where}: duplicate question id")
+            continue
+        seen.add(qid)
+        ann = by_qid.get(qid)
+        if ann is None:
+            report.bad("no annotation", f"{where}: no annotation in {annotations}")
+            continue
+        answers = ann.get("answers")
+        if not (
+            isinstance(ann.get("multiple_choice_answer"), str)
+            and isinstance(answers, list)
+            and answers
+            and all(isinstance(a, dict) and isinstance(a.get("answer"), str) for a in answers)
+        ):
+            report.bad(
+                "bad schema",
+                f"{annotations}: annotation of question_id {qid}: expected multiple_choice_answer: str and "
+                "answers: [{answer: str, ...}]",
+            )
+            continue
+        if ann.get("image_id", q["image_id"]) != q["image_id"]:
+            report.bad(
+                "bad schema", f"{where}: image_id {q['image_id']} but {ann['image_id']} in {annotations}"
+            )
+            continue
+        human = [a["answer"].strip() for a in answers]
+        if answer_mode == "sample":
+            nonempty = [a for a in human if a]
+            target = pick_answer(nonempty, qid, seed) if nonempty else ""
+        else:
+            target = ann["multiple_choice_answer"].strip()
+        question = strip_image_placeholder(q["question"])
+        if not question or not target:
+            report.bad("bad schema", f"{where}: empty question or answer")
+            continue
+        path = image_path(q["image_id"])
+        if path is None:
+            name = coco_image_name(q["image_id"], subtype, ".jpg")
+            report.bad("missing image", f"{where}: image {folder / name} (or .png) not found")
+            continue
+        samples.append(
+            Sample(
+                id=str(qid),
+                image=path,
+                turns=[Turn("user", question), Turn("assistant", target)],
+                answers=human,
+                question_id=qid,
+                image_id=q["image_id"],
+                answer_type=ann.get("answer_type"),
+                question_type=ann.get("question_type"),
+            )
+        )
+    report.loaded = len(samples)
+    return samples, report
