@@ -1,0 +1,92 @@
+"""Answering VQA questions in batches, and scoring the answers with the official metric.
+
+The same `answer_questions` serves training-time evaluation, `gpt2mm eval` and the demo, so a number
+printed anywhere in the project comes from one code path.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+
+@torch.no_grad()
+def answer_questions(
+    model: Any,
+    processor: Any,
+    samples: Sequence[Any],
+    batch_size: int = 64,
+    pixel_source: Callable[[str], torch.Tensor] | None = None,
+    max_new_tokens: int = 8,
+    progress: bool = False,
+) -> list[str]:
+    """Greedy answers to the first user turn of each sample, batched with left padding.
+
+    Answers are post-processed as documented in `MultimodalGPT2Processor.postprocess_answer`: the text
+    up to the end-of-text token (or a new `Q:`), stripped.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    tok = processor.tokenizer
+    answers: list[str] = []
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i].turns[0].text))  # less padding
+    by_index: dict[int, str] = {}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(samples), desc="answer", dynamic_ncols=True)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        prompts = [processor.format_prompt(samples[i].turns[0].text, with_image=samples[i].image is not None) for i in idx]
+        enc = tok(
+            [processor.expand_image_tokens(p) for p in prompts],
+            padding=True,
+            padding_side="left",
+            return_tensors="pt",
+            add_special_tokens=False,
+        )
+        kwargs = {k: v.to(device) for k, v in enc.items()}
+        images = [samples[i].image for i in idx if samples[i].image is not None]
+        if images:
+            if pixel_source is None:
+                from gpt2mm.data.images import load_image
+
+                pixels = processor.preprocess_images([load_image(p) for p in images])
+            else:
+                pixels = torch.stack([pixel_source(p) for p in images])
+            kwargs["pixel_values"] = pixels.to(device)
+        out = model.generate(**kwargs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        texts = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=False)
+        for i, text in zip(idx, texts):
+            by_index[i] = processor.postprocess_answer(text)
+        if bar is not None:
+            bar.update(len(idx))
+    if bar is not None:
+        bar.close()
+    answers = [by_index[i] for i in range(len(samples))]
+    model.train(was_training)
+    return answers
+
+
+def score_samples(samples: Sequence[Any], answers: Sequence[str]) -> float:
+    """Mean official VQA accuracy, in percent, of answers against each sample's human answers."""
+    from gpt2mm.eval.vqa_metric import vqa_accuracy
+
+    if not samples:
+        return 0.0
+    total = 0.0
+    for s, a in zip(samples, answers, strict=True):
+        refs = s.answers if s.answers else [s.turns[1].text]
+        total += vqa_accuracy(a, refs)
+    return 100.0 * total / len(samples)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
