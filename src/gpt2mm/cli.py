@@ -19,8 +19,13 @@ from gpt2mm.errors import UsageError
 COMMANDS: dict[str, tuple[str, str]] = {
     "init": ("gpt2mm.commands.init", "write a ready-to-load random model + processor from a preset"),
     "convert-seed": ("gpt2mm.convert_seed", "convert a state dict saved by the seed's code"),
+    "train": ("gpt2mm.train.sft", "stages 1 and 3: answer-only fine-tuning from a YAML recipe"),
     "synth": ("gpt2mm.data.synthetic", "render the synthetic shapes world (VQA v2 + LLaVA formats)"),
     "vqa-score": ("gpt2mm.eval.score", "score VQA results with the official VQA v2 accuracy"),
+    "eval": ("gpt2mm.eval.run_eval", "answer a VQA v2 split with a model and score it (official accuracy)"),
+    "report": ("gpt2mm.eval.report", "compare checkpoints on VQA accuracy and description F1 in one table"),
+    "ask": ("gpt2mm.serve.ask", "answer a question about an image on the command line"),
+    "serve": ("gpt2mm.serve.api", "serve an OpenAI-compatible chat API and a web page, with batching"),
 }
 
 
@@ -37,11 +42,18 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     cmd_parser = argparse.ArgumentParser(prog=f"gpt2mm {name}", description=COMMANDS[name][1])
     module.configure(cmd_parser)
-    args = cmd_parser.parse_args(argv[1:])
+    takes_overrides = getattr(module, "TAKES_OVERRIDES", False)  # `--section.key value` recipe overrides
+    if takes_overrides:
+        args, extra = cmd_parser.parse_known_args(argv[1:])
+    else:
+        args = cmd_parser.parse_args(argv[1:])
     try:
-        code = module.run(args)
+        code = module.run(args, extra) if takes_overrides else module.run(args)
     except UsageError as e:
         cmd_parser.error(str(e))  # exits with code 2
+    except BrokenPipeError:  # `gpt2mm ... | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        return 0
     return int(code or 0)
 
 

@@ -1,0 +1,210 @@
+"""`gpt2mm eval`: answer a VQA v2 split with a model and score the answers with the official metric.
+
+    gpt2mm eval runs/stage3/best --questions val_questions.json --annotations val_annotations.json \\
+        --images val2014/ [--limit 1000] [--batch-size 64] [--max-new-tokens 8] \\
+        [--out results.json] [--json scores.json] [--skip-bad] [--device cuda]
+
+The model (a saved directory or a hub id) answers each question greedily, in batches with left padding
+(`gpt2mm.eval.evaluate.answer_questions`, the code path of training-time evaluation). Each answer is
+post-processed as `MultimodalGPT2Processor.postprocess_answer` documents: the generated text is cut at the
+first end-of-text token (or a new `Q:` turn, or a blank line) and stripped; nothing else is changed, since
+the official metric does its own normalization (punctuation, number words, articles, case).
+
+The answers are written in the official results format (`[{"question_id", "answer"}]`, `--out`) and scored
+by the very `evaluate` function of `gpt2mm vqa-score`, so the two commands print the same numbers for the
+same results. With `--limit N` (the first N questions of the file) or `--skip-bad` (questions the loader
+refuses are counted and skipped), the official questions and annotations are restricted to the answered
+question ids, so the official coverage check (the results answer exactly the question set) still holds.
+The report is vqa-score's, followed by the throughput (questions per second of generation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gpt2mm.errors import DataError, UsageError
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """The model, the three official inputs, and where to write results and scores."""
+    parser.add_argument("model", help="a saved model directory (config.json + processor) or a hub id")
+    parser.add_argument("--questions", required=True, type=Path, help="official VQA v2 questions JSON")
+    parser.add_argument("--annotations", required=True, type=Path, help="official VQA v2 annotations JSON")
+    parser.add_argument("--images", required=True, type=Path, help="the split's image folder")
+    parser.add_argument("--limit", type=int, default=None, help="answer only the first N questions")
+    parser.add_argument("--batch-size", type=int, default=64, help="questions per generation batch")
+    parser.add_argument("--max-new-tokens", type=int, default=8, help="longest answer, in tokens")
+    parser.add_argument(
+        "--out", type=Path, default=None, help='write the answers here: [{"question_id", "answer"}, ...]'
+    )
+    parser.add_argument(
+        "--json", dest="json_out", type=Path, default=None, metavar="OUT", help="write the scores here"
+    )
+    parser.add_argument(
+        "--skip-bad", action="store_true", help="skip (and count) questions the loader refuses"
+    )
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+def pick_device(device: str | None) -> str:
+    """The requested device, else cuda when there is one: evaluation on CPU is slow but must work."""
+    import torch
+
+    if device:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: CUDA is not available on this machine")
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_model_path(name_or_path: str | Path) -> None:
+    """Refuse an existing path that holds no model before any slow work (a hub id passes)."""
+    path = Path(name_or_path)
+    if path.exists() and not (path / "config.json").is_file():
+        hint = ""
+        if path.is_dir() and ((path / "best").is_dir() or any(path.glob("checkpoint-*"))):
+            hint = " (it looks like a training run: pass its best/ or a checkpoint-N/ directory)"
+        raise UsageError(f"{path} is not a gpt2mm model directory: it has no config.json{hint}")
+
+
+def load_for_eval(name_or_path: str | Path, device: str) -> tuple[Any, Any]:
+    """(model, processor) in eval mode on `device`; a path that is no model becomes a `UsageError`
+    (exit code 2) instead of a loader traceback."""
+    from gpt2mm.presets import load_model
+
+    check_model_path(name_or_path)
+    try:
+        model, processor = load_model(name_or_path)
+    except (OSError, ValueError) as e:
+        raise UsageError(
+            f"cannot load the model {name_or_path!s}: not a gpt2mm model directory, nor a hub id that "
+            f"could be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
+    return model.to(device).eval(), processor
+
+
+def load_questions_and_samples(
+    questions: Path, annotations: Path, images: Path, limit: int | None = None, skip_bad: bool = False
+) -> tuple[list[Any], list[dict[str, Any]], list[dict[str, Any]], Any]:
+    """(samples, official questions, official annotations, load report), the official records restricted
+    to the samples' question ids (in file order) so that `evaluate`'s coverage check holds."""
+    from gpt2mm.data.vqa import load_vqa
+    from gpt2mm.eval.vqa_files import check_pairing, load_annotations, load_questions
+
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit must be at least 1, not {limit}")
+    try:
+        samples, report = load_vqa(questions, annotations, images, limit=limit, skip_bad=skip_bad)
+        all_q = load_questions(questions)
+        all_a = load_annotations(annotations)
+    except DataError as e:
+        raise UsageError(str(e)) from None
+    if not samples:
+        raise UsageError(f"{questions}: no question could be loaded ({report.summary()})")
+    ids = {s.question_id for s in samples}
+    q_sub = [q for q in all_q if q["question_id"] in ids]
+    a_sub = [a for a in all_a if a["question_id"] in ids]
+    try:
+        check_pairing(q_sub, a_sub, questions, annotations)
+    except DataError as e:
+        raise UsageError(str(e)) from None
+    return samples, q_sub, a_sub, report
+
+
+def answer_and_score(
+    model: Any,
+    processor: Any,
+    samples: Sequence[Any],
+    questions: Sequence[dict[str, Any]],
+    annotations: Sequence[dict[str, Any]],
+    batch_size: int = 64,
+    max_new_tokens: int = 8,
+    progress: bool = True,
+    names: tuple[str, str, str] = ("questions", "annotations", "results"),
+) -> tuple[list[dict[str, Any]], dict[str, Any], float]:
+    """(official results, official scores, generation seconds): one code path for `eval` and `report`, so
+    both print the number `vqa-score` gives on the same results."""
+    import torch
+
+    from gpt2mm.eval.evaluate import answer_questions
+    from gpt2mm.eval.vqa_metric import evaluate
+
+    model.eval()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        answers = answer_questions(
+            model,
+            processor,
+            samples,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            progress=progress,
+        )
+    seconds = time.perf_counter() - start
+    results = [{"question_id": s.question_id, "answer": a} for s, a in zip(samples, answers, strict=True)]
+    try:
+        scores = evaluate(questions, annotations, results, names=names)
+    except DataError as e:
+        raise UsageError(str(e)) from None
+    return results, scores, seconds
+
+
+def _write_json(path: Path, obj: Any, flag: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot write ({e})") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load, answer, write the results, score with vqa-score's `evaluate`, print vqa-score's report."""
+    from gpt2mm.eval.score import format_report
+
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        raise UsageError("--batch-size and --max-new-tokens must be at least 1")
+    device = pick_device(args.device)
+    check_model_path(args.model)
+    samples, questions, annotations, report = load_questions_and_samples(
+        args.questions, args.annotations, args.images, limit=args.limit, skip_bad=args.skip_bad
+    )
+    print(report.summary())
+    model, processor = load_for_eval(args.model, device)
+    results_name = str(args.out) if args.out is not None else "results"
+    results, scores, seconds = answer_and_score(
+        model,
+        processor,
+        samples,
+        questions,
+        annotations,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        progress=True,
+        names=(str(args.questions), str(args.annotations), results_name),
+    )
+    if args.out is not None:
+        _write_json(args.out, results, "--out")
+    n = len(results)
+    qps = n / seconds if seconds > 0 else float("inf")
+    print(format_report(scores, annotations))
+    print(f"\nthroughput: {n} questions in {seconds:.1f}s = {qps:.1f} questions/s ({device})")
+    if args.out is not None:
+        print(f"wrote {args.out}")
+    if args.json_out is not None:
+        meta = {
+            "model": str(args.model),
+            "questions": n,
+            "seconds": seconds,
+            "questions_per_second": qps,
+            "device": device,
+            "batch_size": args.batch_size,
+            "max_new_tokens": args.max_new_tokens,
+        }
+        _write_json(args.json_out, {**scores, "eval": meta}, "--json")
+        print(f"wrote {args.json_out}")
+    return 0

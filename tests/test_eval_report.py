@@ -1,0 +1,231 @@
+"""`gpt2mm eval` and `gpt2mm report` end to end on a tiny synthetic world and two tiny random models.
+
+Random models answer nonsense (score 0), which would make "the same number" checks trivially true. So the
+`answers` fixture wraps the real `answer_questions`: it still generates, then swaps in the right answer for
+the questions whose generated answer hashes even. The hash depends on the model, so the two models get
+different, non-zero scores, and every command that answers through `answer_questions` sees the same ones.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt2mm.cli import main
+
+LIMIT = 8  # questions (and described images) in the report test
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    from gpt2mm.data.synthetic import write_world
+
+    out = tmp_path_factory.mktemp("world")
+    write_world(out, n_train=1, n_val=1, n_test=4, seed=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """Two tiny random models (seeds 1 and 2), the second also as the last checkpoint of a training run."""
+    import shutil
+
+    from gpt2mm import build_model
+
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for name, seed in (("stage1", 1), ("stage2", 2)):
+        torch.manual_seed(seed)
+        model, processor = build_model("tiny")
+        model.save_pretrained(root / name)
+        processor.save_pretrained(root / name)
+        out[name] = root / name
+    run = root / "run"
+    shutil.copytree(out["stage1"], run / "checkpoint-2")  # older checkpoint: must not be picked
+    shutil.copytree(out["stage2"], run / "checkpoint-10")
+    out["run"] = run
+    return out
+
+
+@pytest.fixture
+def answers(monkeypatch):
+    """Half-oracle answers through the real generation path (see the module docstring)."""
+    import gpt2mm.eval.evaluate as ev
+
+    real = ev.answer_questions
+
+    def patched(model, processor, samples, *args, **kwargs):
+        out = real(model, processor, samples, *args, **kwargs)
+        return [
+            s.turns[1].text if s.answers and zlib.crc32(f"{s.question_id}:{a}".encode()) % 2 == 0 else a
+            for s, a in zip(samples, out)
+        ]
+
+    monkeypatch.setattr(ev, "answer_questions", patched)
+
+
+def _vqa_args(world: Path) -> list[str]:
+    return [
+        "--questions",
+        str(world / "test_questions.json"),
+        "--annotations",
+        str(world / "test_annotations.json"),
+        "--images",
+        str(world / "images" / "test"),
+    ]
+
+
+def _overall(printed: str) -> str:
+    return re.search(r"^VQA accuracy: (\S+)  \((\d+) questions\)", printed, re.M).group(1, 2)
+
+
+def _eval(model: Path, world: Path, tmp_path: Path, capsys, *extra: str) -> tuple[list, dict, str]:
+    res, scores = tmp_path / f"{model.name}_results.json", tmp_path / f"{model.name}_scores.json"
+    argv = ["eval", str(model), *_vqa_args(world), "--out", str(res), "--json", str(scores), *extra]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    return json.loads(res.read_text()), json.loads(scores.read_text()), printed
+
+
+def test_eval_results_and_scores_match_vqa_score(world, models, tmp_path, capsys, answers):
+    results, scores, printed = _eval(models["stage1"], world, tmp_path, capsys, "--batch-size", "7")
+    qids = [q["question_id"] for q in json.loads((world / "test_questions.json").read_text())["questions"]]
+    assert sorted(r["question_id"] for r in results) == sorted(qids)
+    assert all(set(r) == {"question_id", "answer"} and isinstance(r["answer"], str) for r in results)
+    assert scores["overall"] > 0
+    assert "questions/s" in printed and "throughput" in printed
+    assert scores["eval"]["questions"] == len(qids)
+
+    official = tmp_path / "official.json"
+    argv = ["vqa-score", *_vqa_args(world)[:4], "--results", str(tmp_path / "stage1_results.json")]
+    assert main([*argv, "--json", str(official)]) == 0
+    vqa_printed = capsys.readouterr().out
+    assert _overall(printed) == _overall(vqa_printed) == (f"{scores['overall']:.2f}", str(len(qids)))
+    expected = json.loads(official.read_text())
+    assert {k: v for k, v in scores.items() if k != "eval"} == expected
+    # the same report as vqa-score's, followed by the throughput
+    assert printed.split("VQA accuracy:", 1)[1].startswith(
+        vqa_printed.split("VQA accuracy:", 1)[1].split("\nwrote")[0]
+    )
+
+
+def test_eval_limit_scores_the_answered_subset(world, models, tmp_path, capsys, answers):
+    from gpt2mm.eval.vqa_files import load_annotations, load_questions
+    from gpt2mm.eval.vqa_metric import evaluate
+
+    results, scores, printed = _eval(models["stage2"], world, tmp_path, capsys, "--limit", "3")
+    questions = load_questions(world / "test_questions.json")[:3]
+    assert [r["question_id"] for r in results] == [q["question_id"] for q in questions]
+    ids = {q["question_id"] for q in questions}
+    annotations = [a for a in load_annotations(world / "test_annotations.json") if a["question_id"] in ids]
+    assert _overall(printed)[1] == "3"
+    expected = json.loads(json.dumps(evaluate(questions, annotations, results)))  # int ids -> JSON keys
+    assert {k: v for k, v in scores.items() if k != "eval"} == expected
+
+
+def test_eval_bad_model_path_is_a_usage_error(world, tmp_path, capsys):
+    empty = tmp_path / "not_a_model"
+    empty.mkdir()
+    for model, message in ((empty, "is not a gpt2mm model directory"), (tmp_path / "absent", "cannot load")):
+        with pytest.raises(SystemExit) as e:
+            main(["eval", str(model), *_vqa_args(world)])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "gpt2mm eval: error:" in err and message in err and "Traceback" not in err
+
+
+def test_resolve_checkpoint_and_labels(tmp_path):
+    from gpt2mm.errors import UsageError
+    from gpt2mm.eval.report import labels_for, resolve_checkpoint
+
+    run = tmp_path / "run"
+    for name in ("checkpoint-9", "checkpoint-10", "checkpoint-11.tmp"):
+        (run / name).mkdir(parents=True)
+        (run / name / "config.json").write_text("{}")
+    assert resolve_checkpoint(run) == run / "checkpoint-10"
+    (run / "best").mkdir()
+    (run / "best" / "config.json").write_text("{}")
+    assert resolve_checkpoint(run) == run / "best"
+    assert resolve_checkpoint(run / "checkpoint-9") == run / "checkpoint-9"
+    assert resolve_checkpoint("someone/some-model") == "someone/some-model"  # left to the hub
+    with pytest.raises(UsageError, match="neither a gpt2mm model directory"):
+        resolve_checkpoint(tmp_path)
+    assert labels_for(["runs/stage1/", "a/best", "b/best"]) == ["stage1", "a/best", "b/best"]
+
+
+def _table(markdown: str) -> dict[str, dict[str, str]]:
+    lines = [ln for ln in markdown.splitlines() if ln.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:]]
+    return {r[0]: dict(zip(header, r)) for r in rows}
+
+
+def test_report_compares_checkpoints_with_description_f1(
+    world, models, tmp_path, capsys, answers, monkeypatch
+):
+    from PIL import Image
+
+    import gpt2mm.eval.report as report
+    from gpt2mm.data.synthetic import describe, load_scenes, score_description
+
+    # record the generated descriptions; for the second model, swap in the true one for half the images
+    scenes = {s["image_id"]: s for s in load_scenes(world, "test")}
+    generated: list[list[str]] = []
+    real = report.generate_descriptions
+
+    def recording(model, processor, samples, *args, **kwargs):
+        texts = real(model, processor, samples, *args, **kwargs)
+        if generated:
+            texts = [
+                describe(scenes[int(s.id)]) if i % 2 == 0 else t
+                for i, (s, t) in enumerate(zip(samples, texts))
+            ]
+        generated.append(texts)
+        return texts
+
+    monkeypatch.setattr(report, "generate_descriptions", recording)
+    md, png, js = tmp_path / "r" / "report.md", tmp_path / "report.png", tmp_path / "report.json"
+    argv = ["report", str(models["stage1"]), str(models["run"]), *_vqa_args(world), "--limit", str(LIMIT)]
+    argv += ["--world", str(world), "--split", "test", "--out", str(md), "--png", str(png), "--json", str(js)]
+    argv += ["--describe-max-new-tokens", "24"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    table = _table(md.read_text())
+    assert md.read_text() in printed
+    assert set(table) == {"stage1", "run"}
+    rows = {r["label"]: r for r in json.loads(js.read_text())}
+    assert rows["run"]["model"].endswith("checkpoint-10")
+    with Image.open(png) as im:
+        im.verify()
+
+    # VQA columns: the numbers `gpt2mm eval` gives for each model on the same questions
+    for label, model in (("stage1", models["stage1"]), ("run", models["run"] / "checkpoint-10")):
+        _, scores, _ = _eval(model, world, tmp_path, capsys, "--limit", str(LIMIT))
+        assert table[label]["VQA overall"] == f"{scores['overall']:.2f}"
+        for a_type, acc in scores["perAnswerType"].items():
+            assert table[label][f"VQA {a_type}"] == f"{acc:.2f}"
+    assert table["stage1"]["VQA overall"] != table["run"]["VQA overall"]
+
+    # description columns: the mean of score_description over the very texts generated
+    test_scenes = load_scenes(world, "test")[:LIMIT]
+    assert len(generated) == 2 and all(len(t) == len(test_scenes) for t in generated)
+    for label, texts in zip(("stage1", "run"), generated):
+        for key in ("precision", "recall", "f1"):
+            mean = 100 * sum(score_description(t, s)[key] for t, s in zip(texts, test_scenes)) / len(texts)
+            assert rows[label]["description"][key] == pytest.approx(mean)
+            assert table[label][f"desc {key}"] == f"{mean:.2f}"
+    assert float(table["run"]["desc f1"]) > 0
+
+
+def test_report_without_world_has_no_description_columns(world, models, tmp_path, capsys):
+    md = tmp_path / "report.md"
+    argv = ["report", str(models["stage1"]), str(models["stage2"]), *_vqa_args(world), "--limit", "2"]
+    assert main([*argv, "--out", str(md)]) == 0
+    table = _table(md.read_text())
+    assert set(table) == {"stage1", "stage2"}
+    assert all("VQA overall" in r and not any(k.startswith("desc") for k in r) for r in table.values())
