@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv or ["--help"])  # prints help or the "invalid choice" error and exits
         return 2
     name = argv[0]
+    _quiet_libraries()
     module = importlib.import_module(COMMANDS[name][0])
     cmd_parser = argparse.ArgumentParser(prog=f"gpt2mm {name}", description=COMMANDS[name][1])
     module.configure(cmd_parser)
@@ -55,6 +56,14 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     return int(code or 0)
+
+
+def _quiet_libraries() -> None:
+    """transformers' own progress bars and notices ("Writing model shards") drown ours."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 if __name__ == "__main__":

@@ -113,7 +113,13 @@ class MultimodalGPT2ForConditionalGeneration(MultimodalGPT2PreTrainedModel, Gene
             pad_token_id=tc.pad_token_id if tc.pad_token_id is not None else tc.eos_token_id,
             suppress_tokens=[config.image_token_id],  # the model never writes an `<image>` itself
         )
-        if config.freeze_vision:
+        self._apply_freezing()
+
+    def _apply_freezing(self) -> None:
+        # CLIP's pooled-output norm never reaches our features: it gets no gradient, so it is kept out of
+        # training (DDP would otherwise wait for its gradient).
+        self.vision_tower.post_layernorm.requires_grad_(False)
+        if self.config.freeze_vision:
             self.freeze_vision()
 
     # --- plumbing that transformers expects ---------------------------------------------------------------
@@ -139,8 +145,7 @@ class MultimodalGPT2ForConditionalGeneration(MultimodalGPT2PreTrainedModel, Gene
     def from_pretrained(cls, *args: Any, **kwargs: Any):
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives a tuple
-        if model.config.freeze_vision:  # loading materialises fresh parameters: freeze them again
-            model.freeze_vision()
+        model._apply_freezing()  # loading materialises fresh parameters: freeze them again
         return loaded
 
     def train(self, mode: bool = True):

@@ -1,0 +1,573 @@
+"""`gpt2mm serve MODEL`: an OpenAI-compatible HTTP API and a web page, with dynamic batching.
+
+    gpt2mm serve ./my-model --port 8000 [--api-key KEY]
+    curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' -d '{"messages": [{"role":
+      "user", "content": [{"type": "text", "text": "What color is it?"}, {"type": "image_url",
+      "image_url": {"url": "data:image/png;base64,..."}}]}]}'
+
+Endpoints: `POST /v1/chat/completions` (non-streamed or server-sent events), `GET /v1/models`,
+`GET /health`, and the chat page at `/` (which calls the same endpoint). See `gpt2mm.serve.schema` for how
+messages map onto the model's Q/A format.
+
+Differences from OpenAI, on purpose: `temperature` defaults to 0 (greedy; `--default-temperature`),
+`model` is accepted whatever it says, and when prompt + `max_tokens` would overflow the context,
+`max_tokens` is reduced to what fits (`finish_reason` then says "length"); a prompt that alone fills the
+context is a 400.
+
+Untrusted input is refused with a 4xx OpenAI-shaped error, never a crash: bodies over `--max-body-bytes`
+(by Content-Length and by the bytes actually read), bad JSON or fields, bad base64, non-images, truncated
+images, images over the byte or pixel limits (decompression bombs), more images than `--max-images`,
+prompts longer than the context. Images come as base64 `data:` URLs; `http(s)` URLs only under a prefix
+given with `--allow-image-urls`, `file://` paths only inside a directory given with
+`--allow-local-images` (resolved, symlinks included, before the check). When the queue is full the answer
+is 503 with `Retry-After`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import os
+import posixpath
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+from gpt2mm.errors import DataError, UsageError
+from gpt2mm.serve.batching import Batcher, QueueFull
+from gpt2mm.serve.engine import Engine, GenerationRequest, SamplingParams
+
+try:  # optional: `pip install 'gpt2-multimodal[serve]'` (run() says so when they are missing)
+    from fastapi import FastAPI, Request
+except ImportError:  # pragma: no cover
+    FastAPI = Request = None  # type: ignore[assignment,misc]
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from gpt2mm.serve.schema import ChatRequest
+
+log = logging.getLogger(__name__)
+
+MB = 1024 * 1024
+
+
+@dataclass
+class ServerSettings:
+    """Limits and switches of the server (the `gpt2mm serve` flags)."""
+
+    model_name: str = "gpt2mm"
+    api_key: str | None = None
+    max_body_bytes: int = 20 * MB
+    max_image_bytes: int = 10 * MB
+    max_image_pixels: int = 16_000_000
+    max_images: int = 1
+    default_max_tokens: int = 64
+    max_tokens_limit: int = 512
+    default_temperature: float = 0.0
+    max_n: int = 4
+    max_batch_size: int = 16
+    batch_wait_ms: float = 10.0
+    max_queue: int = 256
+    retry_after_s: int = 1
+    allow_image_urls: tuple[str, ...] = ()
+    allow_local_images: tuple[Path, ...] = field(default_factory=tuple)
+    url_timeout_s: float = 10.0
+
+
+# --- images -------------------------------------------------------------------------------------------------
+
+
+def load_image_url(url: str, settings: ServerSettings, param: str) -> Image.Image:
+    """An `image_url` -> RGB image, with every check of `load_image_bytes`; `APIError` (400) otherwise."""
+    from gpt2mm.data.images import load_image, load_image_bytes
+    from gpt2mm.serve.schema import APIError
+
+    def bad(message: str, code: str = "invalid_image") -> APIError:
+        return APIError(400, f"{param}: {message}", param=param, code=code)
+
+    limits = dict(max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes)
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    try:
+        if scheme == "data":
+            header, sep, payload = url[5:].partition(",")
+            if not sep:
+                raise bad("malformed data URL (no comma)", "invalid_image_url")
+            mime, *options = header.split(";")
+            if "base64" not in (o.strip().lower() for o in options):
+                raise bad("data URLs must be base64-encoded (data:image/png;base64,...)", "invalid_image_url")
+            if mime.strip() and not mime.strip().lower().startswith("image/"):
+                raise bad(f"data URL of type {mime.strip()!r}, not an image", "invalid_image_url")
+            payload = "".join(payload.split())
+            if len(payload) > (settings.max_image_bytes // 3 + 2) * 4:
+                raise bad(f"image over the limit of {settings.max_image_bytes} bytes", "image_too_large")
+            try:
+                data = base64.b64decode(payload, validate=True)
+            except (binascii.Error, ValueError):
+                raise bad("invalid base64 in the data URL", "invalid_base64") from None
+            return load_image_bytes(data, name="image", **limits)
+        if scheme in ("http", "https"):
+            if not _remote_allowed(url, settings.allow_image_urls):
+                raise bad(
+                    "remote image URLs are refused (start the server with --allow-image-urls PREFIX to "
+                    "allow some); send the image as a base64 data URL",
+                    "image_url_not_allowed",
+                )
+            return load_image_bytes(_fetch(url, settings), name="image", **limits)
+        if scheme == "file":
+            path = _local_path(url, settings.allow_local_images)
+            if path is None:
+                raise bad(
+                    "local image paths are refused outside the directories given with --allow-local-images",
+                    "image_url_not_allowed",
+                )
+            return load_image(path, **limits)
+        raise bad(
+            "unsupported image URL: use a base64 data URL (data:image/png;base64,...)", "invalid_image_url"
+        )
+    except DataError as e:
+        message = str(e)
+        code = "image_too_large" if ("over the limit" in message or "bomb" in message) else "invalid_image"
+        raise bad(message.removeprefix("image: "), code) from None
+
+
+def _remote_allowed(url: str, prefixes: Sequence[str]) -> bool:
+    """Whether `url` lies under an allowed prefix: same scheme, host and port, path inside the prefix's path
+    (after resolving `.`/`..` and percent-escapes), no user info."""
+    try:
+        u = urlsplit(url)
+        port = u.port
+    except ValueError:
+        return False
+    if u.username is not None or u.password is not None or "\\" in url:
+        return False
+    segments = unquote(u.path).split("/")
+    if any(s in (".", "..") for s in segments):
+        return False
+    path = posixpath.normpath(unquote(u.path) or "/")
+    for prefix in prefixes:
+        p = urlsplit(prefix)
+        base = p.path if p.path.endswith("/") else p.path + "/"
+        same_origin = (u.scheme.lower(), u.hostname, port) == (p.scheme.lower(), p.hostname, p.port)
+        if same_origin and (path == p.path.rstrip("/") or (path + "/").startswith(base) or base == "/"):
+            return True
+    return False
+
+
+def _fetch(url: str, settings: ServerSettings) -> bytes:
+    """GET an allow-listed URL: no redirects (they could leave the allow-list), a timeout, a byte limit."""
+    import urllib.request
+
+    from gpt2mm.serve.schema import APIError
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
+    opener = urllib.request.build_opener(NoRedirect)
+    try:
+        with opener.open(url, timeout=settings.url_timeout_s) as response:
+            return response.read(settings.max_image_bytes + 1)
+    except Exception as e:
+        raise APIError(400, f"could not fetch the image URL: {e}", code="image_fetch_failed") from None
+
+
+def _local_path(url: str, allowed: Sequence[Path]) -> Path | None:
+    """The resolved path of a `file://` URL if it lies inside an allowed directory, else None."""
+    if not allowed:
+        return None
+    try:
+        u = urlsplit(url)
+    except ValueError:
+        return None
+    if u.netloc not in ("", "localhost") or "\x00" in url:
+        return None
+    raw = Path(unquote(u.path))
+    if not raw.is_absolute():
+        return None
+    try:
+        path = raw.resolve()
+    except (OSError, RuntimeError):
+        return None
+    for d in allowed:
+        if path.is_relative_to(d.resolve()):
+            return path
+    return None
+
+
+# --- the app ------------------------------------------------------------------------------------------------
+
+
+def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAPI:
+    """The FastAPI app: routes, error handlers and the batcher (its worker starts with the first request)."""
+    from contextlib import asynccontextmanager
+
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from gpt2mm.serve.schema import APIError, error_body, messages_to_turns, parse_request
+
+    settings = settings or ServerSettings()
+    batcher = Batcher(
+        engine,
+        max_batch_size=settings.max_batch_size,
+        max_wait_ms=settings.batch_wait_ms,
+        max_queue=settings.max_queue,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        batcher.start()
+        yield
+        await asyncio.to_thread(batcher.stop)
+
+    app = FastAPI(title="gpt2mm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine = engine
+    app.state.batcher = batcher
+    app.state.settings = settings
+
+    def error_response(e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError) -> JSONResponse:
+        return error_response(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(
+            error_body(str(e.detail), kind), status_code=e.status_code, headers=getattr(e, "headers", None)
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        return JSONResponse(error_body("invalid request", "invalid_request_error"), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _server_error(request: Request, e: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return JSONResponse(error_body("internal server error", "server_error"), status_code=500)
+
+    def check_auth(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(
+            token.strip().encode(), settings.api_key.encode()
+        ):
+            raise APIError(
+                401,
+                "missing or incorrect API key: send `Authorization: Bearer KEY`",
+                type="authentication_error",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": settings.model_name, "queue": batcher.queue_size}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index() -> HTMLResponse:
+        from importlib.resources import files
+
+        return HTMLResponse((files("gpt2mm.serve") / "web" / "index.html").read_text(encoding="utf-8"))
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        check_auth(request)
+        return {
+            "object": "list",
+            "data": [{"id": settings.model_name, "object": "model", "created": 0, "owned_by": "gpt2mm"}],
+        }
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        check_auth(request)
+        body = await read_body(request, settings.max_body_bytes)
+        try:
+            data = json.loads(body, parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as e:
+            raise APIError(400, f"the body is not valid JSON: {e}"[:500], code="invalid_json") from None
+        chat = parse_request(data)
+        gen = await asyncio.to_thread(build_request, chat)
+        prompt_tokens = len(gen.prompt.input_ids)
+        events: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def put(event: tuple[Any, ...]) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the loop is gone: the client went away with it
+                gen.cancelled.set()
+
+        if chat.stream:
+            gen.on_delta = lambda i, text: put(("delta", i, text))
+        gen.on_done = lambda r: put(("done",))
+        try:
+            batcher.submit(gen)
+        except QueueFull:
+            raise APIError(
+                503,
+                "the server is busy: too many requests are waiting; retry shortly",
+                type="server_error",
+                code="queue_full",
+                headers={"Retry-After": str(settings.retry_after_s)},
+            ) from None
+        meta = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=settings.model_name)
+        if chat.stream:
+            include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+            return StreamingResponse(
+                stream_events(gen, events, meta, prompt_tokens, include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        try:
+            await events.get()
+        finally:
+            gen.cancelled.set()  # a no-op when finished; stops the rows when the client went away
+        if gen.error is not None:
+            log.error("generation failed: %r", gen.error)
+            raise APIError(500, "generation failed", type="server_error")
+        return {
+            **meta,
+            "object": "chat.completion",
+            "choices": [
+                {
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": None,
+                    "finish_reason": c.finish_reason,
+                }
+                for c in gen.choices
+            ],
+            "usage": usage(prompt_tokens, gen.completion_tokens),
+            "system_fingerprint": None,
+        }
+
+    def build_request(chat: ChatRequest) -> GenerationRequest:
+        """Validated request -> prompt ids, pixel values, sampling settings (runs in a thread: it decodes
+        images and tokenizes)."""
+        turns, urls = messages_to_turns(chat.messages)
+        if len(urls) > settings.max_images:
+            raise APIError(
+                400,
+                f"{len(urls)} images in the request; this server takes at most {settings.max_images}",
+                param="messages",
+                code="too_many_images",
+            )
+        max_n = min(settings.max_n, settings.max_batch_size)  # the n choices of a request share a batch
+        if chat.n > max_n:
+            raise APIError(400, f"n must be at most {max_n}", param="n", code="invalid_value")
+        wanted = chat.max_completion_tokens or chat.max_tokens or settings.default_max_tokens
+        if wanted > settings.max_tokens_limit:
+            raise APIError(
+                400,
+                f"max_tokens must be at most {settings.max_tokens_limit}",
+                param="max_tokens",
+                code="invalid_value",
+            )
+        stops = chat.stop_strings()
+        # Cheap bound before tokenizing a huge text: no token holds 32 characters.
+        chars = sum(len(t) for _, t, _ in turns)
+        if chars > 32 * engine.context_length:
+            raise_too_long(None)
+        images = [load_image_url(url, settings, param) for url, param in urls]
+        prompt = engine.prepare(turns, images)
+        if len(prompt.input_ids) >= engine.context_length:
+            raise_too_long(len(prompt.input_ids))
+        temperature = settings.default_temperature if chat.temperature is None else chat.temperature
+        params = SamplingParams(
+            max_new_tokens=wanted,
+            temperature=float(temperature),
+            top_p=1.0 if chat.top_p is None else float(chat.top_p),
+            n=chat.n,
+            stop=stops,
+            seed=chat.seed,
+        )
+        return GenerationRequest(prompt, params)
+
+    def raise_too_long(n_tokens: int | None) -> None:
+        size = f"{n_tokens} tokens" if n_tokens is not None else "too long"
+        raise APIError(
+            400,
+            f"the prompt is {size}; the model's context is {engine.context_length} tokens including the answer"
+            f" (each image takes {engine.num_image_tokens})",
+            param="messages",
+            code="context_length_exceeded",
+        )
+
+    async def stream_events(
+        gen: GenerationRequest,
+        events: asyncio.Queue[tuple[Any, ...]],
+        meta: dict[str, Any],
+        prompt_tokens: int,
+        include_usage: bool,
+    ) -> AsyncIterator[str]:
+        def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+            payload = {**meta, "object": "chat.completion.chunk", "choices": choices, **extra}
+            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+        def choice(i: int, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+            return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+        try:
+            yield chunk([choice(i, {"role": "assistant", "content": ""}) for i in range(gen.params.n)])
+            while True:
+                event = await events.get()
+                if event[0] == "delta":
+                    yield chunk([choice(event[1], {"content": event[2]})])
+                    continue
+                break
+            if gen.error is not None:
+                log.error("generation failed: %r", gen.error)
+                yield f"data: {json.dumps(error_body('generation failed', 'server_error'))}\n\n"
+            else:
+                yield chunk([choice(c.index, {}, c.finish_reason) for c in gen.choices])
+                if include_usage:
+                    yield chunk([], usage=usage(prompt_tokens, gen.completion_tokens))
+            yield "data: [DONE]\n\n"
+        finally:
+            gen.cancelled.set()
+
+    return app
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def read_body(request: Any, limit: int) -> bytes:
+    """The request body, refused with 413 when Content-Length or the bytes actually sent exceed `limit`."""
+    from gpt2mm.serve.schema import APIError
+
+    too_large = APIError(413, f"the request body is over the limit of {limit} bytes", code="body_too_large")
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise too_large
+        except ValueError:
+            raise APIError(400, "invalid Content-Length header", code="invalid_header") from None
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+# --- the command --------------------------------------------------------------------------------------------
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    d = ServerSettings()
+    parser.add_argument("model", help="model directory or hub id")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("GPT2MM_API_KEY"),
+        help="require `Authorization: Bearer KEY` on /v1 (default: $GPT2MM_API_KEY, else no key)",
+    )
+    parser.add_argument("--served-model-name", help="the model id in responses (default: the MODEL name)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="rows per generate")
+    parser.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms, help="wait to fill a batch")
+    parser.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting requests before 503")
+    parser.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    parser.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes)
+    parser.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels)
+    parser.add_argument("--max-images", type=int, default=d.max_images, help="images per request")
+    parser.add_argument("--max-tokens", type=int, default=d.max_tokens_limit, help="largest max_tokens")
+    parser.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
+    parser.add_argument("--default-temperature", type=float, default=d.default_temperature)
+    parser.add_argument("--max-n", type=int, default=d.max_n, help="largest n (choices per request)")
+    parser.add_argument(
+        "--allow-image-urls",
+        nargs="+",
+        default=[],
+        metavar="PREFIX",
+        help="fetch http(s) image URLs under these prefixes (e.g. https://images.example.com/public/)",
+    )
+    parser.add_argument(
+        "--allow-local-images", nargs="+", default=[], metavar="DIR", help="read file:// images inside DIRs"
+    )
+    parser.add_argument("--log-level", default="info")
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    """Flags -> settings, refusing nonsense limits and allow-list entries."""
+    for name in ("max_batch_size", "max_queue", "max_body_bytes", "max_image_bytes", "max_image_pixels"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_images < 0 or args.max_n < 1 or args.max_tokens < 1 or args.default_max_tokens < 1:
+        raise UsageError("--max-images must be >= 0; --max-n, --max-tokens, --default-max-tokens >= 1")
+    for prefix in args.allow_image_urls:
+        u = urlsplit(prefix)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise UsageError(f"--allow-image-urls {prefix}: give http(s)://host/path/ prefixes")
+    dirs = []
+    for d in args.allow_local_images:
+        path = Path(d).resolve()
+        if not path.is_dir():
+            raise UsageError(f"--allow-local-images {d}: not a directory")
+        dirs.append(path)
+    name = args.served_model_name or Path(str(args.model).rstrip("/")).name or str(args.model)
+    return ServerSettings(
+        model_name=name,
+        api_key=args.api_key or None,
+        max_body_bytes=args.max_body_bytes,
+        max_image_bytes=args.max_image_bytes,
+        max_image_pixels=args.max_image_pixels,
+        max_images=args.max_images,
+        default_max_tokens=args.default_max_tokens,
+        max_tokens_limit=args.max_tokens,
+        default_temperature=args.default_temperature,
+        max_n=args.max_n,
+        max_batch_size=args.max_batch_size,
+        batch_wait_ms=args.batch_wait_ms,
+        max_queue=args.max_queue,
+        allow_image_urls=tuple(args.allow_image_urls),
+        allow_local_images=tuple(dirs),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise UsageError(
+            f"serving needs FastAPI and uvicorn: pip install 'gpt2-multimodal[serve]' ({e})"
+        ) from e
+    try:
+        engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load the model {args.model}: {e}") from e
+    app = create_app(engine, settings)
+    print(f"serving {settings.model_name} on http://{args.host}:{args.port}/ (API at /v1/chat/completions)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

@@ -1,0 +1,60 @@
+"""`gpt2mm ask MODEL --image PATH "question"`: one answer on the command line.
+
+Goes through the same `Engine.generate` as the server, so an answer here is the answer the API gives for the
+same settings. `--stream` prints the text as it is generated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gpt2mm.errors import DataError, UsageError
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="model directory or hub id")
+    parser.add_argument("question", help="the question about the image")
+    parser.add_argument("--image", help="image file (omit for a text-only question)")
+    parser.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, help="random seed for sampling")
+    parser.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def run(args: argparse.Namespace) -> int:
+    from gpt2mm.data.images import load_image
+    from gpt2mm.serve.engine import Engine, SamplingParams
+
+    if args.max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be at least 1")
+    if not 0 <= args.temperature <= 100 or not 0 < args.top_p <= 1:
+        raise UsageError("--temperature must be >= 0 and --top-p in (0, 1]")
+    try:
+        image = load_image(args.image) if args.image else None
+    except DataError as e:
+        raise UsageError(str(e)) from e
+    try:
+        engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load the model {args.model}: {e}") from e
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+    )
+
+    def show(_: int, text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    try:
+        request = engine.ask(args.question, image, params, on_delta=show if args.stream else None)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    if args.stream:
+        print()
+    else:
+        print(request.choices[0].text)
+    return 0

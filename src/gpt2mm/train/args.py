@@ -1,0 +1,172 @@
+"""Nested dataclass configs <- YAML recipe <- `--section.key value` overrides. One source of truth per option.
+
+A recipe is a YAML mapping of sections (`model:`, `data:`, `train:`) whose keys are the fields of the
+config dataclasses; defaults fill the rest. Overrides on the command line use the same dotted names, and
+their strings are parsed with the field's type. Unknown sections or keys are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from gpt2mm.errors import UsageError
+
+T = TypeVar("T")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Parse a YAML value or a command-line string as the field's type."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, name)
+            except (TypeError, ValueError) as e:
+                errors.append(str(e))
+        raise ValueError(f"{name}: cannot read {value!r} as {tp}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ValueError(f"{name}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"{name}: expected a mapping, got {value!r}")
+        return build(tp, value, prefix=f"{name}.")
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        return [(_coerce(v, inner, name) if inner is not Any else v) for v in value]
+    if origin is dict or tp is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ValueError(f"{name}: expected a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ValueError(f"{name}: expected true or false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ValueError(f"{name}: expected a number, got {value!r}")
+        try:
+            number = float(value) if tp is float else int(str(value).replace("_", ""))
+        except ValueError:
+            raise ValueError(f"{name}: expected {tp.__name__}, got {value!r}") from None
+        return number
+    if tp is str:
+        if not isinstance(value, (str, int, float)):
+            raise ValueError(f"{name}: expected a string, got {value!r}")
+        return str(value)
+    if tp is Any:
+        return value
+    raise TypeError(f"{name}: unsupported config type {tp}")
+
+
+def build(cls: type[T], values: dict[str, Any] | None = None, prefix: str = "") -> T:
+    """`cls(**values)` with every value parsed by its field type; unknown keys name themselves."""
+    values = dict(values or {})
+    types_ = _field_types(cls)
+    unknown = sorted(set(values) - set(types_))
+    if unknown:
+        known = ", ".join(f.name for f in dataclasses.fields(cls))
+        raise UsageError(f"unknown option {prefix}{unknown[0]} (known: {known})")
+    kwargs = {}
+    for key, value in values.items():
+        try:
+            kwargs[key] = _coerce(value, types_[key], prefix + key)
+        except (TypeError, ValueError) as e:
+            raise UsageError(str(e)) from None
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
+
+
+def load_config(cls: type[T], path: str | Path | None, overrides: list[str]) -> T:
+    """A recipe file (optional) plus `--section.key value` / `--section.key=value` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UsageError(f"{path}: no such recipe file")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UsageError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(data, dict):
+            raise UsageError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
+    for key, value in parse_overrides(overrides):
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UsageError(f"--{key}: {p} is not a section")
+        node[leaf] = value
+    return build(cls, data)
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """`["--train.lr", "1e-3", "--data.skip_bad=true"]` -> `[("train.lr", "1e-3"), ("data.skip_bad", "true")]`."""
+    out = []
+    i = 0
+    while i < len(items):
+        item = items[i]
+        if not item.startswith("--"):
+            raise UsageError(f"unexpected argument {item!r}; overrides look like --section.key value")
+        item = item[2:]
+        if "=" in item:
+            key, value = item.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(items):
+                raise UsageError(f"--{item} needs a value")
+            key, value = item, items[i + 1]
+            i += 2
+        out.append((key.replace("-", "_"), yaml.safe_load(value) if value.strip().startswith(("[", "{")) else value))
+    return out
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def describe(cls: type, prefix: str = "") -> list[str]:
+    """One line per option (`--section.key  type  default  help`), for `--help`."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        tp = _field_types(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines += describe(tp, prefix=f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        )
+        help_ = f.metadata.get("help", "")
+        lines.append(f"  --{prefix}{f.name} (default {default!r}) {help_}".rstrip())
+    return lines

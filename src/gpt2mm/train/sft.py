@@ -1,0 +1,642 @@
+"""Stages 1 and 3: supervised fine-tuning with the loss on the answer (assistant) tokens only.
+
+    gpt2mm train configs/tiny-synth.yaml                      # stage 1 on the synthetic world, offline
+    gpt2mm train configs/seed-vqa.yaml --train.lr 5e-5       # stage 1 on VQA v2 (seed preset)
+    gpt2mm train configs/seed-llava.yaml                     # stage 3 from a stage-1 checkpoint
+    gpt2mm train configs/tiny-synth.yaml --resume            # continue the last complete checkpoint
+    accelerate launch -m gpt2mm.cli train RECIPE.yaml        # several GPUs (DDP; FSDP via accelerate config)
+
+The loop is ours, on top of accelerate (devices, DDP/FSDP, autocast), rather than transformers' Trainer,
+for three measured needs: the LM head runs only on labelled positions (the model returns no logits in
+training), evaluation is VQA accuracy by batched generation, and checkpoints are written atomically and
+resume exactly (model, optimizer, scheduler, RNG and data position), so that a stopped-and-resumed run ends
+with the same weights as an uninterrupted one. Simplifications: map-style data held in memory (token ids
+and, for small image sets, preprocessed pixels); the data order is a function of (seed, epoch).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gpt2mm.errors import UsageError
+
+
+# --- configuration ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoraConfig:
+    r: int = field(default=0, metadata={"help": "LoRA rank on the language model (0: off; needs peft)"})
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])
+
+
+@dataclass
+class ModelConfig:
+    preset: str = field(default="tiny", metadata={"help": "tiny | small | seed"})
+    init_from: str | None = field(default=None, metadata={"help": "a gpt2mm model dir (e.g. a stage-1 run)"})
+    pretrained: bool | None = field(default=None, metadata={"help": "load the preset's backbones"})
+    overrides: dict = field(default_factory=dict, metadata={"help": "MultimodalGPT2Config fields"})
+    freeze_lm: bool = field(default=False, metadata={"help": "train the projector (and vision) only"})
+    gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class DataConfig:
+    format: str = field(default="vqa", metadata={"help": "vqa | llava"})
+    root: str = field(default="data/synth", metadata={"help": "relative paths resolve against it"})
+    synth: bool = field(default=False, metadata={"help": "render the synthetic world into root if missing"})
+    synth_args: dict = field(default_factory=dict, metadata={"help": "gpt2mm.data.synthetic.write_world args"})
+    train_questions: str = "train_questions.json"
+    train_annotations: str = "train_annotations.json"
+    train_images: str = "images/train"
+    val_questions: str = "val_questions.json"
+    val_annotations: str = "val_annotations.json"
+    val_images: str = "images/val"
+    llava_train: str = "train_llava.json"
+    llava_images: str = "images"
+    answer_mode: str = field(default="multiple_choice", metadata={"help": "multiple_choice | sample"})
+    limit: int | None = field(default=None, metadata={"help": "first N training questions (seed: 100000)"})
+    val_limit: int = 500
+    max_length: int = 256
+    pack_questions: int = field(
+        default=1, metadata={"help": "train on up to N questions about one image as one multi-turn sample"}
+    )
+    skip_bad: bool = False
+    cache_pixels: bool = field(default=True, metadata={"help": "keep preprocessed images in memory"})
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/tiny-synth"
+    seed: int = 0
+    max_steps: int = 1000
+    max_minutes: float | None = field(default=None, metadata={"help": "stop after this much training time"})
+    batch_size: int = field(default=64, metadata={"help": "samples per optimizer step, all processes"})
+    grad_accum: int = 1
+    lr: float = 1e-3
+    projector_lr: float | None = None
+    vision_lr: float | None = None
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    warmup_steps: int = 50
+    schedule: str = field(default="cosine", metadata={"help": "cosine | linear | constant"})
+    min_lr_ratio: float = 0.0
+    precision: str = field(default="fp32", metadata={"help": "fp32 | bf16 | fp16"})
+    eval_every: int = 200
+    eval_batch_size: int = 128
+    save_every: int = 500
+    keep_last: int = 2
+    early_stopping_patience: int = field(default=0, metadata={"help": "evals without improvement (0: off)"})
+    log_every: int = 10
+    length_grouping: bool = True
+    tensorboard: bool = True
+    wandb: bool = False
+    progress: bool = True
+
+
+@dataclass
+class SFTConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        t = self.train
+        if t.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"train.precision must be fp32, bf16 or fp16, got {t.precision!r}")
+        if t.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"train.schedule must be cosine, linear or constant, got {t.schedule!r}")
+        if t.batch_size < 1 or t.grad_accum < 1 or t.batch_size % t.grad_accum:
+            raise ValueError(f"train.batch_size {t.batch_size} must be a positive multiple of grad_accum {t.grad_accum}")
+        if self.data.format not in ("vqa", "llava"):
+            raise ValueError(f"data.format must be vqa or llava, got {self.data.format!r}")
+
+
+# --- model ---------------------------------------------------------------------------------------------------
+
+
+def build_model_for_training(cfg: ModelConfig):
+    """The model + processor a recipe asks for, with the freezing / LoRA / checkpointing options applied."""
+    from gpt2mm.presets import build_model, load_model
+
+    if cfg.init_from:
+        model, processor = load_model(cfg.init_from)
+        for key, value in cfg.overrides.items():
+            setattr(model.config, key, value)
+    else:
+        model, processor = build_model(cfg.preset, pretrained=cfg.pretrained, **cfg.overrides)
+    if cfg.freeze_lm:
+        model.language_model.requires_grad_(False)
+        model.lm_head.requires_grad_(False)
+    if cfg.lora.r > 0:
+        try:
+            from peft import LoraConfig as PeftLoraConfig
+            from peft import inject_adapter_in_model
+        except ImportError:
+            raise UsageError("model.lora.r > 0 needs peft: pip install peft") from None
+        lora = PeftLoraConfig(
+            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=cfg.lora.target_modules
+        )
+        model.language_model.requires_grad_(False)
+        model.lm_head.requires_grad_(False)
+        model.language_model = inject_adapter_in_model(lora, model.language_model)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, processor
+
+
+def param_groups(model, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups: projector / vision learning rates if set; no weight decay on biases, norms, embeddings."""
+    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lr = cfg.lr
+        if name.startswith("projector.") and cfg.projector_lr is not None:
+            lr = cfg.projector_lr
+        elif name.startswith("vision_tower.") and cfg.vision_lr is not None:
+            lr = cfg.vision_lr
+        no_decay = p.ndim < 2 or "wte" in name or "wpe" in name or "embedding" in name
+        groups.setdefault((lr, 0.0 if no_decay else cfg.weight_decay), []).append(p)
+    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+
+
+def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg)
+    if not groups:
+        raise UsageError("nothing to train: every parameter is frozen")
+    device = next(p for g in groups for p in g["params"]).device
+    # fused AdamW: one kernel for all parameters, on CUDA and (torch >= 2.4) CPU
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+
+
+def lr_lambda(cfg: TrainConfig):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
+
+    return f
+
+
+# --- data ------------------------------------------------------------------------------------------------
+
+
+class PixelStore:
+    """Image path -> preprocessed pixel values, decoded once (optionally kept in memory)."""
+
+    def __init__(self, processor, cache: bool = True, max_pixels: int | None = None):
+        self.processor = processor
+        self.cache: dict[str, torch.Tensor] | None = {} if cache else None
+        self.max_pixels = max_pixels
+
+    def __call__(self, path: str) -> torch.Tensor:
+        if self.cache is not None and path in self.cache:
+            return self.cache[path]
+        from gpt2mm.data.images import load_image
+
+        kwargs = {"max_pixels": self.max_pixels} if self.max_pixels else {}
+        pixels = self.processor.preprocess_images([load_image(path, **kwargs)])[0]
+        if self.cache is not None:
+            self.cache[path] = pixels
+        return pixels
+
+
+def resolve(root: str, path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else Path(root) / p
+
+
+def load_samples(cfg: DataConfig, split: str) -> tuple[list, str]:
+    """Training or validation samples of the recipe's format; returns (samples, load report summary)."""
+    if split == "train" and cfg.format == "llava":
+        from gpt2mm.data.llava import load_llava
+
+        samples, report = load_llava(
+            resolve(cfg.root, cfg.llava_train), resolve(cfg.root, cfg.llava_images), skip_bad=cfg.skip_bad
+        )
+        return (samples[: cfg.limit] if cfg.limit else samples), report.summary()
+    from gpt2mm.data.vqa import load_vqa
+
+    q, a, im = (cfg.train_questions, cfg.train_annotations, cfg.train_images) if split == "train" else (
+        cfg.val_questions,
+        cfg.val_annotations,
+        cfg.val_images,
+    )
+    samples, report = load_vqa(
+        resolve(cfg.root, q),
+        resolve(cfg.root, a),
+        resolve(cfg.root, im),
+        answer_mode=cfg.answer_mode,
+        limit=cfg.limit if split == "train" else cfg.val_limit,
+        skip_bad=cfg.skip_bad,
+        seed=0,
+    )
+    return samples, report.summary()
+
+
+def pack_by_image(samples: list, k: int, seed: int) -> list:
+    """Questions about the same image as multi-turn samples of up to `k` Q/A pairs (the image is encoded
+    once for k answers). The prompt format is the conversation format, whose first turn is stage 1's."""
+    from gpt2mm.data.samples import Sample
+
+    by_image: dict[Any, list] = {}
+    for s in samples:
+        by_image.setdefault(s.image, []).append(s)
+    rng = random.Random(seed)
+    packed = []
+    for image, group in by_image.items():
+        if image is None:
+            packed += group
+            continue
+        rng.shuffle(group)
+        for start in range(0, len(group), k):
+            chunk = group[start : start + k]
+            turns = [t for s in chunk for t in s.turns]
+            packed.append(Sample(id="+".join(s.id for s in chunk), image=image, turns=turns, image_id=chunk[0].image_id))
+    return packed
+
+
+# --- checkpoints -----------------------------------------------------------------------------------------
+
+
+def atomic_save_dir(final: Path, write) -> None:
+    """Write a directory under a temporary name, then rename it into place (a crash leaves no half
+    checkpoint under the final name; stale temporaries are removed on the next start)."""
+    tmp = final.with_name(final.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    delay = float(os.environ.get("GPT2MM_TEST_SAVE_DELAY", "0"))  # tests kill a run mid-save
+    if delay:
+        time.sleep(delay)
+    old = None
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        final.rename(old)
+    tmp.rename(final)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a temporary `.tmp` directory is never complete)."""
+    found = []
+    for p in run_dir.glob("checkpoint-*"):
+        if p.is_dir() and p.name.split("-", 1)[1].isdigit() and (p / "trainer_state.pt").is_file():
+            found.append(p)
+    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- the loop --------------------------------------------------------------------------------------------
+
+
+class Run:
+    """One training run: set-up, the step loop, evaluation, checkpoints. `Run(cfg).train()`."""
+
+    def __init__(self, cfg: SFTConfig, resume: str | bool | None = None, log=print):
+        from accelerate import Accelerator
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # ours is the one to watch
+        self.cfg = cfg
+        self.log = log
+        t = cfg.train
+        self.out = Path(t.output_dir)
+        self.acc = Accelerator(mixed_precision={"fp32": "no"}.get(t.precision, t.precision))
+        self.world = self.acc.num_processes
+        if (t.batch_size // t.grad_accum) % self.world:
+            raise UsageError(f"train.batch_size / grad_accum must divide among {self.world} processes")
+        torch.manual_seed(t.seed)
+        random.seed(t.seed)
+        np.random.seed(t.seed)
+
+        if cfg.data.synth:
+            self._ensure_synthetic_world()
+        self.model, self.processor = build_model_for_training(cfg.model)
+        if t.vision_lr == 0:  # a vision learning rate of 0 means a frozen tower (no backward through it)
+            self.model.freeze_vision()
+        self.train_samples, train_report = load_samples(cfg.data, "train")
+        if cfg.data.pack_questions > 1:
+            self.train_samples = pack_by_image(self.train_samples, cfg.data.pack_questions, t.seed)
+        from gpt2mm.data.collate import Collator, encode_samples
+
+        self.examples, enc_report = encode_samples(self.train_samples, self.processor, cfg.data.max_length)
+        if not self.examples:
+            raise UsageError(f"no training examples: {enc_report.summary()}")
+        self.log(f"train data: {train_report}; {enc_report.summary()}")
+        self.val_samples = []
+        if cfg.data.format == "vqa" and t.eval_every > 0 and resolve(cfg.data.root, cfg.data.val_questions).exists():
+            self.val_samples, val_report = load_samples(cfg.data, "val")
+            self.log(f"val data: {val_report}")
+        self.pixels = PixelStore(self.processor, cache=cfg.data.cache_pixels)
+        self.collate = Collator(self.processor.tokenizer.pad_token_id, self.pixels)
+
+        self.optimizer = make_optimizer(self.model.to(self.acc.device), t)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t))
+        self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.samples_seen = 0
+        self.best: float | None = None
+        self.evals_without_gain = 0
+        self.train_seconds = 0.0
+        self.history: list[dict[str, Any]] = []
+        if self.acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            for stale in self.out.glob("*.tmp"):
+                shutil.rmtree(stale)
+        if resume:
+            self._resume(resume)
+
+    # data order: a function of (seed, epoch), so resume can skip to the exact batch
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        from gpt2mm.data.collate import length_grouped_batches, shuffled_batches
+
+        g = torch.Generator().manual_seed(self.cfg.train.seed * 1000003 + epoch)
+        bs = self.cfg.train.batch_size
+        if self.cfg.train.length_grouping:
+            batches = length_grouped_batches([len(e.input_ids) for e in self.examples], bs, g)
+        else:
+            batches = shuffled_batches(len(self.examples), bs, g)
+        return [b for b in batches if len(b) == bs]  # full batches only: every step sees batch_size samples
+
+    def _micro_batches(self, batch: list[int]) -> list[dict[str, torch.Tensor]]:
+        """This process's share of a global batch, cut into grad_accum micro-batches."""
+        t = self.cfg.train
+        per_proc = len(batch) // self.world
+        mine = batch[self.acc.process_index * per_proc : (self.acc.process_index + 1) * per_proc]
+        per_micro = per_proc // t.grad_accum
+        return [self.collate([self.examples[i] for i in mine[j : j + per_micro]]) for j in range(0, per_proc, per_micro)]
+
+    def train(self) -> dict[str, Any]:
+        t = self.cfg.train
+        model = self.model
+        model.train()
+        metrics_file = self.out / "metrics.jsonl"
+        writer = self._tensorboard()
+        bar = None
+        if t.progress and self.acc.is_main_process:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=t.max_steps, initial=self.step, desc="train", dynamic_ncols=True, file=sys.stderr)
+        stop_reason = "max_steps"
+        last_loss = float("nan")
+        window_samples, window_start = 0, time.perf_counter()
+        while self.step < t.max_steps:
+            batches = self._epoch_batches(self.epoch)
+            if not batches:
+                raise UsageError(f"fewer training examples ({len(self.examples)}) than one batch ({t.batch_size})")
+            while self.batch_in_epoch < len(batches) and self.step < t.max_steps:
+                step_start = time.perf_counter()
+                micro = self._micro_batches(batches[self.batch_in_epoch])
+                loss = self._optimizer_step(micro)
+                self.batch_in_epoch += 1
+                self.step += 1
+                self.samples_seen += t.batch_size
+                self.train_seconds += time.perf_counter() - step_start
+                window_samples += t.batch_size
+                last_loss = loss
+                if bar is not None:
+                    rate = window_samples / max(1e-9, time.perf_counter() - window_start)
+                    bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:.0f}")
+                    bar.update(1)
+                if self.step % t.log_every == 0 or self.step == t.max_steps:
+                    rate = window_samples / max(1e-9, time.perf_counter() - window_start)
+                    window_samples, window_start = 0, time.perf_counter()
+                    self._record(metrics_file, writer, {"loss": loss, "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate})
+                if t.eval_every and self.val_samples and (self.step % t.eval_every == 0 or self.step == t.max_steps):
+                    acc = self.evaluate()
+                    self._record(metrics_file, writer, {"val_accuracy": acc})
+                    improved = self.best is None or acc > self.best
+                    if improved:
+                        self.best = acc
+                        self.evals_without_gain = 0
+                        self._save(best=True)
+                    else:
+                        self.evals_without_gain += 1
+                    model.train()
+                    if t.early_stopping_patience and self.evals_without_gain >= t.early_stopping_patience:
+                        stop_reason = "early_stopping"
+                if t.save_every and self.step % t.save_every == 0:
+                    self._save()
+                if t.max_minutes is not None and self.train_seconds > 60 * t.max_minutes:
+                    stop_reason = "max_minutes"
+                if stop_reason != "max_steps":
+                    break
+            if stop_reason != "max_steps":
+                break
+            if self.batch_in_epoch >= len(batches):
+                self.epoch += 1
+                self.batch_in_epoch = 0
+        if bar is not None:
+            bar.close()
+        self._save()
+        if writer is not None:
+            writer.close()
+        summary = {
+            "steps": self.step,
+            "epochs": self.epoch + self.batch_in_epoch / max(1, len(self._epoch_batches(self.epoch))),
+            "samples_seen": self.samples_seen,
+            "train_seconds": round(self.train_seconds, 2),
+            "final_loss": last_loss,
+            "best_val_accuracy": self.best,
+            "stop_reason": stop_reason,
+        }
+        self.log(f"done: {json.dumps(summary)}")
+        return summary
+
+    def _optimizer_step(self, micro: list[dict[str, torch.Tensor]]) -> float:
+        """One optimizer step over the micro-batches; the loss is normalised by the labelled tokens of the
+        whole global batch, so any split among processes and micro-batches gives the same gradient."""
+        t = self.cfg.train
+        count = torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)), device=self.acc.device)
+        total = self.acc.reduce(count, reduction="sum") if self.world > 1 else count
+        # DDP averages gradients over processes; scale so the result is sum(losses) / all labelled tokens
+        denom = total / self.world
+        loss_sum = 0.0
+        for i, batch in enumerate(micro):
+            batch = {k: v.to(self.acc.device) for k, v in batch.items()}
+            sync = i == len(micro) - 1
+            ctx = self.acc.no_sync(self.model) if not sync and self.world > 1 else _null()
+            with ctx, self.acc.autocast():
+                out = self.model(**batch, num_items_in_batch=denom)
+            self.acc.backward(out.loss)
+            loss_sum += float(out.loss.detach())
+        if t.grad_clip:
+            self.acc.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        # the global mean loss over labelled tokens
+        loss = torch.tensor(loss_sum, device=self.acc.device)
+        return float(self.acc.reduce(loss, reduction="mean")) if self.world > 1 else loss_sum
+
+    def evaluate(self) -> float:
+        """VQA accuracy (official metric, percent) of greedy answers on the validation samples."""
+        from gpt2mm.eval.evaluate import answer_questions, score_samples
+
+        model = self.acc.unwrap_model(self.model)
+        answers = answer_questions(model, self.processor, self.val_samples, self.cfg.train.eval_batch_size, self.pixels)
+        return score_samples(self.val_samples, answers)
+
+    def _record(self, path: Path, writer, values: dict[str, float]) -> None:
+        if not self.acc.is_main_process:
+            return
+        row = {"step": self.step, "samples_seen": self.samples_seen, "train_seconds": round(self.train_seconds, 3), **values}
+        self.history.append(row)
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if writer is not None:
+            for k, v in values.items():
+                writer.add_scalar(k, v, self.step)
+        if "val_accuracy" in values:
+            self.log(f"step {self.step}: val accuracy {values['val_accuracy']:.2f}%")
+
+    def _tensorboard(self):
+        if not (self.cfg.train.tensorboard and self.acc.is_main_process):
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return None
+        return SummaryWriter(str(self.out / "tensorboard"))
+
+    # --- checkpoints ---
+
+    def _save(self, best: bool = False) -> None:
+        self.acc.wait_for_everyone()
+        model = self.acc.unwrap_model(self.model)
+        state_dict = self.acc.get_state_dict(self.model)
+        if not self.acc.is_main_process:
+            return
+        name = "best" if best else f"checkpoint-{self.step}"
+        state = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "samples_seen": self.samples_seen,
+            "train_seconds": self.train_seconds,
+            "best": self.best,
+            "evals_without_gain": self.evals_without_gain,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_state(),
+            "config": asdict(self.cfg),
+        }
+
+        def write(tmp: Path) -> None:
+            model.save_pretrained(tmp, state_dict=state_dict)
+            self.processor.save_pretrained(tmp)
+            if not best:
+                torch.save(state, tmp / "trainer_state.pt")
+
+        atomic_save_dir(self.out / name, write)
+        if not best:
+            for old in list_checkpoints(self.out)[: -self.cfg.train.keep_last or None]:
+                shutil.rmtree(old)
+
+    def _resume(self, resume: str | bool) -> None:
+        path = Path(resume) if isinstance(resume, str) else None
+        if path is None:
+            found = list_checkpoints(self.out)
+            if not found:
+                raise UsageError(f"--resume: no complete checkpoint in {self.out}")
+            path = found[-1]
+        if not (path / "trainer_state.pt").is_file():
+            raise UsageError(f"--resume: {path} is not a complete checkpoint (no trainer_state.pt)")
+        from safetensors.torch import load_file
+
+        state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+        weights = load_file(str(path / "model.safetensors"))
+        model = self.acc.unwrap_model(self.model)
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if unexpected or set(missing) - {"lm_head.weight"}:
+            raise UsageError(f"--resume: {path} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for key in ("step", "epoch", "batch_in_epoch", "samples_seen", "train_seconds", "best", "evals_without_gain"):
+            setattr(self, key, state[key])
+        set_rng_state(state["rng"])
+        self.log(f"resumed from {path} at step {self.step}")
+
+    def _ensure_synthetic_world(self) -> None:
+        root = Path(self.cfg.data.root)
+        if (root / "world.json").is_file():
+            return
+        if self.acc.is_main_process:
+            from gpt2mm.data.synthetic import write_world
+
+            self.log(f"rendering the synthetic world into {root}")
+            write_world(root, **self.cfg.data.synth_args)
+        self.acc.wait_for_everyone()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# --- the command -----------------------------------------------------------------------------------------
+
+
+TAKES_OVERRIDES = True
+
+
+def configure(parser) -> None:
+    from gpt2mm.train.args import describe
+
+    parser.add_argument("recipe", nargs="?", help="YAML recipe (configs/*.yaml); defaults run without one")
+    parser.add_argument("--resume", nargs="?", const=True, default=None, help="continue the last (or given) checkpoint")
+    parser.epilog = "options (override as --section.key value):\n" + "\n".join(describe(SFTConfig))
+    parser.formatter_class = __import__("argparse").RawDescriptionHelpFormatter
+
+
+def run(args, extra: list[str]) -> int:
+    from gpt2mm.train.args import load_config
+
+    cfg = load_config(SFTConfig, args.recipe, extra)
+    Run(cfg, resume=args.resume).train()
+    return 0

@@ -1,0 +1,169 @@
+"""Stages 1 and 3 through the real `gpt2mm train` entry point, a few CPU steps on a tiny world."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gpt2mm.cli import main
+from gpt2mm.data.collate import encode_samples
+from gpt2mm.data.synthetic import write_world
+from gpt2mm.modeling import IGNORE_INDEX
+
+RECIPE = Path(__file__).resolve().parents[1] / "configs" / "tiny-synth.yaml"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("world")
+    write_world(root, n_train=24, n_val=6, n_test=6, seed=0)
+    return root
+
+
+def train_args(world: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train", str(RECIPE),
+        "--data.root", str(world), "--data.synth", "false", "--data.val_limit", "12",
+        "--train.output_dir", str(out), "--train.batch_size", "8", "--train.max_steps", "6",
+        "--train.warmup_steps", "2", "--train.eval_every", "3", "--train.save_every", "3",
+        "--train.log_every", "1", "--train.progress", "false", "--train.tensorboard", "false",
+        *extra,
+    ]  # fmt: skip
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_stage1_smoke_moves_trainable_keeps_frozen_and_writes_checkpoints(world, tmp_path, backbone_dirs):
+    from gpt2mm import MultimodalGPT2ForConditionalGeneration
+
+    # start from a model with a frozen vision tower (the seed's set-up), saved like a stage-0 checkpoint
+    model, processor = MultimodalGPT2ForConditionalGeneration.from_backbones(
+        *backbone_dirs, projector_num_heads=4, projector_ffn_dim=64
+    )
+    init = tmp_path / "init"
+    model.save_pretrained(init)
+    processor.save_pretrained(init)
+    out = tmp_path / "run"
+    assert main(train_args(world, out, "--model.init_from", str(init), "--train.vision_lr", "none")) == 0
+    before, after = weights(init), weights(out / "checkpoint-6")
+    for key in before:
+        if key.startswith("vision_tower."):
+            assert torch.equal(before[key], after[key]), f"frozen {key} changed"
+    for prefix in ("projector.", "language_model.h.0."):
+        assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix)), prefix
+    assert (out / "best" / "model.safetensors").is_file()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert sum("val_accuracy" in r for r in rows) == 2
+
+
+def test_resume_ends_with_the_same_weights(world, tmp_path):
+    full = tmp_path / "full"
+    assert main(train_args(world, full, "--train.keep_last", "3")) == 0
+    # the same run, stopped after step 3: keep its checkpoint-3 only, then resume to the end
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copytree(full / "checkpoint-3", part / "checkpoint-3")
+    assert main(train_args(world, part, "--train.keep_last", "3") + ["--resume"]) == 0
+    a, b = weights(full / "checkpoint-6"), weights(part / "checkpoint-6")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigkill_mid_save_resumes_from_last_complete_checkpoint(world, tmp_path):
+    args = ["--train.save_every", "2", "--train.eval_every", "0", "--train.keep_last", "5"]
+    reference = tmp_path / "reference"
+    assert main(train_args(world, reference, *args)) == 0
+    out = tmp_path / "run"
+    env = {**os.environ, "GPT2MM_TEST_SAVE_DELAY": "3"}  # each save sleeps before its rename
+    cmd = [sys.executable, "-m", "gpt2mm.cli", *train_args(world, out, *args)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        # wait for checkpoint-2 to be complete and checkpoint-4 to be half-way (written, not renamed)
+        while not ((out / "checkpoint-2").is_dir() and (out / "checkpoint-4.tmp" / "trainer_state.pt").exists()):
+            assert time.time() < deadline and proc.poll() is None, "the run never reached its second save"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not (out / "checkpoint-4").exists() and (out / "checkpoint-4.tmp").exists()
+    assert main(train_args(world, out, *args) + ["--resume"]) == 0  # picks checkpoint-2, removes the .tmp
+    assert not list(out.glob("*.tmp"))
+    a, b = weights(reference / "checkpoint-6"), weights(out / "checkpoint-6")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # and ends exactly where the uninterrupted run did
+
+
+def test_stage1_labels_are_exactly_the_answer(world):
+    from gpt2mm import build_model
+    from gpt2mm.data.vqa import load_vqa
+
+    _, processor = build_model("tiny")
+    samples, _ = load_vqa(world / "val_questions.json", world / "val_annotations.json", world / "images" / "val")
+    encoded, report = encode_samples(samples, processor, max_length=128)
+    assert report.kept == len(samples)
+    eos = processor.tokenizer.eos_token_id
+    for s, e in zip(samples, encoded):
+        kept = [t for t, lab in zip(e.input_ids, e.labels) if lab != IGNORE_INDEX]
+        assert processor.tokenizer.decode(kept) == " " + s.turns[1].text + "<|endoftext|>"
+        assert kept[-1] == eos
+
+
+def test_stage3_llava_from_stage1_checkpoint_labels_assistant_turns(world, tmp_path):
+    from gpt2mm import build_model
+    from gpt2mm.data.llava import load_llava
+
+    stage1 = tmp_path / "stage1"
+    assert main(train_args(world, stage1, "--train.max_steps", "2", "--train.eval_every", "0")) == 0
+    out = tmp_path / "stage3"
+    args = train_args(world, out, "--data.format", "llava", "--data.llava_train", "train_llava.json",
+                      "--model.init_from", str(stage1 / "checkpoint-2"), "--train.eval_every", "0",
+                      "--data.max_length", "400")  # fmt: skip
+    assert main(args) == 0
+    a, b = weights(stage1 / "checkpoint-2"), weights(out / "checkpoint-6")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    _, processor = build_model("tiny")
+    samples, _ = load_llava(world / "train_llava.json", world / "images")
+    encoded, _ = encode_samples(samples[:3], processor, max_length=400)
+    for s, e in zip(samples, encoded):
+        kept = [t for t, lab in zip(e.input_ids, e.labels) if lab != IGNORE_INDEX]
+        expected = "".join(" " + t.text + "<|endoftext|>" for t in s.turns if t.role == "assistant")
+        assert processor.tokenizer.decode(kept) == expected
+
+
+def test_truncation_never_cuts_the_image_or_the_whole_answer():
+    from gpt2mm import build_model
+    from gpt2mm.data.samples import Sample, Turn
+
+    _, processor = build_model("tiny")
+    long_answer = Sample("1", "x.png", [Turn("user", "Describe it."), Turn("assistant", "word " * 50)])
+    long_question = Sample("2", "x.png", [Turn("user", "why " * 60), Turn("assistant", "yes")])
+    encoded, report = encode_samples([long_answer, long_question], processor, max_length=40)
+    assert [e.index for e in encoded] == [0] and report.truncated == 1
+    assert report.skipped == {"answer entirely beyond max_length": 1}
+    tiny, report = encode_samples([long_answer], processor, max_length=8)  # the image itself would be cut
+    assert not tiny and "before the end of the image tokens" in report.summary()
+
+
+def test_bad_recipe_options_name_the_key(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", str(RECIPE), "--train.lr", "fast"])
+    assert "train.lr" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", str(RECIPE), "--train.nonsense", "1"])
+    assert "unknown option train.nonsense" in capsys.readouterr().err
