@@ -7,7 +7,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup test test-all lint format demo clean
+.PHONY: setup setup-browser test test-all lint format demo bench clean
 
 setup:
 	$(PY) -m venv $(VENV)
@@ -15,8 +15,19 @@ setup:
 	$(BIN)/pip install $(TORCH)
 	$(BIN)/pip install -e ".[dev]"
 
+# Debian's Chromium for the web-page tests (driven by Playwright; they are skipped without it). Needs root.
+setup-browser:
+	apt-get update
+	apt-get install -y --no-install-recommends chromium
+
 test:
 	$(BIN)/python -m pytest
+
+demo:
+	$(BIN)/gpt2mm demo --out demo-out --overwrite
+
+bench:
+	$(BIN)/python bench/train_throughput.py --preset tiny --device cpu
 
 test-all:
 	$(BIN)/python -m pytest -m "slow or not slow"

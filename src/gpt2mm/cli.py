@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "init": ("gpt2mm.commands.init", "write a ready-to-load random model + processor from a preset"),
     "convert-seed": ("gpt2mm.convert_seed", "convert a state dict saved by the seed's code"),
     "train": ("gpt2mm.train.sft", "stages 1 and 3: answer-only fine-tuning from a YAML recipe"),
+    "plot": ("gpt2mm.train.plot", "plot a run's loss and accuracy curves to a PNG"),
+    "demo": ("gpt2mm.demo", "the offline demo: synthetic world, tiny model, train, evaluate, summary"),
     "synth": ("gpt2mm.data.synthetic", "render the synthetic shapes world (VQA v2 + LLaVA formats)"),
     "vqa-score": ("gpt2mm.eval.score", "score VQA results with the official VQA v2 accuracy"),
     "eval": ("gpt2mm.eval.run_eval", "answer a VQA v2 split with a model and score it (official accuracy)"),

@@ -75,9 +75,15 @@ def encode_samples(samples: Sequence[Sample], processor: Any, max_length: int) -
 class Collator:
     """Pads a list of examples to the batch's longest (right padding for training), stacks the images."""
 
-    def __init__(self, pad_token_id: int, pixel_source: Callable[[str], torch.Tensor] | None = None):
+    def __init__(
+        self,
+        pad_token_id: int,
+        pixel_source: Callable[[str], torch.Tensor] | None = None,
+        image_key: str = "pixel_values",
+    ):
         self.pad_token_id = pad_token_id
-        self.pixel_source = pixel_source  # image path -> (3, H, W) pixel values (or cached vision states)
+        self.pixel_source = pixel_source  # image path -> (3, H, W) pixel values, or cached vision states
+        self.image_key = image_key  # "vision_hidden_states" when pixel_source is a FeatureCache
 
     def __call__(self, examples: Sequence[Encoded]) -> dict[str, torch.Tensor]:
         width = max(len(e.input_ids) for e in examples)
@@ -94,7 +100,7 @@ class Collator:
         if images:
             if self.pixel_source is None:
                 raise ValueError("examples have images but the collator has no pixel_source")
-            batch["pixel_values"] = torch.stack([self.pixel_source(p) for p in images])
+            batch[self.image_key] = torch.stack([self.pixel_source(p) for p in images])
         return batch
 
 

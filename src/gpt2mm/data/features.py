@@ -74,6 +74,10 @@ class FeatureCache:
             raise KeyError(f"{path} is not in the feature cache {self.dir}; run build() first") from None
         return torch.from_numpy(np.asarray(self.array[row], dtype=np.float32))
 
+    def __call__(self, path: str | Path) -> torch.Tensor:
+        """The collator's image source: path -> cached vision states."""
+        return self[path]
+
     @torch.no_grad()
     def build(self, paths: Sequence[str | Path], batch_size: int = 64, skip_bad: bool = False, progress: bool = False) -> int:
         """Compute the features of the images not yet cached; returns how many were added.

@@ -22,6 +22,7 @@ def answer_questions(
     pixel_source: Callable[[str], torch.Tensor] | None = None,
     max_new_tokens: int = 8,
     progress: bool = False,
+    image_key: str = "pixel_values",
 ) -> list[str]:
     """Greedy answers to the first user turn of each sample, batched with left padding.
 
@@ -59,7 +60,7 @@ def answer_questions(
                 pixels = processor.preprocess_images([load_image(p) for p in images])
             else:
                 pixels = torch.stack([pixel_source(p) for p in images])
-            kwargs["pixel_values"] = pixels.to(device)
+            kwargs[image_key if pixel_source is not None else "pixel_values"] = pixels.to(device)
         out = model.generate(**kwargs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
         texts = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=False)
         for i, text in zip(idx, texts):

@@ -78,6 +78,9 @@ class DataConfig:
     )
     skip_bad: bool = False
     cache_pixels: bool = field(default=True, metadata={"help": "keep preprocessed images in memory"})
+    feature_cache: str | None = field(
+        default=None, metadata={"help": "dir of the frozen-vision feature cache (frozen tower only)"}
+    )
 
 
 @dataclass
@@ -186,13 +189,19 @@ def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
 
-def lr_lambda(cfg: TrainConfig):
+def lr_lambda(cfg: TrainConfig, elapsed=None):
+    """Warmup, then constant / linear / cosine decay to `min_lr_ratio`. With a time budget
+    (`max_minutes`), `elapsed()` (training seconds so far) also drives the decay, so a run stopped by
+    the clock ends its schedule on time (the learning rate then depends on the machine's speed)."""
+
     def f(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / (cfg.warmup_steps + 1)
         if cfg.schedule == "constant":
             return 1.0
         progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        if cfg.max_minutes and elapsed is not None:
+            progress = max(progress, min(1.0, elapsed() / (60 * cfg.max_minutes)))
         decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
 
@@ -341,7 +350,10 @@ class Run:
         self.log = log
         t = cfg.train
         self.out = Path(t.output_dir)
-        self.acc = Accelerator(mixed_precision={"fp32": "no"}.get(t.precision, t.precision))
+        # on a machine without CUDA, processes started by torchrun / accelerate launch talk over gloo
+        self.acc = Accelerator(
+            mixed_precision={"fp32": "no"}.get(t.precision, t.precision), cpu=not torch.cuda.is_available()
+        )
         self.world = self.acc.num_processes
         if (t.batch_size // t.grad_accum) % self.world:
             raise UsageError(f"train.batch_size / grad_accum must divide among {self.world} processes")
@@ -367,11 +379,23 @@ class Run:
         if cfg.data.format == "vqa" and t.eval_every > 0 and resolve(cfg.data.root, cfg.data.val_questions).exists():
             self.val_samples, val_report = load_samples(cfg.data, "val")
             self.log(f"val data: {val_report}")
+        self.image_key = "pixel_values"
         self.pixels = PixelStore(self.processor, cache=cfg.data.cache_pixels)
-        self.collate = Collator(self.processor.tokenizer.pad_token_id, self.pixels)
+        if cfg.data.feature_cache:
+            from gpt2mm.data.features import FeatureCache
+
+            if not self.model.vision_frozen:
+                raise UsageError("data.feature_cache needs a frozen vision tower (freeze_vision or vision_lr: 0)")
+            self.pixels = FeatureCache(cfg.data.feature_cache, self.model, self.processor)
+            paths = {s.image for s in self.train_samples + self.val_samples if s.image is not None}
+            added = self.pixels.build(sorted(paths), skip_bad=cfg.data.skip_bad, progress=t.progress)
+            self.log(f"feature cache {self.pixels.dir}: {added} images added, {len(paths) - added} reused")
+            self.image_key = "vision_hidden_states"
+        self.collate = Collator(self.processor.tokenizer.pad_token_id, self.pixels, self.image_key)
 
         self.optimizer = make_optimizer(self.model.to(self.acc.device), t)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t))
+        self.train_seconds = 0.0
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t, lambda: self.train_seconds))
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         self.step = 0
         self.epoch = 0
@@ -379,7 +403,6 @@ class Run:
         self.samples_seen = 0
         self.best: float | None = None
         self.evals_without_gain = 0
-        self.train_seconds = 0.0
         self.history: list[dict[str, Any]] = []
         if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -418,7 +441,9 @@ class Run:
         if t.progress and self.acc.is_main_process:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=t.max_steps, initial=self.step, desc="train", dynamic_ncols=True, file=sys.stderr)
+            bar = tqdm(
+                total=t.max_steps, initial=self.step, desc="train", dynamic_ncols=True, file=sys.stderr, mininterval=2.0
+            )
         stop_reason = "max_steps"
         last_loss = float("nan")
         window_samples, window_start = 0, time.perf_counter()
@@ -516,7 +541,9 @@ class Run:
         from gpt2mm.eval.evaluate import answer_questions, score_samples
 
         model = self.acc.unwrap_model(self.model)
-        answers = answer_questions(model, self.processor, self.val_samples, self.cfg.train.eval_batch_size, self.pixels)
+        answers = answer_questions(
+            model, self.processor, self.val_samples, self.cfg.train.eval_batch_size, self.pixels, image_key=self.image_key
+        )
         return score_samples(self.val_samples, answers)
 
     def _record(self, path: Path, writer, values: dict[str, float]) -> None:

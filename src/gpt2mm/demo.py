@@ -1,0 +1,177 @@
+"""`gpt2mm demo [--out DIR]`: the offline main job, on a fresh machine with no GPU and no network.
+
+    gpt2mm demo --out demo-out                  # about 15 minutes on 2 CPU cores
+    gpt2mm demo --out demo-out --minutes 3      # a quicker, weaker run
+
+It renders the synthetic shapes world, builds the `tiny` preset and its tokenizer (trained in-process),
+trains stage 1 from scratch with the answer-only loss, evaluates on the held-out test split with the
+official VQA metric, answers a few test questions (printing question, answer and truth; the images are
+saved next to them), plots the learning curve and writes `DIR/summary.json`.
+
+The recipe, and why (measured on the 2-core machine; see README "The demo"):
+- the vision tower stays at its random initialisation (`vision_lr: 0`): a random ViT with 16 px patches
+  already separates colours and shapes per cell, while training it jointly from scratch with AdamW wiped
+  that signal out before the language model learnt to read it (the loss stayed at the answer prior);
+- questions about one image are packed into one multi-turn sample (`pack_questions: 8`): the image is
+  encoded once for 8 answers, and the prompt of each answer is still the stage-1 format.
+Simplifications: one fixed seed; the time budget covers the whole demo, training gets what is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+from gpt2mm.errors import UsageError
+
+STAGES = ("sft", "ppo", "instruct")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("demo-out"), help="directory for everything it writes")
+    parser.add_argument("--minutes", type=float, default=15.0, help="wall-clock budget of the whole demo")
+    parser.add_argument("--stages", default="sft", help="comma-separated: sft (stage 1), ppo, instruct")
+    parser.add_argument("--train-images", type=int, default=8000)
+    parser.add_argument("--test-images", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
+
+
+def run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages or stages[0] != "sft":
+        raise UsageError(f"--stages takes sft first, then any of ppo, instruct; got {args.stages!r}")
+    missing = [s for s in stages if s != "sft"]
+    if missing:
+        raise UsageError(f"stage(s) {', '.join(missing)} are not part of the demo yet; run --stages sft")
+    out: Path = args.out
+    if out.exists() and any(out.iterdir()):
+        if not args.overwrite:
+            raise UsageError(f"{out} is not empty; pass --overwrite to replace an earlier demo there")
+        if not (out / "summary.json").is_file() and not (out / "world" / "world.json").is_file():
+            raise UsageError(f"{out} holds files that are not a demo's; refusing to overwrite them")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    import torch
+
+    from gpt2mm.data.synthetic import write_world
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    # 1. the world
+    world = out / "world"
+    print(f"[demo] rendering the synthetic world into {world}")
+    manifest = write_world(world, n_train=args.train_images, n_val=200, n_test=args.test_images, seed=args.seed)
+    blind = manifest["blind_accuracy"]
+    blind_pct = 100.0 * (blind["overall"] if isinstance(blind, dict) else blind)
+    print(f"[demo] blind (question-only) accuracy on the test split: {blind_pct:.1f}%")
+
+    # 2. stage 1 from scratch, within what is left of the budget
+    from gpt2mm.train.args import build
+    from gpt2mm.train.sft import Run, SFTConfig
+
+    eval_reserve = 60.0  # seconds kept for the final test evaluation, examples and plot
+    budget_min = max(0.5, (args.minutes * 60 - (time.perf_counter() - start) - eval_reserve) / 60)
+    cfg = build(
+        SFTConfig,
+        {
+            "model": {"preset": "tiny"},
+            "data": {"root": str(world), "val_limit": 300, "pack_questions": 8, "max_length": 192},
+            "train": {
+                "output_dir": str(out / "run"),
+                "seed": args.seed,
+                "max_steps": 100_000,  # the time budget ends training
+                "max_minutes": budget_min,
+                "schedule": "constant",
+                "batch_size": 32,
+                "lr": 1e-3,
+                "vision_lr": 0.0,
+                "warmup_steps": 100,
+                "eval_every": 300,
+                "save_every": 0,
+                "log_every": 25,
+                "tensorboard": False,
+            },
+        },
+    )
+    print(f"[demo] training stage 1 for up to {budget_min:.1f} minutes")
+    run_ = Run(cfg, log=lambda m: print(f"[demo] {m}"))
+    train_summary = run_.train()
+
+    # 3. the held-out test split, official metric
+    summary = evaluate_and_report(run_, world, out, args)
+    summary.update(
+        {
+            "blind_accuracy": round(blind_pct, 2),
+            "train_seconds": train_summary["train_seconds"],
+            "samples_seen": train_summary["samples_seen"],
+            "steps": train_summary["steps"],
+            "total_seconds": round(time.perf_counter() - start, 1),
+            "stages": stages,
+            "recipe": cfg.train.__dict__ | {"pack_questions": cfg.data.pack_questions},
+        }
+    )
+    summary["sft_test_accuracy"] = summary["test_accuracy"]
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(
+        f"[demo] test accuracy {summary['test_accuracy']:.2f}% (blind {blind_pct:.1f}%), "
+        f"{summary['samples_seen']} samples in {summary['train_seconds']:.0f} s of training, "
+        f"{summary['total_seconds']:.0f} s in all -> {out / 'summary.json'}"
+    )
+    return 0
+
+
+def evaluate_and_report(run_, world: Path, out: Path, args: argparse.Namespace) -> dict:
+    """Test accuracy with the official metric, a few printed answers with their images, the plot."""
+    from gpt2mm.data.images import load_image
+    from gpt2mm.data.vqa import load_vqa
+    from gpt2mm.eval.evaluate import answer_questions
+    from gpt2mm.eval.vqa_files import load_annotations, load_questions
+    from gpt2mm.eval.vqa_metric import evaluate
+    from gpt2mm.train.plot import plot_run
+
+    model = run_.acc.unwrap_model(run_.model)
+    processor = run_.processor
+    samples, _ = load_vqa(world / "test_questions.json", world / "test_annotations.json", world / "images" / "test")
+    t0 = time.perf_counter()
+    answers = answer_questions(model, processor, samples, 256, run_.pixels, image_key=run_.image_key)
+    seconds = time.perf_counter() - t0
+    results = [{"question_id": s.question_id, "answer": a} for s, a in zip(samples, answers)]
+    (out / "test_results.json").write_text(json.dumps(results))
+    scores = evaluate(
+        load_questions(world / "test_questions.json"), load_annotations(world / "test_annotations.json"), results
+    )
+    examples_dir = out / "examples"
+    examples_dir.mkdir(exist_ok=True)
+    examples = []
+    for s, a in list(zip(samples, answers))[:: max(1, len(samples) // 8)][:8]:
+        name = f"{s.question_id}.png"
+        load_image(s.image).save(examples_dir / name)
+        truth = s.turns[1].text
+        print(f"[demo] {name}: Q: {s.turns[0].text}  A: {a}  (truth: {truth})")
+        examples.append({"image": f"examples/{name}", "question": s.turns[0].text, "answer": a, "truth": truth})
+    png = plot_run(out / "run", out / "curves.png")
+    curve = [
+        {"step": r["step"], "train_seconds": r["train_seconds"], "val_accuracy": r["val_accuracy"]}
+        for r in _rows(out / "run" / "metrics.jsonl")
+        if "val_accuracy" in r
+    ]
+    return {
+        "test_accuracy": scores["overall"],
+        "test_accuracy_per_answer_type": scores["perAnswerType"],
+        "test_accuracy_per_question_type": scores["perQuestionType"],
+        "test_questions": len(samples),
+        "test_answers_per_s": round(len(samples) / seconds, 1),
+        "learning_curve": curve,
+        "examples": examples,
+        "plot": png.name,
+    }
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,63 @@
+"""`gpt2mm plot RUN_DIR [--out curves.png]`: the loss and validation-accuracy curves of a training run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from gpt2mm.errors import UsageError
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise UsageError(f"{run_dir} has no metrics.jsonl: is it a gpt2mm training run directory?")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n == len(path.read_text().splitlines()):  # a run killed mid-write leaves a partial last line
+                break
+            raise UsageError(f"{path}: line {n} is not JSON") from None
+    return rows
+
+
+def plot_run(run_dir: Path, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    loss = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    acc = [(r["step"], r["val_accuracy"]) for r in rows if "val_accuracy" in r]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if loss:
+        ax.plot(*zip(*loss), color="tab:blue", label="train loss (answer tokens)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss", color="tab:blue")
+    if acc:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*acc), "o-", color="tab:red", label="val VQA accuracy (%)")
+        ax2.set_ylabel("val VQA accuracy (%)", color="tab:red")
+        ax2.set_ylim(0, 100)
+    ax.set_title(run_dir.name)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path, help="a training run directory (holds metrics.jsonl)")
+    parser.add_argument("--out", type=Path, default=None, help="PNG to write (default RUN_DIR/curves.png)")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = plot_run(args.run_dir, args.out or args.run_dir / "curves.png")
+    print(f"wrote {out}")
+    return 0
