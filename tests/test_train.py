@@ -210,3 +210,16 @@ def test_two_processes_match_one_with_the_same_global_batch(world, tmp_path):
     a, b = weights(single / "checkpoint-3"), weights(ddp / "checkpoint-3")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_unreadable_image_fails_clearly_or_is_skipped_and_counted(tmp_path, capsys):
+    world = tmp_path / "world"
+    write_world(world, n_train=24, n_val=6, n_test=6, seed=1)
+    victim = sorted((world / "images" / "train").iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:40])  # truncated PNG
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit):  # without --data.skip_bad: a clear error that names the file
+        main(train_args(world, out, "--train.eval_every", "0"))
+    assert victim.name in capsys.readouterr().err
+    assert main(train_args(world, tmp_path / "run2", "--train.eval_every", "0", "--data.skip_bad", "true")) == 0
+    assert "1 unreadable images" in capsys.readouterr().out

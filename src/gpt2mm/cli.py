@@ -13,7 +13,7 @@ import argparse
 import importlib
 import sys
 
-from gpt2mm.errors import UsageError
+from gpt2mm.errors import DataError, UsageError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         args = cmd_parser.parse_args(argv[1:])
     try:
         code = module.run(args, extra) if takes_overrides else module.run(args)
-    except UsageError as e:
+    except (UsageError, DataError) as e:  # the user's input, not our bug: a message, no traceback
         cmd_parser.error(str(e))  # exits with code 2
     except BrokenPipeError:  # `gpt2mm ... | head`: the reader left; not an error of ours
         sys.stderr.close()

@@ -391,6 +391,8 @@ class Run:
             added = self.pixels.build(sorted(paths), skip_bad=cfg.data.skip_bad, progress=t.progress)
             self.log(f"feature cache {self.pixels.dir}: {added} images added, {len(paths) - added} reused")
             self.image_key = "vision_hidden_states"
+        if cfg.data.skip_bad:
+            self._drop_unreadable_images()
         self.collate = Collator(self.processor.tokenizer.pad_token_id, self.pixels, self.image_key)
 
         self.optimizer = make_optimizer(self.model.to(self.acc.device), t)
@@ -410,6 +412,29 @@ class Run:
                 shutil.rmtree(stale)
         if resume:
             self._resume(resume)
+
+    def _drop_unreadable_images(self) -> None:
+        """With `data.skip_bad`, every image is decoded once before training: the samples of an unreadable
+        one are skipped and counted here, so that nothing fails mid-epoch."""
+        from gpt2mm.errors import DataError
+
+        paths = sorted({e.image for e in self.examples if e.image} | {s.image for s in self.val_samples if s.image})
+        bad = set()
+        for path in paths:
+            try:
+                self.pixels(path)
+            except (DataError, KeyError):  # KeyError: the feature cache skipped it
+                bad.add(path)
+        if bad:
+            n_train, n_val = len(self.examples), len(self.val_samples)
+            self.examples = [e for e in self.examples if e.image not in bad]
+            self.val_samples = [s for s in self.val_samples if s.image not in bad]
+            self.log(
+                f"skipped {n_train - len(self.examples)} training and {n_val - len(self.val_samples)} validation "
+                f"samples: {len(bad)} unreadable images (e.g. {sorted(bad)[0]})"
+            )
+        if not self.examples:
+            raise UsageError("no training examples left after skipping unreadable images")
 
     # data order: a function of (seed, epoch), so resume can skip to the exact batch
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
