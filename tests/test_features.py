@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-from conftest import make_image
 
+from conftest import make_image
 from gpt2mm.data.features import FeatureCache
 
 

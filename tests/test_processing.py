@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_image
 
-from gpt2mm import MultimodalGPT2Config, MultimodalGPT2ForConditionalGeneration, MultimodalGPT2Processor, build_model
+from conftest import make_image
+from gpt2mm import (
+    MultimodalGPT2Config,
+    MultimodalGPT2ForConditionalGeneration,
+    MultimodalGPT2Processor,
+    build_model,
+)
 from gpt2mm.cli import main
 from gpt2mm.modeling import IGNORE_INDEX
 from gpt2mm.tokenizer import build_tiny_tokenizer
@@ -45,7 +50,12 @@ def test_answer_only_labels(tiny_processor):
 
 def test_conversation_labels_cover_assistant_turns_only(tiny_processor):
     p = tiny_processor
-    turns = [("user", "Describe it."), ("assistant", "A red circle."), ("user", "How many?"), ("assistant", "1")]
+    turns = [
+        ("user", "Describe it."),
+        ("assistant", "A red circle."),
+        ("user", "How many?"),
+        ("assistant", "1"),
+    ]
     ex = p.encode_conversation(turns)
     kept = [t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE_INDEX]
     eos = p.tokenizer.eos_token_id
@@ -69,8 +79,12 @@ def test_init_command_writes_a_loadable_model(tmp_path, capsys):
     proc = MultimodalGPT2Processor.from_pretrained(out)
     assert model.config.num_image_tokens == proc.num_image_tokens == 10
     assert proc.tokenizer.get_vocab() == build_tiny_tokenizer().get_vocab()  # deterministic, offline
-    assert MultimodalGPT2Config.from_pretrained(out).to_dict() == MultimodalGPT2Config.from_preset("tiny").to_dict() | {
-        k: v for k, v in model.config.to_dict().items() if k in ("architectures", "transformers_version", "dtype")
+    assert MultimodalGPT2Config.from_pretrained(out).to_dict() == MultimodalGPT2Config.from_preset(
+        "tiny"
+    ).to_dict() | {
+        k: v
+        for k, v in model.config.to_dict().items()
+        if k in ("architectures", "transformers_version", "dtype")
     }
     with pytest.raises(SystemExit):  # never writes over what is there
         main(["init", "--preset", "tiny", str(out)])

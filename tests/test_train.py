@@ -70,14 +70,18 @@ def test_stage1_smoke_moves_trainable_keeps_frozen_and_writes_checkpoints(world,
     assert sum("val_accuracy" in r for r in rows) == 2
 
 
-def test_resume_ends_with_the_same_weights(world, tmp_path):
+CURRICULUM = ["--data.difficulty", "objects", "--train.curriculum_steps", "4", "--data.pack_questions", "3"]
+
+
+@pytest.mark.parametrize("extra", [[], CURRICULUM], ids=["plain", "curriculum+packing"])
+def test_resume_ends_with_the_same_weights(world, tmp_path, extra):
     full = tmp_path / "full"
-    assert main(train_args(world, full, "--train.keep_last", "3")) == 0
+    assert main(train_args(world, full, "--train.keep_last", "3", *extra)) == 0
     # the same run, stopped after step 3: keep its checkpoint-3 only, then resume to the end
     part = tmp_path / "part"
     part.mkdir()
     shutil.copytree(full / "checkpoint-3", part / "checkpoint-3")
-    assert main(train_args(world, part, "--train.keep_last", "3") + ["--resume"]) == 0
+    assert main(train_args(world, part, "--train.keep_last", "3", *extra) + ["--resume"]) == 0
     a, b = weights(full / "checkpoint-6"), weights(part / "checkpoint-6")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -90,11 +94,15 @@ def test_sigkill_mid_save_resumes_from_last_complete_checkpoint(world, tmp_path)
     out = tmp_path / "run"
     env = {**os.environ, "GPT2MM_TEST_SAVE_DELAY": "3"}  # each save sleeps before its rename
     cmd = [sys.executable, "-m", "gpt2mm.cli", *train_args(world, out, *args)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         deadline = time.time() + 180
         # wait for checkpoint-2 to be complete and checkpoint-4 to be half-way (written, not renamed)
-        while not ((out / "checkpoint-2").is_dir() and (out / "checkpoint-4.tmp" / "trainer_state.pt").exists()):
+        while not (
+            (out / "checkpoint-2").is_dir() and (out / "checkpoint-4.tmp" / "trainer_state.pt").exists()
+        ):
             assert time.time() < deadline and proc.poll() is None, "the run never reached its second save"
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGKILL)
@@ -114,7 +122,9 @@ def test_stage1_labels_are_exactly_the_answer(world):
     from gpt2mm.data.vqa import load_vqa
 
     _, processor = build_model("tiny")
-    samples, _ = load_vqa(world / "val_questions.json", world / "val_annotations.json", world / "images" / "val")
+    samples, _ = load_vqa(
+        world / "val_questions.json", world / "val_annotations.json", world / "images" / "val"
+    )
     encoded, report = encode_samples(samples, processor, max_length=128)
     assert report.kept == len(samples)
     eos = processor.tokenizer.eos_token_id
@@ -201,6 +211,7 @@ def test_two_processes_match_one_with_the_same_global_batch(world, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
     def losses(run):
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         return [r["loss"] for r in rows if "loss" in r]
@@ -221,5 +232,23 @@ def test_unreadable_image_fails_clearly_or_is_skipped_and_counted(tmp_path, caps
     with pytest.raises(SystemExit):  # without --data.skip_bad: a clear error that names the file
         main(train_args(world, out, "--train.eval_every", "0"))
     assert victim.name in capsys.readouterr().err
-    assert main(train_args(world, tmp_path / "run2", "--train.eval_every", "0", "--data.skip_bad", "true")) == 0
+    assert (
+        main(train_args(world, tmp_path / "run2", "--train.eval_every", "0", "--data.skip_bad", "true")) == 0
+    )
     assert "1 unreadable images" in capsys.readouterr().out
+
+
+def test_curriculum_starts_with_the_easiest_samples(world, tmp_path):
+    from gpt2mm.train.args import load_config
+    from gpt2mm.train.sft import Run, SFTConfig
+
+    args = train_args(world, tmp_path / "run", *CURRICULUM, "--train.curriculum_steps", "10")[2:]
+    run = Run(load_config(SFTConfig, RECIPE, args), log=lambda m: None)
+    levels = [e.difficulty for e in run.examples]
+    assert min(levels) < max(levels)
+    first = run._curriculum_batch()
+    assert {run.examples[i].difficulty for i in first} == {min(levels)}
+    run.step = 10
+    assert max(run.examples[i].difficulty for i in run._curriculum_batch()) > min(levels)
+    run.step = 0
+    assert run._curriculum_batch() == first  # a function of (seed, step)

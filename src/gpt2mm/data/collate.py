@@ -10,11 +10,9 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from gpt2mm.data.samples import Sample
@@ -29,6 +27,7 @@ class Encoded:
     labels: list[int]
     image: str | None
     index: int  # position of the sample in its source list
+    difficulty: float | None = None
 
 
 @dataclass
@@ -47,7 +46,9 @@ class EncodeReport:
         return text
 
 
-def encode_samples(samples: Sequence[Sample], processor: Any, max_length: int) -> tuple[list[Encoded], EncodeReport]:
+def encode_samples(
+    samples: Sequence[Sample], processor: Any, max_length: int
+) -> tuple[list[Encoded], EncodeReport]:
     """Tokenize samples; over-long ones are truncated at the end, unless that would cut image tokens or the
     whole answer, in which case the sample is skipped and counted."""
     out: list[Encoded] = []
@@ -67,7 +68,7 @@ def encode_samples(samples: Sequence[Sample], processor: Any, max_length: int) -
                 continue
             ids, labels = ids[:max_length], labels[:max_length]
             report.truncated += 1
-        out.append(Encoded(ids, labels, s.image, i))
+        out.append(Encoded(ids, labels, s.image, i, s.difficulty))
         report.kept += 1
     return out, report
 

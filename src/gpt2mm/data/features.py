@@ -79,7 +79,13 @@ class FeatureCache:
         return self[path]
 
     @torch.no_grad()
-    def build(self, paths: Sequence[str | Path], batch_size: int = 64, skip_bad: bool = False, progress: bool = False) -> int:
+    def build(
+        self,
+        paths: Sequence[str | Path],
+        batch_size: int = 64,
+        skip_bad: bool = False,
+        progress: bool = False,
+    ) -> int:
         """Compute the features of the images not yet cached; returns how many were added.
 
         The new cache (old rows + new rows) is written under temporary names and renamed into place, so an

@@ -37,6 +37,7 @@ class Sample:
     image_id: int | str | None = None
     answer_type: str | None = None
     question_type: str | None = None
+    difficulty: float | None = None  # for curricula, e.g. the number of objects in a synthetic scene
 
 
 def strip_image_placeholder(text: str) -> str:

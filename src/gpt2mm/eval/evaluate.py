@@ -43,7 +43,10 @@ def answer_questions(
         bar = tqdm(total=len(samples), desc="answer", dynamic_ncols=True)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        prompts = [processor.format_prompt(samples[i].turns[0].text, with_image=samples[i].image is not None) for i in idx]
+        prompts = [
+            processor.format_prompt(samples[i].turns[0].text, with_image=samples[i].image is not None)
+            for i in idx
+        ]
         enc = tok(
             [processor.expand_image_tokens(p) for p in prompts],
             padding=True,
@@ -61,7 +64,9 @@ def answer_questions(
             else:
                 pixels = torch.stack([pixel_source(p) for p in images])
             kwargs[image_key if pixel_source is not None else "pixel_values"] = pixels.to(device)
-        out = model.generate(**kwargs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        out = model.generate(
+            **kwargs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+        )
         texts = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=False)
         for i, text in zip(idx, texts):
             by_index[i] = processor.postprocess_answer(text)

@@ -53,7 +53,9 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         return build(tp, value, prefix=f"{name}.")
     if origin in (list, tuple):
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            value = (
+                yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            )
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{name}: expected a list, got {value!r}")
         inner = args[0] if args else Any
@@ -148,7 +150,9 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
                 raise UsageError(f"--{item} needs a value")
             key, value = item, items[i + 1]
             i += 2
-        out.append((key.replace("-", "_"), yaml.safe_load(value) if value.strip().startswith(("[", "{")) else value))
+        out.append(
+            (key.replace("-", "_"), yaml.safe_load(value) if value.strip().startswith(("[", "{")) else value)
+        )
     return out
 
 
@@ -164,8 +168,10 @@ def describe(cls: type, prefix: str = "") -> list[str]:
         if dataclasses.is_dataclass(tp):
             lines += describe(tp, prefix=f"{prefix}{f.name}.")
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         )
         help_ = f.metadata.get("help", "")
         lines.append(f"  --{prefix}{f.name} (default {default!r}) {help_}".rstrip())

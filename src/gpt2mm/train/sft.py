@@ -32,7 +32,6 @@ import torch
 
 from gpt2mm.errors import UsageError
 
-
 # --- configuration ---------------------------------------------------------------------------------------
 
 
@@ -60,7 +59,9 @@ class DataConfig:
     format: str = field(default="vqa", metadata={"help": "vqa | llava"})
     root: str = field(default="data/synth", metadata={"help": "relative paths resolve against it"})
     synth: bool = field(default=False, metadata={"help": "render the synthetic world into root if missing"})
-    synth_args: dict = field(default_factory=dict, metadata={"help": "gpt2mm.data.synthetic.write_world args"})
+    synth_args: dict = field(
+        default_factory=dict, metadata={"help": "gpt2mm.data.synthetic.write_world args"}
+    )
     train_questions: str = "train_questions.json"
     train_annotations: str = "train_annotations.json"
     train_images: str = "images/train"
@@ -77,6 +78,10 @@ class DataConfig:
         default=1, metadata={"help": "train on up to N questions about one image as one multi-turn sample"}
     )
     skip_bad: bool = False
+    difficulty: str | None = field(
+        default=None,
+        metadata={"help": "objects: a synthetic sample's difficulty is its scene's object count"},
+    )
     cache_pixels: bool = field(default=True, metadata={"help": "keep preprocessed images in memory"})
     feature_cache: str | None = field(
         default=None, metadata={"help": "dir of the frozen-vision feature cache (frozen tower only)"}
@@ -107,6 +112,10 @@ class TrainConfig:
     early_stopping_patience: int = field(default=0, metadata={"help": "evals without improvement (0: off)"})
     log_every: int = 10
     length_grouping: bool = True
+    curriculum_steps: int = field(
+        default=0,
+        metadata={"help": "widen batches from the easiest samples to all over N steps (data.difficulty)"},
+    )
     tensorboard: bool = True
     wandb: bool = False
     progress: bool = True
@@ -125,7 +134,9 @@ class SFTConfig:
         if t.schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"train.schedule must be cosine, linear or constant, got {t.schedule!r}")
         if t.batch_size < 1 or t.grad_accum < 1 or t.batch_size % t.grad_accum:
-            raise ValueError(f"train.batch_size {t.batch_size} must be a positive multiple of grad_accum {t.grad_accum}")
+            raise ValueError(
+                f"train.batch_size {t.batch_size} must be a positive multiple of grad_accum {t.grad_accum}"
+            )
         if self.data.format not in ("vqa", "llava"):
             raise ValueError(f"data.format must be vqa or llava, got {self.data.format!r}")
 
@@ -153,7 +164,10 @@ def build_model_for_training(cfg: ModelConfig):
         except ImportError:
             raise UsageError("model.lora.r > 0 needs peft: pip install peft") from None
         lora = PeftLoraConfig(
-            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=cfg.lora.target_modules
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=cfg.lora.target_modules,
         )
         model.language_model.requires_grad_(False)
         model.lm_head.requires_grad_(False)
@@ -247,10 +261,14 @@ def load_samples(cfg: DataConfig, split: str) -> tuple[list, str]:
         return (samples[: cfg.limit] if cfg.limit else samples), report.summary()
     from gpt2mm.data.vqa import load_vqa
 
-    q, a, im = (cfg.train_questions, cfg.train_annotations, cfg.train_images) if split == "train" else (
-        cfg.val_questions,
-        cfg.val_annotations,
-        cfg.val_images,
+    q, a, im = (
+        (cfg.train_questions, cfg.train_annotations, cfg.train_images)
+        if split == "train"
+        else (
+            cfg.val_questions,
+            cfg.val_annotations,
+            cfg.val_images,
+        )
     )
     samples, report = load_vqa(
         resolve(cfg.root, q),
@@ -262,6 +280,18 @@ def load_samples(cfg: DataConfig, split: str) -> tuple[list, str]:
         seed=0,
     )
     return samples, report.summary()
+
+
+def set_difficulty(samples: list, cfg: DataConfig, split: str) -> None:
+    """Difficulty for a curriculum: `objects` reads the synthetic world's scene records."""
+    if cfg.difficulty != "objects":
+        raise UsageError(f"data.difficulty must be 'objects' (the synthetic world), got {cfg.difficulty!r}")
+    path = resolve(cfg.root, f"scenes/{split}_scenes.json")
+    if not path.is_file():
+        raise UsageError(f"data.difficulty: objects needs the synthetic world's {path}")
+    objects = {scene["image_id"]: len(scene["objects"]) for scene in json.loads(path.read_text())}
+    for s in samples:
+        s.difficulty = objects.get(s.image_id)
 
 
 def pack_by_image(samples: list, k: int, seed: int) -> list:
@@ -282,7 +312,15 @@ def pack_by_image(samples: list, k: int, seed: int) -> list:
         for start in range(0, len(group), k):
             chunk = group[start : start + k]
             turns = [t for s in chunk for t in s.turns]
-            packed.append(Sample(id="+".join(s.id for s in chunk), image=image, turns=turns, image_id=chunk[0].image_id))
+            packed.append(
+                Sample(
+                    id="+".join(s.id for s in chunk),
+                    image=image,
+                    turns=turns,
+                    image_id=chunk[0].image_id,
+                    difficulty=chunk[0].difficulty,
+                )
+            )
     return packed
 
 
@@ -367,6 +405,8 @@ class Run:
         if t.vision_lr == 0:  # a vision learning rate of 0 means a frozen tower (no backward through it)
             self.model.freeze_vision()
         self.train_samples, train_report = load_samples(cfg.data, "train")
+        if cfg.data.difficulty:
+            set_difficulty(self.train_samples, cfg.data, "train")
         if cfg.data.pack_questions > 1:
             self.train_samples = pack_by_image(self.train_samples, cfg.data.pack_questions, t.seed)
         from gpt2mm.data.collate import Collator, encode_samples
@@ -376,7 +416,11 @@ class Run:
             raise UsageError(f"no training examples: {enc_report.summary()}")
         self.log(f"train data: {train_report}; {enc_report.summary()}")
         self.val_samples = []
-        if cfg.data.format == "vqa" and t.eval_every > 0 and resolve(cfg.data.root, cfg.data.val_questions).exists():
+        if (
+            cfg.data.format == "vqa"
+            and t.eval_every > 0
+            and resolve(cfg.data.root, cfg.data.val_questions).exists()
+        ):
             self.val_samples, val_report = load_samples(cfg.data, "val")
             self.log(f"val data: {val_report}")
         self.image_key = "pixel_values"
@@ -385,7 +429,9 @@ class Run:
             from gpt2mm.data.features import FeatureCache
 
             if not self.model.vision_frozen:
-                raise UsageError("data.feature_cache needs a frozen vision tower (freeze_vision or vision_lr: 0)")
+                raise UsageError(
+                    "data.feature_cache needs a frozen vision tower (freeze_vision or vision_lr: 0)"
+                )
             self.pixels = FeatureCache(cfg.data.feature_cache, self.model, self.processor)
             paths = {s.image for s in self.train_samples + self.val_samples if s.image is not None}
             added = self.pixels.build(sorted(paths), skip_bad=cfg.data.skip_bad, progress=t.progress)
@@ -397,7 +443,9 @@ class Run:
 
         self.optimizer = make_optimizer(self.model.to(self.acc.device), t)
         self.train_seconds = 0.0
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t, lambda: self.train_seconds))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(t, lambda: self.train_seconds)
+        )
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         self.step = 0
         self.epoch = 0
@@ -418,7 +466,9 @@ class Run:
         one are skipped and counted here, so that nothing fails mid-epoch."""
         from gpt2mm.errors import DataError
 
-        paths = sorted({e.image for e in self.examples if e.image} | {s.image for s in self.val_samples if s.image})
+        paths = sorted(
+            {e.image for e in self.examples if e.image} | {s.image for s in self.val_samples if s.image}
+        )
         bad = set()
         for path in paths:
             try:
@@ -448,13 +498,37 @@ class Run:
             batches = shuffled_batches(len(self.examples), bs, g)
         return [b for b in batches if len(b) == bs]  # full batches only: every step sees batch_size samples
 
+    def _curriculum_batch(self) -> list[int]:
+        """A batch drawn from the samples no harder than the curriculum allows at this step: the limit grows
+        linearly from the easiest difficulty to the hardest over `curriculum_steps`. A function of
+        (seed, step), so a resumed run draws the same batches."""
+        t = self.cfg.train
+        if not hasattr(self, "_by_difficulty"):
+            levels = [e.difficulty for e in self.examples]
+            if any(d is None for d in levels):
+                raise UsageError(
+                    "train.curriculum_steps needs every sample to have a difficulty (data.difficulty)"
+                )
+            self._by_difficulty = sorted(range(len(levels)), key=lambda i: levels[i])
+            self._levels = sorted(levels)
+        lo, hi = self._levels[0], self._levels[-1]
+        limit = lo + (hi - lo) * self.step / max(1, t.curriculum_steps)
+        import bisect
+
+        pool = self._by_difficulty[: bisect.bisect_right(self._levels, limit)]
+        g = torch.Generator().manual_seed(t.seed * 1000003 + 7919 * (self.step + 1))
+        return [pool[i] for i in torch.randint(len(pool), (t.batch_size,), generator=g).tolist()]
+
     def _micro_batches(self, batch: list[int]) -> list[dict[str, torch.Tensor]]:
         """This process's share of a global batch, cut into grad_accum micro-batches."""
         t = self.cfg.train
         per_proc = len(batch) // self.world
         mine = batch[self.acc.process_index * per_proc : (self.acc.process_index + 1) * per_proc]
         per_micro = per_proc // t.grad_accum
-        return [self.collate([self.examples[i] for i in mine[j : j + per_micro]]) for j in range(0, per_proc, per_micro)]
+        return [
+            self.collate([self.examples[i] for i in mine[j : j + per_micro]])
+            for j in range(0, per_proc, per_micro)
+        ]
 
     def train(self) -> dict[str, Any]:
         t = self.cfg.train
@@ -467,7 +541,12 @@ class Run:
             from tqdm.auto import tqdm
 
             bar = tqdm(
-                total=t.max_steps, initial=self.step, desc="train", dynamic_ncols=True, file=sys.stderr, mininterval=2.0
+                total=t.max_steps,
+                initial=self.step,
+                desc="train",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                mininterval=2.0,
             )
         stop_reason = "max_steps"
         last_loss = float("nan")
@@ -475,12 +554,16 @@ class Run:
         while self.step < t.max_steps:
             batches = self._epoch_batches(self.epoch)
             if not batches:
-                raise UsageError(f"fewer training examples ({len(self.examples)}) than one batch ({t.batch_size})")
+                raise UsageError(
+                    f"fewer training examples ({len(self.examples)}) than one batch ({t.batch_size})"
+                )
             while self.batch_in_epoch < len(batches) and self.step < t.max_steps:
                 step_start = time.perf_counter()
-                micro = self._micro_batches(batches[self.batch_in_epoch])
+                in_curriculum = self.step < t.curriculum_steps
+                batch = self._curriculum_batch() if in_curriculum else batches[self.batch_in_epoch]
+                micro = self._micro_batches(batch)
                 loss = self._optimizer_step(micro)
-                self.batch_in_epoch += 1
+                self.batch_in_epoch += 0 if in_curriculum else 1
                 self.step += 1
                 self.samples_seen += t.batch_size
                 self.train_seconds += time.perf_counter() - step_start
@@ -488,13 +571,21 @@ class Run:
                 last_loss = loss
                 if bar is not None:
                     rate = window_samples / max(1e-9, time.perf_counter() - window_start)
-                    bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:.0f}")
+                    bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:.0f}", refresh=False)
                     bar.update(1)
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
                     rate = window_samples / max(1e-9, time.perf_counter() - window_start)
                     window_samples, window_start = 0, time.perf_counter()
-                    self._record(metrics_file, writer, {"loss": loss, "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate})
-                if t.eval_every and self.val_samples and (self.step % t.eval_every == 0 or self.step == t.max_steps):
+                    self._record(
+                        metrics_file,
+                        writer,
+                        {"loss": loss, "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate},
+                    )
+                if (
+                    t.eval_every
+                    and self.val_samples
+                    and (self.step % t.eval_every == 0 or self.step == t.max_steps)
+                ):
                     acc = self.evaluate()
                     self._record(metrics_file, writer, {"val_accuracy": acc})
                     improved = self.best is None or acc > self.best
@@ -539,7 +630,9 @@ class Run:
         """One optimizer step over the micro-batches; the loss is normalised by the labelled tokens of the
         whole global batch, so any split among processes and micro-batches gives the same gradient."""
         t = self.cfg.train
-        count = torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)), device=self.acc.device)
+        count = torch.tensor(
+            float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)), device=self.acc.device
+        )
         total = self.acc.reduce(count, reduction="sum") if self.world > 1 else count
         # DDP averages gradients over processes; scale so the result is sum(losses) / all labelled tokens
         denom = total / self.world
@@ -567,14 +660,24 @@ class Run:
 
         model = self.acc.unwrap_model(self.model)
         answers = answer_questions(
-            model, self.processor, self.val_samples, self.cfg.train.eval_batch_size, self.pixels, image_key=self.image_key
+            model,
+            self.processor,
+            self.val_samples,
+            self.cfg.train.eval_batch_size,
+            self.pixels,
+            image_key=self.image_key,
         )
         return score_samples(self.val_samples, answers)
 
     def _record(self, path: Path, writer, values: dict[str, float]) -> None:
         if not self.acc.is_main_process:
             return
-        row = {"step": self.step, "samples_seen": self.samples_seen, "train_seconds": round(self.train_seconds, 3), **values}
+        row = {
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "train_seconds": round(self.train_seconds, 3),
+            **values,
+        }
         self.history.append(row)
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -643,10 +746,20 @@ class Run:
         model = self.acc.unwrap_model(self.model)
         missing, unexpected = model.load_state_dict(weights, strict=False)
         if unexpected or set(missing) - {"lm_head.weight"}:
-            raise UsageError(f"--resume: {path} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise UsageError(
+                f"--resume: {path} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        for key in ("step", "epoch", "batch_in_epoch", "samples_seen", "train_seconds", "best", "evals_without_gain"):
+        for key in (
+            "step",
+            "epoch",
+            "batch_in_epoch",
+            "samples_seen",
+            "train_seconds",
+            "best",
+            "evals_without_gain",
+        ):
             setattr(self, key, state[key])
         set_rng_state(state["rng"])
         self.log(f"resumed from {path} at step {self.step}")
@@ -681,7 +794,9 @@ def configure(parser) -> None:
     from gpt2mm.train.args import describe
 
     parser.add_argument("recipe", nargs="?", help="YAML recipe (configs/*.yaml); defaults run without one")
-    parser.add_argument("--resume", nargs="?", const=True, default=None, help="continue the last (or given) checkpoint")
+    parser.add_argument(
+        "--resume", nargs="?", const=True, default=None, help="continue the last (or given) checkpoint"
+    )
     parser.epilog = "options (override as --section.key value):\n" + "\n".join(describe(SFTConfig))
     parser.formatter_class = __import__("argparse").RawDescriptionHelpFormatter
 
