@@ -14,7 +14,6 @@ synthetic world writes `data_subtype: "train"` and files `COCO_train2014_*.png`.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 from gpt2mm.data.samples import LoadReport, Sample, Turn, strip_image_placeholder
 from gpt2mm.errors import DataError, UsageError
+from gpt2mm.eval.vqa_files import _is_int, read_json  # one reader for the official files
 
 ANSWER_MODES = ("multiple_choice", "sample")
 
@@ -41,23 +41,6 @@ def pick_answer(answers: list[str], question_id: int, seed: int) -> str:
     process, independent of the order or subset of questions loaded."""
     digest = hashlib.sha256(f"{seed}:{question_id}".encode()).digest()
     return answers[int.from_bytes(digest[:8], "big") % len(answers)]
-
-
-def read_json(path: str | os.PathLike) -> Any:
-    """Parsed JSON, or a `DataError` naming the file (missing, unreadable or not JSON)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read ({e})") from e
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from e
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def load_vqa(
