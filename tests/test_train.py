@@ -252,3 +252,19 @@ def test_curriculum_starts_with_the_easiest_samples(world, tmp_path):
     assert max(run.examples[i].difficulty for i in run._curriculum_batch()) > min(levels)
     run.step = 0
     assert run._curriculum_batch() == first  # a function of (seed, step)
+
+
+def test_defaults_run_without_a_recipe(world, tmp_path):
+    args = train_args(world, tmp_path / "run", "--train.max_steps", "2", "--train.eval_every", "0")
+    assert args[1] == str(RECIPE)
+    assert main(["train", *args[2:]]) == 0  # "--train.max_steps 2": the 2 is a value, not a recipe
+    assert (tmp_path / "run" / "checkpoint-2").is_dir()
+
+
+def test_refuses_to_render_the_world_into_a_foreign_directory(tmp_path, capsys):
+    (tmp_path / "mine.txt").write_text("keep me")
+    with pytest.raises(SystemExit):
+        main(["train", "--data.root", str(tmp_path), "--train.output_dir", str(tmp_path / "run")])
+    assert (
+        "no synthetic world" in capsys.readouterr().err and (tmp_path / "mine.txt").read_text() == "keep me"
+    )

@@ -58,7 +58,9 @@ class ModelConfig:
 class DataConfig:
     format: str = field(default="vqa", metadata={"help": "vqa | llava"})
     root: str = field(default="data/synth", metadata={"help": "relative paths resolve against it"})
-    synth: bool = field(default=False, metadata={"help": "render the synthetic world into root if missing"})
+    synth: bool = field(
+        default=True, metadata={"help": "render the synthetic world into root if it is absent"}
+    )
     synth_args: dict = field(
         default_factory=dict, metadata={"help": "gpt2mm.data.synthetic.write_world args"}
     )
@@ -768,6 +770,11 @@ class Run:
         root = Path(self.cfg.data.root)
         if (root / "world.json").is_file():
             return
+        if root.exists() and any(root.iterdir()):
+            raise UsageError(
+                f"data.root {root} holds files but no synthetic world (world.json); "
+                "for your own data set data.synth: false"
+            )
         if self.acc.is_main_process:
             from gpt2mm.data.synthetic import write_world
 
@@ -793,7 +800,9 @@ TAKES_OVERRIDES = True
 def configure(parser) -> None:
     from gpt2mm.train.args import describe
 
-    parser.add_argument("recipe", nargs="?", help="YAML recipe (configs/*.yaml); defaults run without one")
+    # the recipe is taken by run() from the left-over arguments, so that an override's value ("--x.y 3")
+    # is never mistaken for it; without a recipe the defaults run (the synthetic world, the tiny preset)
+    parser.usage = "gpt2mm train [RECIPE.yaml] [--section.key value ...] [--resume [CHECKPOINT]]"
     parser.add_argument(
         "--resume", nargs="?", const=True, default=None, help="continue the last (or given) checkpoint"
     )
@@ -804,6 +813,9 @@ def configure(parser) -> None:
 def run(args, extra: list[str]) -> int:
     from gpt2mm.train.args import load_config
 
-    cfg = load_config(SFTConfig, args.recipe, extra)
+    recipe = None
+    if extra and not extra[0].startswith("--"):
+        recipe, extra = extra[0], extra[1:]
+    cfg = load_config(SFTConfig, recipe, extra)
     Run(cfg, resume=args.resume).train()
     return 0
