@@ -156,7 +156,7 @@ def evaluate_and_report(run_, world: Path, out: Path, args: argparse.Namespace) 
     from gpt2mm.eval.evaluate import answer_questions
     from gpt2mm.eval.vqa_files import load_annotations, load_questions
     from gpt2mm.eval.vqa_metric import evaluate
-    from gpt2mm.train.plot import plot_run
+    from gpt2mm.train.plot import plot_run, read_metrics
 
     model = run_.acc.unwrap_model(run_.model)
     processor = run_.processor
@@ -187,7 +187,7 @@ def evaluate_and_report(run_, world: Path, out: Path, args: argparse.Namespace) 
     png = plot_run(out / "run", out / "curves.png")
     curve = [
         {"step": r["step"], "train_seconds": r["train_seconds"], "val_accuracy": r["val_accuracy"]}
-        for r in _rows(out / "run" / "metrics.jsonl")
+        for r in read_metrics(out / "run")
         if "val_accuracy" in r
     ]
     return {
@@ -200,7 +200,3 @@ def evaluate_and_report(run_, world: Path, out: Path, args: argparse.Namespace) 
         "examples": examples,
         "plot": png.name,
     }
-
-
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,39 @@
+"""`gpt2mm demo` end to end on a small budget: the summary's numbers are the official tool's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gpt2mm.cli import main
+
+
+def test_demo_writes_an_honest_summary(tmp_path, capsys):
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--minutes", "0.6", "--train-images", "60", "--test-images", "12"]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("test_accuracy", "blind_accuracy", "train_seconds", "samples_seen", "sft_test_accuracy"):
+        assert key in summary
+    assert 0 <= summary["test_accuracy"] <= 100 and 0 <= summary["blind_accuracy"] < 50
+    assert summary["samples_seen"] == summary["steps"] * 32
+    # the reported accuracy is what the official scorer gives on the written results
+    world = out / "world"
+    assert main(["vqa-score", "--questions", str(world / "test_questions.json"), "--annotations",
+                 str(world / "test_annotations.json"), "--results", str(out / "test_results.json"),
+                 "--json", str(tmp_path / "scores.json")]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "scores.json").read_text())["overall"] == summary["test_accuracy"]
+    assert (out / "curves.png").is_file() and len(list((out / "examples").glob("*.png"))) >= 1
+    printed = capsys.readouterr().out
+    assert "truth:" in printed and "test accuracy" in printed
+    # nothing already there is lost: a second run refuses, --overwrite replaces only a demo
+    with pytest.raises(SystemExit):
+        main(args)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        main(["demo", "--out", str(tmp_path / "other"), "--overwrite"])
+    assert (tmp_path / "other" / "keep.txt").read_text() == "mine"
+    with pytest.raises(SystemExit):
+        main([*args, "--overwrite", "--stages", "sft,ppo"])  # later stages are not part of the demo yet
