@@ -6,7 +6,6 @@ printed anywhere in the project comes from one code path.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -90,9 +89,3 @@ def score_samples(samples: Sequence[Any], answers: Sequence[str]) -> float:
         refs = s.answers if s.answers else [s.turns[1].text]
         total += vqa_accuracy(a, refs)
     return 100.0 * total / len(samples)
-
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    start = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - start

@@ -16,6 +16,7 @@ and, for small image sets, preprocessed pixels); the data order is a function of
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -642,7 +643,7 @@ class Run:
         for i, batch in enumerate(micro):
             batch = {k: v.to(self.acc.device) for k, v in batch.items()}
             sync = i == len(micro) - 1
-            ctx = self.acc.no_sync(self.model) if not sync and self.world > 1 else _null()
+            ctx = self.acc.no_sync(self.model) if not sync and self.world > 1 else contextlib.nullcontext()
             with ctx, self.acc.autocast():
                 out = self.model(**batch, num_items_in_batch=denom)
             self.acc.backward(out.loss)
@@ -781,14 +782,6 @@ class Run:
             self.log(f"rendering the synthetic world into {root}")
             write_world(root, **self.cfg.data.synth_args)
         self.acc.wait_for_everyone()
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # --- the command -----------------------------------------------------------------------------------------
