@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpt2mm import MultimodalGPT2Config, MultimodalGPT2ForConditionalGeneration  # noqa: E402
-from train_throughput import make_samples, sync  # noqa: E402
+from train_throughput import device_name, make_samples, sync  # noqa: E402
 
 
 def prompts(cfg, n: int) -> list[list[int]]:
@@ -144,9 +144,7 @@ def main() -> None:
     result = {
         "bench": "generate_throughput",
         "preset": args.preset,
-        "device": torch.cuda.get_device_name()
-        if device.type == "cuda"
-        else f"cpu ({torch.get_num_threads()} threads)",
+        "device": device_name(device),
         "torch": torch.__version__,
         "new_tokens": args.new_tokens,
         "batch_size": args.batch_size,

@@ -58,6 +58,13 @@ def pad(samples, width: int | None, pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def device_name(device: torch.device) -> str:
+    """The card's name, or the CPU's thread count and kind: what a result row must say it ran on."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name()
+    return f"cpu ({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})"
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -168,9 +175,7 @@ def main() -> None:
     result = {
         "bench": "train_throughput",
         "preset": args.preset,
-        "device": torch.cuda.get_device_name()
-        if device.type == "cuda"
-        else f"cpu ({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})",
+        "device": device_name(device),
         "torch": torch.__version__,
         **{k: v for k, v in ours.items()},
         "seed_samples_per_s": seed["samples_per_s"],

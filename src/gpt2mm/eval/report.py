@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +32,7 @@ from gpt2mm.eval.run_eval import (
     load_questions_and_samples,
     pick_device,
 )
+from gpt2mm.eval.vqa_files import write_json
 
 DESCRIBE_MAX_NEW_TOKENS = 96
 DESCRIPTION_KEYS = ("precision", "recall", "f1")
@@ -319,10 +319,6 @@ def run(args: argparse.Namespace) -> int:
         write_png(rows, args.png, title=caption)
         print(f"wrote {args.png}")
     if args.json_out is not None:
-        try:
-            args.json_out.parent.mkdir(parents=True, exist_ok=True)
-            args.json_out.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
-        except OSError as e:
-            raise UsageError(f"--json {args.json_out}: cannot write ({e})") from None
+        write_json(args.json_out, rows, "--json")
         print(f"wrote {args.json_out}")
     return 0

@@ -21,13 +21,13 @@ The report is vqa-score's, followed by the throughput (questions per second of g
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from gpt2mm.errors import DataError, UsageError
+from gpt2mm.eval.vqa_files import write_json
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -154,14 +154,6 @@ def answer_and_score(
     return results, scores, seconds
 
 
-def _write_json(path: Path, obj: Any, flag: str) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
-    except OSError as e:
-        raise UsageError(f"{flag} {path}: cannot write ({e})") from None
-
-
 def run(args: argparse.Namespace) -> int:
     """Load, answer, write the results, score with vqa-score's `evaluate`, print vqa-score's report."""
     from gpt2mm.eval.score import format_report
@@ -188,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
         names=(str(args.questions), str(args.annotations), results_name),
     )
     if args.out is not None:
-        _write_json(args.out, results, "--out")
+        write_json(args.out, results, "--out")
     n = len(results)
     qps = n / seconds if seconds > 0 else float("inf")
     print(format_report(scores, annotations))
@@ -205,6 +197,6 @@ def run(args: argparse.Namespace) -> int:
             "batch_size": args.batch_size,
             "max_new_tokens": args.max_new_tokens,
         }
-        _write_json(args.json_out, {**scores, "eval": meta}, "--json")
+        write_json(args.json_out, {**scores, "eval": meta}, "--json")
         print(f"wrote {args.json_out}")
     return 0

@@ -11,13 +11,12 @@ file and the record (exit code 2), never a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from gpt2mm.errors import DataError, UsageError
-from gpt2mm.eval.vqa_files import check_pairing, load_annotations, load_questions, load_results
+from gpt2mm.eval.vqa_files import check_pairing, load_annotations, load_questions, load_results, write_json
 from gpt2mm.eval.vqa_metric import evaluate
 
 
@@ -73,10 +72,6 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     print(format_report(scores, annotations))
     if args.json_out is not None:
-        try:
-            args.json_out.parent.mkdir(parents=True, exist_ok=True)
-            args.json_out.write_text(json.dumps(scores, indent=1) + "\n", encoding="utf-8")
-        except OSError as e:
-            raise UsageError(f"--json {args.json_out}: cannot write ({e})") from None
+        write_json(args.json_out, scores, "--json")
         print(f"\nwrote {args.json_out}")
     return 0

@@ -17,7 +17,7 @@ import json
 import os
 from typing import Any
 
-from gpt2mm.errors import DataError
+from gpt2mm.errors import DataError, UsageError
 
 PathLike = str | os.PathLike
 
@@ -155,3 +155,15 @@ def check_pairing(
             raise DataError(
                 f"{annotations_path}: annotations[{i}] (question_id {a['question_id']}) is not a question of {questions_path}"
             )
+
+
+def write_json(path: PathLike, obj: Any, flag: str) -> None:
+    """Write a command's JSON output; an unwritable path is the user's error, named by its flag."""
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot write ({e})") from None
