@@ -59,3 +59,24 @@ def test_cache_needs_a_frozen_tower(tmp_path):
     model, processor = build_model("tiny")  # the tiny preset trains its vision tower
     with pytest.raises(ValueError, match="frozen"):
         FeatureCache(tmp_path, model, processor)
+
+
+def test_generate_from_vision_states_equals_generate_from_pixels(tiny_pair):
+    """Precomputed vision states (the feature cache's output) go in with the prompt only; every step's scores
+    equal those of generating from pixels, greedy and with beams."""
+    model, processor = tiny_pair
+    torch.manual_seed(0)
+    pixels = torch.randn(2, 3, 32, 32)
+    prompts = [processor.format_prompt(q) for q in ("what colour is it?", "how many?")]
+    enc = processor(text=prompts, padding_side="left")
+    with torch.no_grad():
+        states = model.get_vision_hidden_states(pixels)
+    kw = dict(max_new_tokens=4, min_new_tokens=4, output_scores=True, return_dict_in_generate=True)
+    a = model.generate(**enc, pixel_values=pixels, do_sample=False, **kw)
+    b = model.generate(**enc, vision_hidden_states=states, do_sample=False, **kw)
+    assert torch.equal(a.sequences, b.sequences)
+    for sa, sb in zip(a.scores, b.scores):
+        torch.testing.assert_close(sa, sb)
+    beams_a = model.generate(**enc, pixel_values=pixels, num_beams=2, max_new_tokens=4)
+    beams_b = model.generate(**enc, vision_hidden_states=states, num_beams=2, max_new_tokens=4)
+    assert torch.equal(beams_a, beams_b)

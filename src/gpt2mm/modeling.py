@@ -305,6 +305,14 @@ class MultimodalGPT2ForConditionalGeneration(MultimodalGPT2PreTrainedModel, Gene
 
     # --- generation --------------------------------------------------------------------------------------
 
+    def prepare_inputs_for_generation(self, *args: Any, is_first_iteration: bool | None = False, **kwargs: Any):
+        # Precomputed vision states go in with the prompt only, like pixel_values (which transformers drops
+        # after the prefill itself): later steps feed one new token and read the image from the KV cache.
+        inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            inputs.pop("vision_hidden_states", None)
+        return inputs
+
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **kw):
         # Beams and `num_return_sequences` repeat each sample; its images (possibly several) go with it.
         images = {k: kw.pop(k) for k in ("pixel_values", "vision_hidden_states") if kw.get(k) is not None}

@@ -1,4 +1,5 @@
-"""`gpt2mm plot RUN_DIR [--out curves.png]`: the loss and validation-accuracy curves of a training run."""
+"""`gpt2mm plot RUN_DIR [--out curves.png]`: the loss (stages 1 and 3) or the reward and KL (stage 2) of a
+training run, with its validation accuracy."""
 
 from __future__ import annotations
 
@@ -34,12 +35,20 @@ def plot_run(run_dir: Path, out: Path) -> Path:
 
     rows = read_metrics(run_dir)
     loss = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    reward = [(r["step"], r["reward"]) for r in rows if "reward" in r]  # a PPO run
+    kl = [(r["step"], r["kl"]) for r in rows if "kl" in r]
     acc = [(r["step"], r["val_accuracy"]) for r in rows if "val_accuracy" in r]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     if loss:
         ax.plot(*zip(*loss), color="tab:blue", label="train loss (answer tokens)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss", color="tab:blue")
+        ax.set_ylabel("loss", color="tab:blue")
+    elif reward:
+        ax.plot(*zip(*reward), color="tab:blue", label="mean reward of sampled answers")
+        if kl:
+            ax.plot(*zip(*kl), "--", color="tab:gray", label="KL to the reference (per answer)")
+        ax.set_ylabel("reward, KL", color="tab:blue")
+        ax.legend(loc="upper left")
+    ax.set_xlabel("update" if reward and not loss else "step")
     if acc:
         ax2 = ax.twinx()
         ax2.plot(*zip(*acc), "o-", color="tab:red", label="val VQA accuracy (%)")
