@@ -36,4 +36,31 @@ def test_demo_writes_an_honest_summary(tmp_path, capsys):
         main(["demo", "--out", str(tmp_path / "other"), "--overwrite"])
     assert (tmp_path / "other" / "keep.txt").read_text() == "mine"
     with pytest.raises(SystemExit):
-        main([*args, "--overwrite", "--stages", "sft,ppo"])  # later stages are not part of the demo yet
+        main([*args, "--overwrite", "--stages", "sft,instruct,ppo"])  # stages run in order
+
+
+def test_demo_with_all_stages_records_each(tmp_path):
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--minutes", "1.5", "--ppo-minutes", "0.1", "--instruct-minutes", "0.1",
+            "--stages", "sft,ppo,instruct", "--train-images", "60", "--test-images", "12"]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stages"] == ["sft", "ppo", "instruct"] and summary["ppo_updates"] >= 1
+    assert summary["instruct_steps"] >= 1 and summary["test_accuracy"] == summary["instruct_test_accuracy"]
+    for key in ("instruct_description_scores", "description_scores_before_instruct"):
+        assert set(summary[key]) == {"precision", "recall", "f1"}
+        assert all(0 <= v <= 100 for v in summary[key].values())
+    world = out / "world"
+    for results, key in (
+        ("test_results.json", "sft_test_accuracy"),
+        ("ppo_test_results.json", "ppo_test_accuracy"),
+        ("instruct_test_results.json", "instruct_test_accuracy"),
+    ):
+        scores = tmp_path / f"{key}.json"
+        assert main(["vqa-score", "--questions", str(world / "test_questions.json"), "--annotations",
+                     str(world / "test_annotations.json"), "--results", str(out / results),
+                     "--json", str(scores)]) == 0  # fmt: skip
+        assert json.loads(scores.read_text())["overall"] == summary[key]
+    # the PPO run wrote its metrics, KL included
+    rows = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all("kl" in r and "reward" in r for r in rows)

@@ -346,6 +346,7 @@ def test_ppo_trains_the_policy_keeps_vision_and_reference_and_resumes_exactly(
         assert all(math.isfinite(r[key]) for r in updates), key
     assert updates[0]["kl"] == 0.0  # the first rollout is sampled from the reference itself
     assert [r["step"] for r in rows if "val_accuracy" in r] == [0, 2, 4]
+    assert main(["plot", str(full)]) == 0 and (full / "curves.png").stat().st_size > 1000  # reward and KL
     # stopped after update 2 and resumed: the same weights as the run that was not stopped
     part = tmp_path / "part"
     part.mkdir()

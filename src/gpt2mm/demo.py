@@ -2,11 +2,17 @@
 
     gpt2mm demo --out demo-out                  # about 15 minutes on 2 CPU cores
     gpt2mm demo --out demo-out --minutes 3      # a quicker, weaker run
+    gpt2mm demo --stages sft,ppo,instruct       # all three stages in the same budget (5 + 3 minutes for 2, 3)
 
 It renders the synthetic shapes world, builds the `tiny` preset and its tokenizer (trained in-process),
 trains stage 1 from scratch with the answer-only loss, evaluates on the held-out test split with the
 official VQA metric, answers a few test questions (printing question, answer and truth; the images are
-saved next to them), plots the learning curve and writes `DIR/summary.json`.
+saved next to them), plots the learning curve and writes `DIR/summary.json`. With `--stages sft,ppo` it
+then runs stage 2 (PPO with the VQA-accuracy reward, `gpt2mm.rl.ppo`) from the stage-1 model and scores it
+the same way; with `instruct`, stage 3 on the world's LLaVA conversations (detailed descriptions), scoring
+the descriptions of test images against their scenes. Each stage's numbers go into the summary
+(`sft_test_accuracy`, `ppo_test_accuracy`, `instruct_test_accuracy`, `instruct_description_scores`);
+`test_accuracy` is the last stage's.
 
 The recipe, and why (measured on the 2-core machine; see README "The demo"):
 - the vision tower stays at its random initialisation (`vision_lr: 0`): a random ViT with 16 px patches
@@ -41,7 +47,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--out", type=Path, default=Path("demo-out"), help="directory for everything it writes"
     )
     parser.add_argument("--minutes", type=float, default=15.0, help="wall-clock budget of the whole demo")
-    parser.add_argument("--stages", default="sft", help="comma-separated: sft (stage 1), ppo, instruct")
+    parser.add_argument(
+        "--stages", default="sft", help="comma-separated: sft (stage 1), ppo (stage 2), instruct (stage 3)"
+    )
+    parser.add_argument("--ppo-minutes", type=float, default=5.0, help="of the budget, for stage 2")
+    parser.add_argument("--instruct-minutes", type=float, default=3.0, help="of the budget, for stage 3")
     parser.add_argument("--train-images", type=int, default=10000)
     parser.add_argument("--test-images", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
@@ -54,9 +64,17 @@ def run(args: argparse.Namespace) -> int:
     unknown = [s for s in stages if s not in STAGES]
     if unknown or not stages or stages[0] != "sft":
         raise UsageError(f"--stages takes sft first, then any of ppo, instruct; got {args.stages!r}")
-    missing = [s for s in stages if s != "sft"]
-    if missing:
-        raise UsageError(f"stage(s) {', '.join(missing)} are not part of the demo yet; run --stages sft")
+    if len(set(stages)) != len(stages) or stages != sorted(stages, key=STAGES.index):
+        raise UsageError(
+            f"--stages runs each stage once, in the order sft, ppo, instruct; got {args.stages!r}"
+        )
+    ppo_minutes = args.ppo_minutes if "ppo" in stages else 0.0
+    instruct_minutes = args.instruct_minutes if "instruct" in stages else 0.0
+    if min(ppo_minutes, instruct_minutes) < 0 or ppo_minutes + instruct_minutes >= args.minutes:
+        raise UsageError(
+            f"--ppo-minutes and --instruct-minutes must be >= 0 and leave part of --minutes ({args.minutes}) "
+            f"to stage 1; got {ppo_minutes} and {instruct_minutes}"
+        )
     out: Path = args.out
     if out.exists() and any(out.iterdir()):
         if not args.overwrite:
@@ -90,8 +108,13 @@ def run(args: argparse.Namespace) -> int:
     from gpt2mm.train.args import build
     from gpt2mm.train.sft import Run, SFTConfig
 
-    eval_reserve = 60.0  # seconds kept for the final test evaluation, examples and plot
-    budget_min = max(0.5, (args.minutes * 60 - (time.perf_counter() - start) - eval_reserve) / 60)
+    eval_reserve = 60.0 * len(stages)  # seconds kept for each stage's test evaluation, examples and plot
+    budget_min = max(
+        0.5,
+        (args.minutes * 60 - (time.perf_counter() - start) - eval_reserve) / 60
+        - ppo_minutes
+        - instruct_minutes,
+    )
     cfg = build(
         SFTConfig,
         {
@@ -127,7 +150,39 @@ def run(args: argparse.Namespace) -> int:
     train_summary = run_.train()
 
     # 3. the held-out test split, official metric
-    summary = evaluate_and_report(run_, world, out, args)
+    model = run_.acc.unwrap_model(run_.model)
+    summary = evaluate_and_report(model, run_.processor, run_.pixels, run_.image_key, world, out)
+    summary["sft_test_accuracy"] = summary["test_accuracy"]
+    print(f"[demo] stage 1 test accuracy {summary['test_accuracy']:.2f}%")
+
+    # 4. stage 2: PPO on answer correctness, from the stage-1 model
+    if "ppo" in stages:
+        ppo_summary, trainer = run_ppo(out, world, args.seed, ppo_minutes)
+        ppo_scores = evaluate_and_report(
+            trainer.policy, trainer.processor, trainer.pixels, "pixel_values", world, out, tag="ppo_"
+        )
+        summary.update(
+            {
+                "ppo_test_accuracy": ppo_scores["test_accuracy"],
+                "ppo_test_accuracy_per_answer_type": ppo_scores["test_accuracy_per_answer_type"],
+                "ppo_updates": ppo_summary["steps"],
+                "ppo_train_seconds": ppo_summary["train_seconds"],
+                "ppo_final_kl": ppo_summary["final"].get("kl"),
+                "ppo_final_reward": ppo_summary["final"].get("reward"),
+                "test_accuracy": ppo_scores["test_accuracy"],
+            }
+        )
+        print(
+            f"[demo] stage 2 (PPO) test accuracy {ppo_scores['test_accuracy']:.2f}% "
+            f"(stage 1: {summary['sft_test_accuracy']:.2f}%), KL to stage 1 {summary['ppo_final_kl']:.3f}"
+        )
+    # 5. stage 3: conversations with long descriptions (the world's LLaVA JSON), from the last stage's model
+    if "instruct" in stages:
+        from gpt2mm.train.sft import list_checkpoints
+
+        init = list_checkpoints(out / ("ppo" if "ppo" in stages else "run"))[-1]
+        summary.update(run_instruct(out, world, args.seed, instruct_minutes, init))
+        summary["test_accuracy"] = summary["instruct_test_accuracy"]
     summary.update(
         {
             "blind_accuracy": round(blind_pct, 2),
@@ -139,7 +194,6 @@ def run(args: argparse.Namespace) -> int:
             "recipe": cfg.train.__dict__ | {"pack_questions": cfg.data.pack_questions},
         }
     )
-    summary["sft_test_accuracy"] = summary["test_accuracy"]
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(
         f"[demo] test accuracy {summary['test_accuracy']:.2f}% (blind {blind_pct:.1f}%), "
@@ -149,8 +203,100 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluate_and_report(run_, world: Path, out: Path, args: argparse.Namespace) -> dict:
-    """Test accuracy with the official metric, a few printed answers with their images, the plot."""
+def run_ppo(out: Path, world: Path, seed: int, minutes: float):
+    """Stage 2 from the stage-1 model just trained: PPO with the VQA-accuracy reward (configs/tiny-ppo.yaml's
+    recipe) for `minutes` of training time."""
+    from gpt2mm.rl.ppo import PPORecipe, PPOTrainer
+    from gpt2mm.train.args import build
+    from gpt2mm.train.sft import list_checkpoints
+
+    init = list_checkpoints(out / "run")[-1]  # the final stage-1 weights
+    cfg = build(
+        PPORecipe,
+        {
+            "model": {"init_from": str(init)},
+            "data": {"root": str(world), "val_limit": 400},
+            "rollout": {"prompts": 64, "max_new_tokens": 8},
+            "train": {
+                "output_dir": str(out / "ppo"),
+                "seed": seed,
+                "max_steps": 100_000,  # the time budget ends training
+                "max_minutes": minutes,
+                "lr": 1e-4,
+                "value_lr": 1e-3,
+                "eval_every": 0,
+                "save_every": 0,
+                "tensorboard": False,
+            },
+        },
+    )
+    print(f"[demo] stage 2: PPO from {init} for up to {minutes:.1f} minutes")
+    trainer = PPOTrainer(cfg, log=lambda m: print(f"[demo] {m}"))
+    return trainer.train(), trainer
+
+
+def run_instruct(out: Path, world: Path, seed: int, minutes: float, init: Path) -> dict:
+    """Stage 3 from `init`: the world's LLaVA conversations (a detailed description, then questions), loss on
+    the assistant turns, for `minutes` of training time. Scores the descriptions of test images (object
+    precision / recall / F1 against the scene records) before and after, and the VQA test accuracy after."""
+    from gpt2mm.eval.report import description_samples, generate_descriptions, score_descriptions
+    from gpt2mm.presets import load_model
+    from gpt2mm.train.args import build
+    from gpt2mm.train.sft import Run, SFTConfig
+
+    d_samples, scenes = description_samples(world, "test", limit=100)
+    before_model, before_processor = load_model(init)
+    before = score_descriptions(generate_descriptions(before_model, before_processor, d_samples), scenes)
+    del before_model
+    cfg = build(
+        SFTConfig,
+        {
+            "model": {"init_from": str(init)},
+            "data": {"root": str(world), "synth": False, "format": "llava", "max_length": 256},
+            "train": {
+                "output_dir": str(out / "instruct"),
+                "seed": seed,
+                "max_steps": 100_000,  # the time budget ends training
+                "max_minutes": minutes,
+                "schedule": "cosine",
+                "min_lr_ratio": 0.1,
+                "batch_size": 16,
+                "lr": 5e-4,
+                "vision_lr": 0.0,
+                "warmup_steps": 20,
+                "eval_every": 0,
+                "save_every": 0,
+                "log_every": 25,
+                "tensorboard": False,
+            },
+        },
+    )
+    print(f"[demo] stage 3: conversations from {init} for up to {minutes:.1f} minutes")
+    run_ = Run(cfg, log=lambda m: print(f"[demo] {m}"))
+    done = run_.train()
+    model = run_.acc.unwrap_model(run_.model)
+    texts = generate_descriptions(model, run_.processor, d_samples)
+    after = score_descriptions(texts, scenes)
+    vqa = evaluate_and_report(model, run_.processor, run_.pixels, run_.image_key, world, out, tag="instruct_")
+    print(
+        f"[demo] stage 3: description F1 {after['f1']:.1f}% (before {before['f1']:.1f}%), VQA test accuracy "
+        f"{vqa['test_accuracy']:.2f}%; e.g. {texts[0]!r}"
+    )
+    return {
+        "instruct_test_accuracy": vqa["test_accuracy"],
+        "instruct_description_scores": after,
+        "description_scores_before_instruct": before,
+        "instruct_description_example": texts[0],
+        "instruct_steps": done["steps"],
+        "instruct_train_seconds": done["train_seconds"],
+    }
+
+
+def evaluate_and_report(
+    model, processor, pixels, image_key: str, world: Path, out: Path, tag: str = ""
+) -> dict:
+    """Test accuracy with the official metric, a few printed answers with their images, the plot.
+    Files get the prefix `tag` (stage 2 writes `ppo_test_results.json`)."""
     from gpt2mm.data.images import load_image
     from gpt2mm.data.vqa import load_vqa
     from gpt2mm.eval.evaluate import answer_questions
@@ -158,21 +304,28 @@ def evaluate_and_report(run_, world: Path, out: Path, args: argparse.Namespace) 
     from gpt2mm.eval.vqa_metric import evaluate
     from gpt2mm.train.plot import plot_run, read_metrics
 
-    model = run_.acc.unwrap_model(run_.model)
-    processor = run_.processor
     samples, _ = load_vqa(
         world / "test_questions.json", world / "test_annotations.json", world / "images" / "test"
     )
     t0 = time.perf_counter()
-    answers = answer_questions(model, processor, samples, 256, run_.pixels, image_key=run_.image_key)
+    answers = answer_questions(model, processor, samples, 256, pixels, image_key=image_key)
     seconds = time.perf_counter() - t0
     results = [{"question_id": s.question_id, "answer": a} for s, a in zip(samples, answers)]
-    (out / "test_results.json").write_text(json.dumps(results))
+    (out / f"{tag}test_results.json").write_text(json.dumps(results))
     scores = evaluate(
         load_questions(world / "test_questions.json"),
         load_annotations(world / "test_annotations.json"),
         results,
     )
+    summary = {
+        "test_accuracy": scores["overall"],
+        "test_accuracy_per_answer_type": scores["perAnswerType"],
+        "test_accuracy_per_question_type": scores["perQuestionType"],
+        "test_questions": len(samples),
+        "test_answers_per_s": round(len(samples) / seconds, 1),
+    }
+    if tag:  # a later stage: the numbers only
+        return summary
     examples_dir = out / "examples"
     examples_dir.mkdir(exist_ok=True)
     examples = []
@@ -190,13 +343,4 @@ def evaluate_and_report(run_, world: Path, out: Path, args: argparse.Namespace) 
         for r in read_metrics(out / "run")
         if "val_accuracy" in r
     ]
-    return {
-        "test_accuracy": scores["overall"],
-        "test_accuracy_per_answer_type": scores["perAnswerType"],
-        "test_accuracy_per_question_type": scores["perQuestionType"],
-        "test_questions": len(samples),
-        "test_answers_per_s": round(len(samples) / seconds, 1),
-        "learning_curve": curve,
-        "examples": examples,
-        "plot": png.name,
-    }
+    return summary | {"learning_curve": curve, "examples": examples, "plot": png.name}

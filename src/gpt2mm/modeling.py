@@ -305,7 +305,9 @@ class MultimodalGPT2ForConditionalGeneration(MultimodalGPT2PreTrainedModel, Gene
 
     # --- generation --------------------------------------------------------------------------------------
 
-    def prepare_inputs_for_generation(self, *args: Any, is_first_iteration: bool | None = False, **kwargs: Any):
+    def prepare_inputs_for_generation(
+        self, *args: Any, is_first_iteration: bool | None = False, **kwargs: Any
+    ):
         # Precomputed vision states go in with the prompt only, like pixel_values (which transformers drops
         # after the prefill itself): later steps feed one new token and read the image from the KV cache.
         inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)

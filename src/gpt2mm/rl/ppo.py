@@ -564,11 +564,11 @@ class PPOTrainer:
             if bar is not None:
                 bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{seq_kl:.3f}", refresh=False)
                 bar.update(1)
-            if self.step % t.log_every == 0 or self.step == t.max_steps:
-                self._record(metrics_file, writer, row)
             if t.max_minutes is not None and self.train_seconds > 60 * t.max_minutes:
                 stop_reason = "max_minutes"
             last = stop_reason != "max_steps" or self.step == t.max_steps
+            if self.step % t.log_every == 0 or last:
+                self._record(metrics_file, writer, row)
             if self.val_samples and t.eval_every and (self.step % t.eval_every == 0 or last):
                 acc = self.evaluate()
                 self._record(metrics_file, writer, {"val_accuracy": acc})

@@ -4,6 +4,7 @@
     gpt2mm train configs/seed-vqa.yaml --train.lr 5e-5       # stage 1 on VQA v2 (seed preset)
     gpt2mm train configs/seed-llava.yaml                     # stage 3 from a stage-1 checkpoint
     gpt2mm train configs/tiny-synth.yaml --resume            # continue the last complete checkpoint
+    gpt2mm train configs/seed-llava.yaml --model.lora.r 8    # LoRA (peft) on GPT-2; checkpoints hold merged weights
     accelerate launch -m gpt2mm.cli train RECIPE.yaml        # several GPUs (DDP; FSDP via accelerate config)
 
 The loop is ours, on top of accelerate (devices, DDP/FSDP, autocast), rather than transformers' Trainer,
@@ -120,7 +121,9 @@ class TrainConfig:
         metadata={"help": "widen batches from the easiest samples to all over N steps (data.difficulty)"},
     )
     tensorboard: bool = True
-    wandb: bool = False
+    wandb: bool = field(
+        default=False, metadata={"help": "log metrics.jsonl's rows to Weights & Biases too (needs wandb)"}
+    )
     progress: bool = True
 
 
@@ -161,23 +164,135 @@ def build_model_for_training(cfg: ModelConfig):
         model.language_model.requires_grad_(False)
         model.lm_head.requires_grad_(False)
     if cfg.lora.r > 0:
-        try:
-            from peft import LoraConfig as PeftLoraConfig
-            from peft import inject_adapter_in_model
-        except ImportError:
-            raise UsageError("model.lora.r > 0 needs peft: pip install peft") from None
-        lora = PeftLoraConfig(
-            r=cfg.lora.r,
-            lora_alpha=cfg.lora.alpha,
-            lora_dropout=cfg.lora.dropout,
-            target_modules=cfg.lora.target_modules,
-        )
-        model.language_model.requires_grad_(False)
-        model.lm_head.requires_grad_(False)
-        model.language_model = inject_adapter_in_model(lora, model.language_model)
+        inject_lora(model, cfg.lora)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, processor
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; a tied weight counts once."""
+    params = list(model.parameters())  # unique tensors
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+# --- LoRA ----------------------------------------------------------------------------------------------------
+# Training holds the base weights and the adapters apart (peft layers in the language model); a checkpoint
+# holds them merged in `model.safetensors`, so that every checkpoint loads as a plain gpt2mm model, and the
+# adapters alone in ADAPTER_FILE, so that `--resume` continues exactly. No `adapter_config.json` is written:
+# transformers would take the directory for a peft adapter and apply it on top of the merged weights.
+
+ADAPTER = "default"  # peft's adapter name: one adapter per run
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+def inject_lora(model, cfg: LoraConfig) -> None:
+    """LoRA adapters (peft) on the GPT-2 blocks' projections; the whole language model (embeddings, blocks,
+    final norm) and the tied LM head frozen. The projector and vision tower keep their own rules."""
+    try:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import inject_adapter_in_model
+        from peft.tuners.lora import Linear as LoraLinear
+    except ImportError:
+        raise UsageError(
+            "model.lora.r > 0 (LoRA) needs peft: pip install peft (or pip install -e '.[train]')"
+        ) from None
+    from transformers.pytorch_utils import Conv1D
+
+    lora = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        # GPT-2's projections are Conv1D, whose weight is (in, out), the transpose of nn.Linear's; peft would
+        # switch this on by itself (with a warning); saying so keeps the merge below explicit
+        fan_in_fan_out=True,
+    )
+    model.language_model.requires_grad_(False)
+    model.lm_head.requires_grad_(False)
+    try:
+        inject_adapter_in_model(lora, model.language_model, adapter_name=ADAPTER)
+    except ValueError as e:  # no module matched, or one peft cannot adapt
+        raise UsageError(f"model.lora.target_modules {cfg.target_modules}: {e}") from None
+    for name, layer in lora_layers(model).items():
+        base = layer.get_base_layer()
+        if not (isinstance(layer, LoraLinear) and isinstance(base, Conv1D)):
+            raise UsageError(
+                f"model.lora.target_modules: {name} is a {type(base).__name__}; LoRA here adapts GPT-2's "
+                "Conv1D projections only (c_attn, c_proj, c_fc)"
+            )
+
+
+def lora_layers(model) -> dict[str, Any]:
+    """Module name -> peft LoRA layer, for every adapted layer of the model."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def merged_state_dict(model, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict of a LoRA model as a plain model's: each adapted layer's weight is W + scaling * B @ A
+    under the layer's own key, with no `lora_*` or `base_layer` keys. The merged weights are new tensors:
+    the live model goes on training its unmerged base + adapters."""
+    plain = {}
+    for key, value in state_dict.items():
+        if ".lora_" not in key:
+            plain[key.replace(".base_layer.", ".", 1)] = value
+    for name, layer in lora_layers(model).items():
+        a = state_dict[f"{name}.lora_A.{ADAPTER}.weight"]  # (r, in)
+        b = state_dict[f"{name}.lora_B.{ADAPTER}.weight"]  # (out, r)
+        w = state_dict[f"{name}.base_layer.weight"]  # Conv1D: (in, out)
+        delta = (b.float() @ a.float()) * layer.scaling[ADAPTER]  # (out, in)
+        if layer.fan_in_fan_out:
+            delta = delta.T  # (in, out), Conv1D's layout
+        plain[f"{name}.weight"] = (w.float() + delta.to(w.device)).to(w.dtype)
+    return plain
+
+
+def adapter_state_dict(model, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The adapter weights alone (peft's keys, relative to the language model: `h.0.attn.c_attn.lora_A.weight`)."""
+    from peft import get_peft_model_state_dict
+
+    prefix = "language_model."
+    lm = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    adapter = get_peft_model_state_dict(model.language_model, state_dict=lm, adapter_name=ADAPTER)
+    return {k: v.detach().contiguous() for k, v in adapter.items()}
+
+
+def restore_lora(model, path: Path, weights: dict[str, torch.Tensor]) -> set[str]:
+    """Resume a LoRA checkpoint's adapters into the live model. The unmerged base weights are not in the
+    checkpoint: they are the frozen ones this run rebuilt (model.init_from / preset / seed), and the
+    checkpoint's merged weights must equal them + the saved adapters, or the base changed since. Pops the
+    merged weights off `weights` (the rest loads as usual); returns the model keys the rest need not cover."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(path / ADAPTER_FILE))
+    try:
+        result = set_peft_model_state_dict(model.language_model, adapter, adapter_name=ADAPTER)
+    except RuntimeError as e:  # size mismatch: another rank
+        raise UsageError(f"--resume: {path / ADAPTER_FILE} does not fit this run's model.lora: {e}") from None
+    missing = [k for k in result.missing_keys if ".lora_" in k]
+    if result.unexpected_keys or missing:
+        raise UsageError(
+            f"--resume: {path / ADAPTER_FILE} does not fit this run's model.lora "
+            f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})"
+        )
+    live = model.state_dict()
+    expected = merged_state_dict(model, live)
+    for name in lora_layers(model):
+        for key in (f"{name}.weight", f"{name}.bias"):
+            if key not in expected:
+                continue
+            if key not in weights:
+                raise UsageError(f"--resume: {path}/model.safetensors has no {key}")
+            saved = weights.pop(key).to(expected[key].device)
+            if not torch.allclose(saved, expected[key], rtol=1e-5, atol=1e-6):
+                raise UsageError(
+                    f"--resume: {path}: the saved {key} is not this run's frozen base + the saved adapters; the "
+                    "base weights changed since the checkpoint (model.init_from, model.preset or train.seed?)"
+                )
+    return {k for k in live if ".lora_" in k or ".base_layer." in k}
 
 
 def param_groups(model, cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -407,6 +522,13 @@ class Run:
         self.model, self.processor = build_model_for_training(cfg.model)
         if t.vision_lr == 0:  # a vision learning rate of 0 means a frozen tower (no backward through it)
             self.model.freeze_vision()
+        self.lora = cfg.model.lora.r > 0
+        if self.lora:
+            trainable, total = count_parameters(self.model)
+            self.log(
+                f"LoRA r={cfg.model.lora.r} on {cfg.model.lora.target_modules}: training {trainable:,} of "
+                f"{total:,} parameters ({100 * trainable / total:.2f}%)"
+            )
         self.train_samples, train_report = load_samples(cfg.data, "train")
         if cfg.data.difficulty:
             set_difficulty(self.train_samples, cfg.data, "train")
@@ -457,6 +579,12 @@ class Run:
         self.best: float | None = None
         self.evals_without_gain = 0
         self.history: list[dict[str, Any]] = []
+        self.wandb = None  # the Weights & Biases run while train() runs (train.wandb)
+        if t.wandb and self.acc.is_main_process:
+            try:
+                import wandb  # noqa: F401  (checked here, before any work; started in train())
+            except ImportError:
+                raise UsageError("train.wandb: true needs wandb: pip install wandb") from None
         if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             for stale in self.out.glob("*.tmp"):
@@ -539,6 +667,7 @@ class Run:
         model.train()
         metrics_file = self.out / "metrics.jsonl"
         writer = self._tensorboard()
+        self.wandb = self._wandb()
         bar = None
         if t.progress and self.acc.is_main_process:
             from tqdm.auto import tqdm
@@ -606,6 +735,10 @@ class Run:
                 if t.max_minutes is not None and self.train_seconds > 60 * t.max_minutes:
                     stop_reason = "max_minutes"
                 if stop_reason != "max_steps":
+                    if self.step % t.log_every:  # the last step is always on record
+                        rate = window_samples / max(1e-9, time.perf_counter() - window_start)
+                        row = {"loss": loss, "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate}
+                        self._record(metrics_file, writer, row)
                     break
             if stop_reason != "max_steps":
                 break
@@ -617,6 +750,9 @@ class Run:
         self._save()
         if writer is not None:
             writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
         summary = {
             "steps": self.step,
             "epochs": self.epoch + self.batch_in_epoch / max(1, len(self._epoch_batches(self.epoch))),
@@ -687,6 +823,8 @@ class Run:
         if writer is not None:
             for k, v in values.items():
                 writer.add_scalar(k, v, self.step)
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=self.step)
         if "val_accuracy" in values:
             self.log(f"step {self.step}: val accuracy {values['val_accuracy']:.2f}%")
 
@@ -699,6 +837,19 @@ class Run:
             return None
         return SummaryWriter(str(self.out / "tensorboard"))
 
+    def _wandb(self):
+        """A Weights & Biases run that gets metrics.jsonl's rows (project: $WANDB_PROJECT, else gpt2mm)."""
+        if not (self.cfg.train.wandb and self.acc.is_main_process):
+            return None
+        import wandb
+
+        return wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "gpt2mm"),
+            name=self.out.name,
+            dir=str(self.out),
+            config=asdict(self.cfg),
+        )
+
     # --- checkpoints ---
 
     def _save(self, best: bool = False) -> None:
@@ -707,6 +858,10 @@ class Run:
         state_dict = self.acc.get_state_dict(self.model)
         if not self.acc.is_main_process:
             return
+        adapter = None
+        if self.lora:  # model.safetensors holds the merged weights (a plain model); the adapters go beside it
+            adapter = adapter_state_dict(model, state_dict)
+            state_dict = merged_state_dict(model, state_dict)
         name = "best" if best else f"checkpoint-{self.step}"
         state = {
             "step": self.step,
@@ -725,6 +880,11 @@ class Run:
         def write(tmp: Path) -> None:
             model.save_pretrained(tmp, state_dict=state_dict)
             self.processor.save_pretrained(tmp)
+            if adapter is not None:
+                from safetensors.torch import save_file
+
+                lora = json.dumps(asdict(self.cfg.model.lora))
+                save_file(adapter, str(tmp / ADAPTER_FILE), metadata={"format": "pt", "lora": lora})
             if not best:
                 torch.save(state, tmp / "trainer_state.pt")
 
@@ -747,8 +907,16 @@ class Run:
         state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
         weights = load_file(str(path / "model.safetensors"))
         model = self.acc.unwrap_model(self.model)
+        may_miss = {"lm_head.weight"}
+        if (path / ADAPTER_FILE).is_file() != self.lora:
+            raise UsageError(
+                f"--resume: {path} was written by a run {'with' if not self.lora else 'without'} LoRA; "
+                "resume it with the same model.lora.r"
+            )
+        if self.lora:
+            may_miss |= restore_lora(model, path, weights)
         missing, unexpected = model.load_state_dict(weights, strict=False)
-        if unexpected or set(missing) - {"lm_head.weight"}:
+        if unexpected or set(missing) - may_miss:
             raise UsageError(
                 f"--resume: {path} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
