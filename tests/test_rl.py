@@ -403,3 +403,33 @@ def test_the_vqa_reward_is_the_official_metric():
     got = Reward("0.5*vqa")(samples, answers)
     want = [0.5 * vqa_accuracy(a, humans) for a in answers]
     assert got.tolist() == pytest.approx(want) and want[0] == pytest.approx(0.5 * 0.6)
+
+
+def test_a_reward_model_is_a_reward_alone_or_in_a_weighted_sum(world, init_dir, tmp_path):
+    """`reward: model:DIR` is the reward model's P(correct) (RewardScorer), `0.5*vqa+0.5*model:DIR` the
+    weighted sum; PPO runs with it."""
+    from gpt2mm.data.vqa import load_vqa
+    from gpt2mm.eval.vqa_metric import vqa_accuracy
+    from gpt2mm.reward.model import RewardModel, RewardScorer
+    from gpt2mm.rl.ppo import Reward
+
+    torch.manual_seed(0)
+    rm = RewardModel.from_base(init_dir)
+    torch.nn.init.normal_(rm.head.weight, std=0.3)  # a head that says something
+    rm.save_pretrained(tmp_path / "rm")
+    samples, _ = load_vqa(
+        world / "val_questions.json", world / "val_annotations.json", world / "images" / "val"
+    )
+    samples = samples[:6]
+    answers = [s.answers[0] if i % 2 else "purple" for i, s in enumerate(samples)]
+    p = RewardScorer(tmp_path / "rm")([s.image for s in samples], [s.turns[0].text for s in samples], answers)
+    assert len(set(round(x, 6) for x in p)) > 1 and all(0 < x < 1 for x in p)
+    got = Reward(f"0.5*vqa+0.5*model:{tmp_path / 'rm'}")(samples, answers)
+    want = [0.5 * vqa_accuracy(a, s.answers) + 0.5 * q for s, a, q in zip(samples, answers, p)]
+    assert got.tolist() == pytest.approx(want, abs=1e-5)
+    out = tmp_path / "ppo"
+    args = ppo_args(world, init_dir, out, "--reward", f"model:{tmp_path / 'rm'}", "--train.max_steps", "1",
+                    "--train.eval_every", "0")  # fmt: skip
+    assert main(args) == 0
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert 0 < row["reward"] < 1  # a probability, not a VQA score of a random model's answers (0)

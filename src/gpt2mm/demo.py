@@ -222,7 +222,7 @@ def run_ppo(out: Path, world: Path, seed: int, minutes: float):
                 "seed": seed,
                 "max_steps": 100_000,  # the time budget ends training
                 "max_minutes": minutes,
-                "lr": 1e-4,
+                "lr": 3e-5,
                 "value_lr": 1e-3,
                 "eval_every": 0,
                 "save_every": 0,
