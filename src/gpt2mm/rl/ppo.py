@@ -656,7 +656,7 @@ class PPOTrainer:
     def _save(self, best: bool = False) -> None:
         from safetensors.torch import save_file
 
-        from gpt2mm.train.sft import atomic_save_dir, list_checkpoints, rng_state
+        from gpt2mm.train.sft import atomic_save_dir, prune_checkpoints, rng_state
 
         name = "best" if best else f"checkpoint-{self.step}"
         state = {
@@ -687,26 +687,16 @@ class PPOTrainer:
 
         atomic_save_dir(self.out / name, write)
         if not best:
-            for old in list_checkpoints(self.out)[: -self.cfg.train.keep_last or None]:
-                shutil.rmtree(old)
+            prune_checkpoints(self.out, self.cfg.train.keep_last)
 
     def _resume(self, resume: str | bool) -> None:
         from safetensors.torch import load_file
 
-        from gpt2mm.train.sft import list_checkpoints, set_rng_state
+        from gpt2mm.train.sft import load_resume_checkpoint, set_rng_state
 
-        path = Path(resume) if isinstance(resume, str) else None
-        if path is None:
-            found = list_checkpoints(self.out)
-            if not found:
-                raise UsageError(f"--resume: no complete checkpoint in {self.out}")
-            path = found[-1]
-        if not (path / "trainer_state.pt").is_file():
-            raise UsageError(f"--resume: {path} is not a complete checkpoint (no trainer_state.pt)")
-        state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+        path, state, weights = load_resume_checkpoint(self.out, resume)
         if state["config"]["train"]["algo"] != self.cfg.train.algo:
             raise UsageError(f"--resume: {path} was trained with algo {state['config']['train']['algo']}")
-        weights = load_file(str(path / "model.safetensors"))
         missing, unexpected = self.policy.load_state_dict(weights, strict=False)
         if unexpected or set(missing) - {"lm_head.weight"}:
             raise UsageError(f"--resume: {path} does not fit this model")

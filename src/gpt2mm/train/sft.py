@@ -476,6 +476,29 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
 
 
+def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints (0: keep all)."""
+    for old in list_checkpoints(run_dir)[: -keep_last or None]:
+        shutil.rmtree(old)
+
+
+def load_resume_checkpoint(run_dir: Path, resume: str | bool) -> tuple[Path, dict, dict[str, torch.Tensor]]:
+    """What `--resume` names: the given checkpoint, or the last complete one in `run_dir` when it names
+    none. Returns (path, trainer state, model weights); a UsageError says what is missing."""
+    from safetensors.torch import load_file
+
+    path = Path(resume) if isinstance(resume, str) else None
+    if path is None:
+        found = list_checkpoints(run_dir)
+        if not found:
+            raise UsageError(f"--resume: no complete checkpoint in {run_dir}")
+        path = found[-1]
+    if not (path / "trainer_state.pt").is_file():
+        raise UsageError(f"--resume: {path} is not a complete checkpoint (no trainer_state.pt)")
+    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    return path, state, load_file(str(path / "model.safetensors"))
+
+
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -890,22 +913,10 @@ class Run:
 
         atomic_save_dir(self.out / name, write)
         if not best:
-            for old in list_checkpoints(self.out)[: -self.cfg.train.keep_last or None]:
-                shutil.rmtree(old)
+            prune_checkpoints(self.out, self.cfg.train.keep_last)
 
     def _resume(self, resume: str | bool) -> None:
-        path = Path(resume) if isinstance(resume, str) else None
-        if path is None:
-            found = list_checkpoints(self.out)
-            if not found:
-                raise UsageError(f"--resume: no complete checkpoint in {self.out}")
-            path = found[-1]
-        if not (path / "trainer_state.pt").is_file():
-            raise UsageError(f"--resume: {path} is not a complete checkpoint (no trainer_state.pt)")
-        from safetensors.torch import load_file
-
-        state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
-        weights = load_file(str(path / "model.safetensors"))
+        path, state, weights = load_resume_checkpoint(self.out, resume)
         model = self.acc.unwrap_model(self.model)
         may_miss = {"lm_head.weight"}
         if (path / ADAPTER_FILE).is_file() != self.lora:
