@@ -433,3 +433,24 @@ def test_a_reward_model_is_a_reward_alone_or_in_a_weighted_sum(world, init_dir, 
     assert main(args) == 0
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert 0 < row["reward"] < 1  # a probability, not a VQA score of a random model's answers (0)
+
+
+def test_ppo_reads_the_frozen_vision_feature_cache(world, init_dir, tmp_path, monkeypatch):
+    """With `data.feature_cache` (stage 1's cache of the frozen tower's outputs) the rollouts and the
+    evaluation read cached vision states and give what the pixels give."""
+    monkeypatch.setattr("gpt2mm.rl.ppo.Reward.__call__", answer_length_reward)
+    runs = {}
+    for name, extra in (("pixels", []), ("cache", ["--data.feature_cache", str(tmp_path / "features")])):
+        out = tmp_path / name
+        torch.manual_seed(0)
+        assert (
+            main(ppo_args(world, init_dir, out, "--train.max_steps", "1", "--train.eval_every", "1", *extra))
+            == 0
+        )
+        runs[name] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert (tmp_path / "features").is_dir() and any((tmp_path / "features").iterdir())
+    # float16 cache rows: the same answers sampled, so the same rewards and validation accuracy
+    for a, b in zip(runs["pixels"], runs["cache"]):
+        for key in ("reward", "val_accuracy", "answer_length"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], abs=1e-6), key
