@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -79,3 +80,93 @@ def make_image(seed: int, size: int = 40):
 
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def wide_tiny_model():
+    """The tiny preset with weights drawn wide enough that greedy answers differ from prompt to prompt."""
+    from gpt2mm import build_model
+
+    torch.manual_seed(0)
+    model, processor = build_model("tiny")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.15, generator=gen)
+    return model.eval(), processor
+
+
+# --- web pages: a real server, and Debian's Chromium driven by Playwright --------------------------------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+try:
+    from playwright.sync_api import sync_playwright
+except ImportError:  # pragma: no cover
+    sync_playwright = None
+
+# Needs `apt-get install -y chromium` and `pip install playwright` (never `playwright install`: the browser
+# is the system one).
+BROWSER_MARKS = [
+    pytest.mark.skipif(
+        sync_playwright is None,
+        reason="the browser test needs the playwright package: pip install playwright (no `playwright install`)",
+    ),
+    pytest.mark.skipif(
+        not CHROMIUM.exists(),
+        reason="the browser test needs Chromium at /usr/bin/chromium: apt-get install -y chromium",
+    ),
+]
+
+
+def needs_browser(test):
+    """Skips a test, with the reason, where Playwright or Chromium is missing."""
+    for mark in BROWSER_MARKS:
+        test = mark(test)
+    return test
+
+
+def launch_chromium(playwright):
+    return playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running(app, **config):
+    """A real uvicorn server for `app` in a thread on a free localhost port; yields its URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **config))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            pytest.fail("the server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)

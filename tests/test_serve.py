@@ -22,27 +22,14 @@ httpx = pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from conftest import make_image  # noqa: E402
-from gpt2mm import build_model  # noqa: E402
+from conftest import make_image, wide_tiny_model  # noqa: E402
 from gpt2mm.serve.api import ServerSettings, _local_path, _remote_allowed, create_app  # noqa: E402
 from gpt2mm.serve.engine import Engine  # noqa: E402
 
 
-def tiny_model():
-    """The tiny preset with weights wide enough to give varied greedy answers."""
-    torch.manual_seed(0)
-    model, processor = build_model("tiny")
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.15, generator=gen)
-    return model.eval(), processor
-
-
 @pytest.fixture(scope="module")
 def engine() -> Engine:
-    model, processor = tiny_model()
+    model, processor = wide_tiny_model()
     return Engine(model, processor, device="cpu")
 
 

@@ -8,7 +8,6 @@ do not depend on `gpt2mm.reward`'s code.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
 import sqlite3
@@ -19,7 +18,6 @@ import types
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -27,29 +25,12 @@ httpx = pytest.importorskip("httpx")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
+from conftest import launch_chromium, needs_browser, running, sync_playwright, wide_tiny_model  # noqa: E402
 from gpt2mm.cli import main  # noqa: E402
 from gpt2mm.data.synthetic import write_world  # noqa: E402
 from gpt2mm.errors import DataError  # noqa: E402
 from gpt2mm.tag import app as tag_app  # noqa: E402
 from gpt2mm.tag import store  # noqa: E402
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-try:
-    from playwright.sync_api import sync_playwright
-except ImportError:  # pragma: no cover
-    sync_playwright = None
-
 
 # --- fixtures and helpers -----------------------------------------------------------------------------------
 
@@ -69,16 +50,9 @@ def world_args(world: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """The tiny preset, weights drawn wide enough that greedy answers differ from question to question."""
-    from gpt2mm.presets import build_model
 
     out = tmp_path_factory.mktemp("model")
-    torch.manual_seed(0)
-    model, processor = build_model("tiny")
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.15, generator=gen)
+    model, processor = wide_tiny_model()
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
@@ -114,33 +88,6 @@ def db_tags(path: Path) -> dict[tuple[int, str], str]:
         conn.close()
     assert len(rows) == len({(i, t) for i, t, _ in rows})
     return {(i, t): label for i, t, label in rows}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running(app):
-    """A real uvicorn server in a thread on a free localhost port; yields its URL."""
-    import uvicorn
-
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("the server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        thread.join(10)
 
 
 def run_cli(argv: list[str]) -> int:
@@ -607,14 +554,7 @@ def test_bad_inputs_exit_2_with_a_message(tmp_path, world, capsys):
 # --- the page in a real browser -----------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(
-    sync_playwright is None,
-    reason="the browser test needs the playwright package: pip install playwright (no `playwright install`)",
-)
-@pytest.mark.skipif(
-    not CHROMIUM.exists(),
-    reason="the browser test needs Chromium at /usr/bin/chromium: apt-get install -y chromium",
-)
+@needs_browser
 def test_page_tags_with_clicks_and_keys(tmp_path, world):
     db = make_db(tmp_path / "tags.sqlite", world, 5)
     conn = store.connect(db)
@@ -631,7 +571,7 @@ def test_page_tags_with_clicks_and_keys(tmp_path, world):
         )
 
     with running(tag_app.create_app(db)) as base, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        browser = launch_chromium(p)
         try:
             page = browser.new_page()
             page.goto(base + "/")

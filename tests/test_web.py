@@ -11,90 +11,40 @@ the system one); skipped otherwise.
 from __future__ import annotations
 
 import base64
-import socket
-import threading
-import time
-from pathlib import Path
 
 import pytest
-import torch
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-try:
-    from playwright.sync_api import sync_playwright
-except ImportError:  # pragma: no cover
-    sync_playwright = None
-
-pytestmark = [
-    pytest.mark.skipif(
-        sync_playwright is None,
-        reason="the browser test needs the playwright package: pip install playwright (no `playwright install`)",
-    ),
-    pytest.mark.skipif(
-        not CHROMIUM.exists(),
-        reason="the browser test needs Chromium at /usr/bin/chromium: apt-get install -y chromium",
-    ),
-]
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from conftest import make_image  # noqa: E402
+from conftest import (  # noqa: E402
+    BROWSER_MARKS,
+    launch_chromium,
+    make_image,
+    running,
+    sync_playwright,
+    wide_tiny_model,
+)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = BROWSER_MARKS
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A uvicorn server in a thread, serving a tiny random model loaded from disk; yields its URL."""
-    import uvicorn
-
-    from gpt2mm import build_model
     from gpt2mm.serve.api import ServerSettings, create_app
     from gpt2mm.serve.engine import Engine
 
     model_dir = tmp_path_factory.mktemp("model")
-    torch.manual_seed(0)
-    model, processor = build_model("tiny")
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # weights wide enough that answers depend on the prompt
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.15, generator=gen)
+    model, processor = wide_tiny_model()  # answers depend on the prompt
     model.save_pretrained(model_dir)
     processor.save_pretrained(model_dir)
 
     engine = Engine.from_pretrained(model_dir, device="cpu")
     app = create_app(engine, ServerSettings(model_name="tiny"))
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("the server did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
+    with running(app, lifespan="on") as base:
+        yield base
 
 
 def api_answer(base: str, messages: list) -> str:
@@ -114,7 +64,7 @@ def test_page_answers_like_the_api_and_follows_up(server, tmp_path):
     q1, q2 = "What color is the circle?", "How many squares?"
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        browser = launch_chromium(p)
         try:
             page = browser.new_page()
             page.goto(server + "/")

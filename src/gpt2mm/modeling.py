@@ -388,6 +388,12 @@ class MultimodalGPT2ForConditionalGeneration(MultimodalGPT2PreTrainedModel, Gene
         return model, processor
 
 
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The position ids `generate` gives a padded batch: 0, 1, 2, ... over each row's real tokens, 0 on
+    padding, so a left-padded row reads as an unpadded one. (B, T) -> (B, T)."""
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+
+
 def copy_state(src: nn.Module, dst: nn.Module, what: str) -> None:
     """Copy a pretrained module's weights, asserting that keys and shapes match one to one (nanoGPT style)."""
     s, d = src.state_dict(), dst.state_dict()

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gpt2mm.modeling import IGNORE_INDEX
+from gpt2mm.modeling import IGNORE_INDEX, position_ids_from_mask
 
 REWARD_CONFIG = "reward_config.json"
 REWARD_HEAD = "reward_head.safetensors"
@@ -48,11 +48,6 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index of the last 1 in each row of a (B, T) mask, whatever the padding side: (B,)."""
     t = attention_mask.shape[1]
     return t - 1 - attention_mask.long().flip(-1).argmax(-1)
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """0, 1, 2, ... over the real tokens of each row, so a left-padded row reads as an unpadded one: (B, T)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def answer_start(seq: Sequence[int], marker: Sequence[int]) -> int:

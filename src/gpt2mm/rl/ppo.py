@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from gpt2mm.errors import UsageError
+from gpt2mm.modeling import position_ids_from_mask
 from gpt2mm.rl import core
 
 # --- configuration ---------------------------------------------------------------------------------------
@@ -204,11 +205,6 @@ class Reward:
 # --- the policy's forward --------------------------------------------------------------------------------
 
 
-def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
-    """The position ids `generate` gives a left-padded batch: count of real tokens before, 0 on padding."""
-    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-
-
 def answer_logits(
     model,
     input_ids: torch.Tensor,
@@ -225,7 +221,7 @@ def answer_logits(
     hidden = model.language_model(
         inputs_embeds=embeds,
         attention_mask=attention_mask,
-        position_ids=position_ids_for(attention_mask),
+        position_ids=position_ids_from_mask(attention_mask),
         use_cache=False,
     ).last_hidden_state
     h = hidden[:, prompt_len - 1 : -1]  # (B, N, C)
@@ -520,7 +516,9 @@ class PPOTrainer:
 
     def train(self) -> dict[str, Any]:
         t = self.cfg.train
-        writer = self._tensorboard()
+        from gpt2mm.train.sft import tensorboard_writer
+
+        writer = tensorboard_writer(self.out, t.tensorboard)
         metrics_file = self.out / "metrics.jsonl"
         if self.step == 0 and self.val_samples:
             acc = self.evaluate()
@@ -641,15 +639,6 @@ class PPOTrainer:
                 writer.add_scalar(k, v, self.step)
         if "val_accuracy" in values:
             self.log(f"update {self.step}: val accuracy {values['val_accuracy']:.2f}%")
-
-    def _tensorboard(self):
-        if not self.cfg.train.tensorboard:
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            return None
-        return SummaryWriter(str(self.out / "tensorboard"))
 
     # --- checkpoints ---
 

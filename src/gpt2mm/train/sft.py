@@ -499,6 +499,17 @@ def load_resume_checkpoint(run_dir: Path, resume: str | bool) -> tuple[Path, dic
     return path, state, load_file(str(path / "model.safetensors"))
 
 
+def tensorboard_writer(run_dir: Path, enabled: bool):
+    """A TensorBoard writer into RUN_DIR/tensorboard, or None when off or tensorboard is not installed."""
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -689,7 +700,7 @@ class Run:
         model = self.model
         model.train()
         metrics_file = self.out / "metrics.jsonl"
-        writer = self._tensorboard()
+        writer = tensorboard_writer(self.out, self.cfg.train.tensorboard and self.acc.is_main_process)
         self.wandb = self._wandb()
         bar = None
         if t.progress and self.acc.is_main_process:
@@ -850,15 +861,6 @@ class Run:
             self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=self.step)
         if "val_accuracy" in values:
             self.log(f"step {self.step}: val accuracy {values['val_accuracy']:.2f}%")
-
-    def _tensorboard(self):
-        if not (self.cfg.train.tensorboard and self.acc.is_main_process):
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            return None
-        return SummaryWriter(str(self.out / "tensorboard"))
 
     def _wandb(self):
         """A Weights & Biases run that gets metrics.jsonl's rows (project: $WANDB_PROJECT, else gpt2mm)."""
