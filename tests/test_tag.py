@@ -585,6 +585,8 @@ def test_page_tags_with_clicks_and_keys(tmp_path, world):
             page.click("#correct")
             wait_for_item(page, 2)
             assert "answer-1 ×3" in page.text_content("#refs")  # references shown when known
+            # the image loads after the text is shown: wait for it (a busy machine may take a moment)
+            page.wait_for_function("document.getElementById('image').complete", timeout=15_000)
             assert page.evaluate("document.getElementById('image').naturalWidth") == 48  # the image loaded
             page.keyboard.press("i")
             wait_for_item(page, 3)
