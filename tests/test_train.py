@@ -156,6 +156,30 @@ def test_stage3_llava_from_stage1_checkpoint_labels_assistant_turns(world, tmp_p
         assert processor.tokenizer.decode(kept) == expected
 
 
+def test_stage3_vqa_mix_adds_the_first_vqa_questions_to_the_conversations(world):
+    from gpt2mm.data.llava import load_llava
+    from gpt2mm.data.vqa import load_vqa
+    from gpt2mm.train.args import build
+    from gpt2mm.train.sft import SFTConfig, load_samples
+
+    conversations, _ = load_llava(world / "train_llava.json", world / "images")
+    questions, _ = load_vqa(
+        world / "train_questions.json", world / "train_annotations.json", world / "images/train"
+    )
+    data = {"root": str(world), "synth": False, "format": "llava"}
+    for mix, expected in ((0, []), (5, questions[:5]), (-1, questions)):
+        cfg = build(SFTConfig, {"data": data | {"vqa_mix": mix}})
+        samples, summary = load_samples(cfg.data, "train")
+        assert [(s.id, s.turns) for s in samples] == [(s.id, s.turns) for s in conversations + expected]
+        assert ("mixed in" in summary) == bool(mix)
+    # a VQA question and the conversation about the same image name the same file
+    assert {Path(s.image).resolve() for s in conversations} == {Path(s.image).resolve() for s in questions}
+    with pytest.raises(ValueError, match="vqa_mix.*format: llava"):
+        build(SFTConfig, {"data": {"vqa_mix": 5}})
+    with pytest.raises(ValueError, match="vqa_mix must be"):
+        build(SFTConfig, {"data": data | {"vqa_mix": -2}})
+
+
 def test_truncation_never_cuts_the_image_or_the_whole_answer():
     from gpt2mm import build_model
     from gpt2mm.data.samples import Sample, Turn
@@ -273,3 +297,95 @@ def test_refuses_to_render_the_world_into_a_foreign_directory(tmp_path, capsys):
     assert (
         "no synthetic world" in capsys.readouterr().err and (tmp_path / "mine.txt").read_text() == "keep me"
     )
+
+
+# --- FSDP2 (accelerate's FSDP plugin) on 2 CPU processes (gloo) -------------------------------------------
+
+FSDP_ARGS = ["--train.eval_every", "3", "--train.max_steps", "3", "--train.save_every", "2",
+             "--train.keep_last", "5"]  # fmt: skip
+
+
+def two_processes(world: Path, out: Path, port: int, *extra: str, env: dict[str, str] | None = None) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "gpt2mm.cli", *train_args(world, out, *FSDP_ARGS, *extra)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "FSDP2 over 2 processes" in done.stdout
+
+
+def losses(run: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(world, tmp_path_factory) -> Path:
+    """3 steps under FSDP2, selected as `accelerate launch --use_fsdp --fsdp_version 2` selects it (its
+    environment variables); checkpoints at steps 2 and 3."""
+    out = tmp_path_factory.mktemp("fsdp")
+    two_processes(world, out, 29532, env={"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"})
+    return out
+
+
+def test_fsdp_two_processes_match_one_with_the_same_global_batch(world, tmp_path, fsdp_run):
+    """FSDP2 on CPU (gloo), 2 processes x 4 samples == 1 process x 8: same losses; the checkpoints are whole
+    plain models (written by the main process from the gathered shards) with the same weights and optimizer
+    state. The tolerances are the DDP test's: the gradient is summed over processes in another order."""
+    from gpt2mm import MultimodalGPT2ForConditionalGeneration
+
+    single = tmp_path / "single"
+    assert main(train_args(world, single, *FSDP_ARGS)) == 0
+    assert len(losses(fsdp_run)) == 3
+    assert losses(fsdp_run) == pytest.approx(losses(single), rel=1e-4)
+    for step in ("checkpoint-2", "checkpoint-3"):
+        a, b = weights(single / step), weights(fsdp_run / step)
+        assert a.keys() == b.keys()  # no sharded or duplicated (tied LM head) tensors
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    # the optimizer state in torch's own format (parameters by position), as a single process writes it
+    oa, ob = (
+        torch.load(r / "checkpoint-3" / "trainer_state.pt", weights_only=False)["optimizer"]
+        for r in (single, fsdp_run)
+    )
+    assert [g["params"] for g in oa["param_groups"]] == [g["params"] for g in ob["param_groups"]]
+    for i, state in oa["state"].items():
+        for name in ("exp_avg", "exp_avg_sq"):
+            a = state[name]  # near-zero moments: absolute noise at their tensor's scale
+            torch.testing.assert_close(ob["state"][i][name], a, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
+    # evaluation (greedy generation, every process in step) and the best checkpoint it writes
+    rows = [json.loads(line) for line in (fsdp_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val_accuracy" in r] == [3]
+    best = weights(fsdp_run / "best")
+    assert best.keys() == b.keys() and all(torch.equal(best[k], b[k]) for k in b)
+    model = MultimodalGPT2ForConditionalGeneration.from_pretrained(fsdp_run / "checkpoint-3")
+    assert model.lm_head.weight is model.language_model.wte.weight
+    assert all(torch.equal(v, b[k]) for k, v in model.state_dict().items() if k in b)
+
+
+def test_fsdp_resume_ends_with_the_same_weights(world, tmp_path, fsdp_run):
+    """The same FSDP run stopped after step 2 and resumed (the shards of the full optimizer state saved at step
+    2) ends with the weights of the uninterrupted one; FSDP selected by the recipe option this time."""
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copytree(fsdp_run / "checkpoint-2", part / "checkpoint-2")
+    two_processes(world, part, 29533, "--train.fsdp", "true", "--resume")
+    assert losses(part) == losses(fsdp_run)[2:]
+    a, b = weights(fsdp_run / "checkpoint-3"), weights(part / "checkpoint-3")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fsdp_with_one_process_trains_unsharded_and_fsdp1_is_refused(world, tmp_path, capsys, monkeypatch):
+    # one process: nothing to shard, a note, and no ACCELERATE_USE_FSDP left behind for the next run
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    args = train_args(world, tmp_path / "run", "--train.max_steps", "1", "--train.eval_every", "0")
+    assert main([*args, "--train.fsdp", "true"]) == 0
+    assert "single process has nothing to shard" in capsys.readouterr().out
+    assert "ACCELERATE_USE_FSDP" not in os.environ
+    # `accelerate launch --use_fsdp` alone asks for FSDP1: refused with the flag to add
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(SystemExit):
+        main(args)
+    assert "--fsdp_version 2" in capsys.readouterr().err

@@ -40,6 +40,7 @@ from pathlib import Path
 from gpt2mm.errors import UsageError
 
 STAGES = ("sft", "ppo", "instruct")
+VQA_MIX = 10_000  # stage 3: VQA questions mixed into the 10,000 conversations (data.vqa_mix)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -235,7 +236,9 @@ def run_ppo(out: Path, world: Path, seed: int, minutes: float):
     return trainer.train(), trainer
 
 
-def run_instruct(out: Path, world: Path, seed: int, minutes: float, init: Path) -> dict:
+def run_instruct(
+    out: Path, world: Path, seed: int, minutes: float, init: Path, vqa_mix: int = VQA_MIX
+) -> dict:
     """Stage 3 from `init`: the world's LLaVA conversations (a detailed description, then questions), loss on
     the assistant turns, for `minutes` of training time. Scores the descriptions of test images (object
     precision / recall / F1 against the scene records) before and after, and the VQA test accuracy after."""
@@ -252,7 +255,13 @@ def run_instruct(out: Path, world: Path, seed: int, minutes: float, init: Path) 
         SFTConfig,
         {
             "model": {"init_from": str(init)},
-            "data": {"root": str(world), "synth": False, "format": "llava", "max_length": 256},
+            "data": {
+                "root": str(world),
+                "synth": False,
+                "format": "llava",
+                "vqa_mix": vqa_mix,  # keeps stage 1's short answers (without: VQA accuracy fell to 8%)
+                "max_length": 256,
+            },
             "train": {
                 "output_dir": str(out / "instruct"),
                 "seed": seed,

@@ -5,7 +5,8 @@
     gpt2mm train configs/seed-llava.yaml                     # stage 3 from a stage-1 checkpoint
     gpt2mm train configs/tiny-synth.yaml --resume            # continue the last complete checkpoint
     gpt2mm train configs/seed-llava.yaml --model.lora.r 8    # LoRA (peft) on GPT-2; checkpoints hold merged weights
-    accelerate launch -m gpt2mm.cli train RECIPE.yaml        # several GPUs (DDP; FSDP via accelerate config)
+    accelerate launch -m gpt2mm.cli train RECIPE.yaml        # several GPUs (DDP)
+    accelerate launch --use_fsdp --fsdp_version 2 -m gpt2mm.cli train RECIPE.yaml   # FSDP2 (or --train.fsdp true)
 
 The loop is ours, on top of accelerate (devices, DDP/FSDP, autocast), rather than transformers' Trainer,
 for three measured needs: the LM head runs only on labelled positions (the model returns no logits in
@@ -74,6 +75,13 @@ class DataConfig:
     val_images: str = "images/val"
     llava_train: str = "train_llava.json"
     llava_images: str = "images"
+    vqa_mix: int = field(
+        default=0,
+        metadata={
+            "help": "format llava: also train on the first N VQA questions (train_questions etc.), so that "
+            "stage 3 keeps stage 1's short answers (-1: all of them)"
+        },
+    )
     answer_mode: str = field(default="multiple_choice", metadata={"help": "multiple_choice | sample"})
     limit: int | None = field(default=None, metadata={"help": "first N training questions (seed: 100000)"})
     val_limit: int = 500
@@ -125,6 +133,13 @@ class TrainConfig:
         default=False, metadata={"help": "log metrics.jsonl's rows to Weights & Biases too (needs wandb)"}
     )
     progress: bool = True
+    fsdp: bool = field(
+        default=False,
+        metadata={
+            "help": "with several processes, shard parameters, gradients and optimizer state with FSDP2 "
+            "(what accelerate launch --use_fsdp --fsdp_version 2 also selects)"
+        },
+    )
 
 
 @dataclass
@@ -145,6 +160,14 @@ class SFTConfig:
             )
         if self.data.format not in ("vqa", "llava"):
             raise ValueError(f"data.format must be vqa or llava, got {self.data.format!r}")
+        if self.data.vqa_mix and self.data.format != "llava":
+            raise ValueError(
+                "data.vqa_mix mixes VQA questions into LLaVA conversations: it needs format: llava"
+            )
+        if self.data.vqa_mix < -1:
+            raise ValueError(
+                f"data.vqa_mix must be a number of questions, or -1 for all; got {self.data.vqa_mix}"
+            )
 
 
 # --- model ---------------------------------------------------------------------------------------------------
@@ -376,7 +399,15 @@ def load_samples(cfg: DataConfig, split: str) -> tuple[list, str]:
         samples, report = load_llava(
             resolve(cfg.root, cfg.llava_train), resolve(cfg.root, cfg.llava_images), skip_bad=cfg.skip_bad
         )
-        return (samples[: cfg.limit] if cfg.limit else samples), report.summary()
+        samples, summary = (samples[: cfg.limit] if cfg.limit else samples), report.summary()
+        if cfg.vqa_mix:  # LLaVA-1.5's remedy for forgetting short answers: VQA samples in the same stream
+            vqa, vqa_summary = load_vqa_split(cfg, "train", None if cfg.vqa_mix == -1 else cfg.vqa_mix)
+            samples, summary = samples + vqa, f"{summary}; mixed in {vqa_summary}"
+        return samples, summary
+    return load_vqa_split(cfg, split, cfg.limit if split == "train" else cfg.val_limit)
+
+
+def load_vqa_split(cfg: DataConfig, split: str, limit: int | None) -> tuple[list, str]:
     from gpt2mm.data.vqa import load_vqa
 
     q, a, im = (
@@ -393,7 +424,7 @@ def load_samples(cfg: DataConfig, split: str) -> tuple[list, str]:
         resolve(cfg.root, a),
         resolve(cfg.root, im),
         answer_mode=cfg.answer_mode,
-        limit=cfg.limit if split == "train" else cfg.val_limit,
+        limit=limit,
         skip_bad=cfg.skip_bad,
         seed=0,
     )
@@ -525,14 +556,122 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# --- FSDP ------------------------------------------------------------------------------------------------
+# FSDP2 (torch's `fully_shard`) through accelerate's FullyShardedDataParallelPlugin, selected by
+# `accelerate launch --use_fsdp --fsdp_version 2` (or an accelerate config file saying so: both set the
+# ACCELERATE_USE_FSDP / FSDP_* variables) or by `train.fsdp: true`. The optimizer is built before sharding and
+# accelerate swaps its parameters for the sharded ones (FSDP2 keeps each parameter as itself, frozen or not, so
+# the frozen vision tower and the tied embedding / LM head need nothing special). FSDP1 is not offered: it needs
+# the optimizer built after wrapping, over flattened parameters (use_orig_params for the frozen tower).
+
+FSDP_WRAP = ["GPT2Block", "CLIPEncoderLayer"]  # one FSDP unit per GPT-2 block and per CLIP encoder layer
+
+
+def fsdp_from_env() -> bool:
+    """Whether the launcher asked for FSDP (`accelerate launch --use_fsdp`, or its config file)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def make_fsdp_plugin():
+    """accelerate's FSDP2 plugin: units per GPT-2 block and CLIP encoder layer (then accelerate's own unit for the
+    tied embedding + LM head, and the root) unless the launcher's FSDP_* variables say otherwise; the other
+    settings (resharding, CPU offload, activation checkpointing, ...) come from them as accelerate reads them."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    if "fsdp_version" not in FullyShardedDataParallelPlugin.__dataclass_fields__:
+        raise UsageError("FSDP here is FSDP2, which needs accelerate >= 1.6: pip install -U accelerate")
+    version = os.environ.get("FSDP_VERSION", "2")
+    if version != "2":
+        raise UsageError(
+            f"FSDP_VERSION={version}: gpt2mm train shards with FSDP2 only (FSDP1 would need the optimizer built "
+            "after wrapping, over flattened parameters); launch with accelerate launch --use_fsdp --fsdp_version 2 "
+            "(fsdp_version: 2 in an accelerate config file)"
+        )
+    kwargs: dict[str, Any] = {"fsdp_version": 2}
+    if "FSDP_AUTO_WRAP_POLICY" not in os.environ:
+        kwargs["auto_wrap_policy"] = "transformer_based_wrap"
+    if "FSDP_TRANSFORMER_CLS_TO_WRAP" not in os.environ:
+        # accelerate's default, the model's _no_split_modules, names CLIP modules this model does not hold
+        kwargs["transformer_cls_names_to_wrap"] = list(FSDP_WRAP)
+    return FullyShardedDataParallelPlugin(**kwargs)
+
+
+def shard_on_cpu(acc, plugin) -> None:
+    """Switch an Accelerator of several CPU processes (gloo) from DDP to FSDP. accelerate (1.x) selects FSDP for
+    accelerator devices only: on CPU it keeps DDP and drops the plugin, although FSDP2 itself runs there. This sets
+    what accelerate sets on GPUs (the distributed type, the plugin, its mixed precision), so that `prepare`,
+    `backward`, `clip_grad_norm_`, `no_sync` and `get_state_dict` take their FSDP2 paths, as they do on GPUs."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    state = acc.state  # AcceleratorState: one state shared by every instance
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    if not acc.is_fsdp2:
+        raise RuntimeError("could not switch accelerate's state to FSDP2 on CPU")
+
+
+def tied_copies(model) -> set[str]:
+    """The names under which a parameter appears a second time (the LM head tied to the embeddings). A state dict
+    gathered from FSDP shards holds a separate copy under each, which save_pretrained (it recognises tied weights
+    by shared storage) would write twice; an unsharded model's checkpoint holds the first name only."""
+    seen: set[int] = set()
+    copies = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            copies.add(name)
+        seen.add(id(p))
+    return copies
+
+
+def optimizer_param_names(model, optimizer) -> tuple[list[str], dict[str, int]]:
+    """The optimizer's parameters by name, in its order (the first name of a tied parameter), and every name of
+    each (the tied LM head's too) -> its position: the two keyings of an optimizer state dict."""
+    position = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    names: list[str | None] = [None] * len(position)
+    by_name = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        i = position.get(id(p))
+        if i is not None:
+            by_name[name] = i
+            names[i] = names[i] or name
+    if any(n is None for n in names):
+        raise RuntimeError("an optimizer parameter is not a parameter of the model")
+    return names, by_name  # type: ignore[return-value]
+
+
+def optimizer_state_by_name(state: dict, names: list[str]) -> dict:
+    """torch's optimizer state dict (parameters by position) keyed by parameter name instead, the form of
+    torch.distributed.checkpoint's full optimizer state dict."""
+    return {
+        "state": {names[i]: v for i, v in state["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
+    }
+
+
+def optimizer_state_by_position(state: dict, position: dict[str, int]) -> dict:
+    """The inverse of `optimizer_state_by_name`: what `optimizer.state_dict()` of the unsharded model gives."""
+    return {
+        "state": {position[k]: v for k, v in state["state"].items()},
+        "param_groups": [{**g, "params": [position[n] for n in g["params"]]} for g in state["param_groups"]],
+    }
+
+
 # --- the loop --------------------------------------------------------------------------------------------
+
+
+_LAST_BARRIER: list = []  # see Run.end
 
 
 class Run:
     """One training run: set-up, the step loop, evaluation, checkpoints. `Run(cfg).train()`."""
 
     def __init__(self, cfg: SFTConfig, resume: str | bool | None = None, log=print):
-        from accelerate import Accelerator
+        from accelerate import Accelerator, PartialState
+        from accelerate.utils import DistributedType
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # ours is the one to watch
@@ -541,10 +680,27 @@ class Run:
         t = cfg.train
         self.out = Path(t.output_dir)
         # on a machine without CUDA, processes started by torchrun / accelerate launch talk over gloo
+        cpu = not torch.cuda.is_available()
+        plugin = None
+        if t.fsdp or fsdp_from_env():
+            plugin = make_fsdp_plugin()
+            if PartialState(cpu=cpu).num_processes == 1 and not fsdp_from_env():
+                # (given a plugin, accelerate would set ACCELERATE_USE_FSDP for the rest of the process)
+                plugin = None
+                log("train.fsdp: a single process has nothing to shard; training unsharded")
         self.acc = Accelerator(
-            mixed_precision={"fp32": "no"}.get(t.precision, t.precision), cpu=not torch.cuda.is_available()
+            mixed_precision={"fp32": "no"}.get(t.precision, t.precision), cpu=cpu, fsdp_plugin=plugin
         )
+        if plugin is not None and self.acc.distributed_type == DistributedType.MULTI_CPU:
+            shard_on_cpu(self.acc, plugin)
+        self.fsdp = self.acc.distributed_type == DistributedType.FSDP
         self.world = self.acc.num_processes
+        if self.fsdp:
+            policy = getattr(plugin.auto_wrap_policy, "__name__", None)
+            units = (
+                plugin.transformer_cls_names_to_wrap if policy == "transformer_auto_wrap_policy" else policy
+            )
+            log(f"FSDP2 over {self.world} processes (units: {units or 'none below the embeddings and root'})")
         if (t.batch_size // t.grad_accum) % self.world:
             raise UsageError(f"train.batch_size / grad_accum must divide among {self.world} processes")
         torch.manual_seed(t.seed)
@@ -575,11 +731,7 @@ class Run:
             raise UsageError(f"no training examples: {enc_report.summary()}")
         self.log(f"train data: {train_report}; {enc_report.summary()}")
         self.val_samples = []
-        if (
-            cfg.data.format == "vqa"
-            and t.eval_every > 0
-            and resolve(cfg.data.root, cfg.data.val_questions).exists()
-        ):
+        if t.eval_every > 0 and resolve(cfg.data.root, cfg.data.val_questions).exists():
             self.val_samples, val_report = load_samples(cfg.data, "val")
             self.log(f"val data: {val_report}")
         self.image_key = "pixel_values"
@@ -600,7 +752,12 @@ class Run:
             self._drop_unreadable_images()
         self.collate = Collator(self.processor.tokenizer.pad_token_id, self.pixels, self.image_key)
 
+        # --resume: the weights load into the whole model, before it is sharded (the rest after prepare)
+        resumed = self._resume_weights(resume) if resume else None
         self.optimizer = make_optimizer(self.model.to(self.acc.device), t)
+        # names taken before sharding (FSDP's activation checkpointing or torch.compile would add wrapper prefixes)
+        self._param_names, self._param_position = optimizer_param_names(self.model, self.optimizer)
+        self._tied_copies = tied_copies(self.model)
         self.train_seconds = 0.0
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(t, lambda: self.train_seconds)
@@ -623,8 +780,8 @@ class Run:
             self.out.mkdir(parents=True, exist_ok=True)
             for stale in self.out.glob("*.tmp"):
                 shutil.rmtree(stale)
-        if resume:
-            self._resume(resume)
+        if resumed is not None:
+            self._resume_state(*resumed)
 
     def _drop_unreadable_images(self) -> None:
         """With `data.skip_bad`, every image is decoded once before training: the samples of an unreadable
@@ -827,6 +984,20 @@ class Run:
         loss = torch.tensor(loss_sum, device=self.acc.device)
         return float(self.acc.reduce(loss, reduction="mean")) if self.world > 1 else loss_sum
 
+    def end(self) -> None:
+        """The processes of a run end together: the main one may still be writing the last checkpoint.
+
+        The final barrier stays referenced until the process exits. gloo frees a finished work, and the works
+        a barrier waited on (FSDP's gathers, whose tensors need the GIL to be freed), when the work's last
+        reference goes: held here, that is the main thread; dropped at once, it could be a gloo thread racing
+        the interpreter's shutdown, which then aborts the process ("terminate called without an active
+        exception") after a complete run."""
+        if self.world == 1 or not torch.distributed.is_initialized():
+            return
+        work = torch.distributed.barrier(async_op=True)
+        work.wait()
+        _LAST_BARRIER.append(work)
+
     def evaluate(self) -> float:
         """VQA accuracy (official metric, percent) of greedy answers on the validation samples."""
         from gpt2mm.eval.evaluate import answer_questions, score_samples
@@ -880,9 +1051,13 @@ class Run:
     def _save(self, best: bool = False) -> None:
         self.acc.wait_for_everyone()
         model = self.acc.unwrap_model(self.model)
+        # under FSDP both gather the full tensors from the shards: every process takes part, the main one gets them
         state_dict = self.acc.get_state_dict(self.model)
+        optimizer_state = None if best else self._optimizer_state()
         if not self.acc.is_main_process:
             return
+        if self.fsdp:
+            state_dict = {k: v for k, v in state_dict.items() if k not in self._tied_copies}
         adapter = None
         if self.lora:  # model.safetensors holds the merged weights (a plain model); the adapters go beside it
             adapter = adapter_state_dict(model, state_dict)
@@ -896,7 +1071,7 @@ class Run:
             "train_seconds": self.train_seconds,
             "best": self.best,
             "evals_without_gain": self.evals_without_gain,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(),
             "config": asdict(self.cfg),
@@ -917,9 +1092,41 @@ class Run:
         if not best:
             prune_checkpoints(self.out, self.cfg.train.keep_last)
 
-    def _resume(self, resume: str | bool) -> None:
+    def _optimizer_state(self) -> dict | None:
+        """The optimizer state in torch's own format (parameters by position), whatever the sharding: a checkpoint
+        resumes with or without FSDP. Under FSDP, gathered from the shards (None on the other processes)."""
+        if not self.fsdp:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        full = get_optimizer_state_dict(
+            self.model,
+            getattr(self.optimizer, "optimizer", self.optimizer),  # the torch optimizer under accelerate's
+            options=StateDictOptions(full_state_dict=True, cpu_offload=True),
+        )
+        return optimizer_state_by_position(full, self._param_position) if self.acc.is_main_process else None
+
+    def _load_optimizer_state(self, saved: dict, path: Path) -> None:
+        if not self.fsdp:
+            self.optimizer.load_state_dict(saved)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        live = [len(g["params"]) for g in self.optimizer.param_groups]
+        if [len(g["params"]) for g in saved["param_groups"]] != live:
+            raise UsageError(f"--resume: the optimizer state in {path} does not fit this run's parameters")
+        # every process read the whole state from the checkpoint; each keeps its shards
+        set_optimizer_state_dict(
+            self.model,
+            getattr(self.optimizer, "optimizer", self.optimizer),
+            optimizer_state_by_name(saved, self._param_names),
+            options=StateDictOptions(full_state_dict=True),
+        )
+
+    def _resume_weights(self, resume: str | bool) -> tuple[Path, dict]:
+        """Load a checkpoint's weights into the (not yet prepared) model; returns (path, trainer state)."""
         path, state, weights = load_resume_checkpoint(self.out, resume)
-        model = self.acc.unwrap_model(self.model)
+        model = self.model
         may_miss = {"lm_head.weight"}
         if (path / ADAPTER_FILE).is_file() != self.lora:
             raise UsageError(
@@ -933,7 +1140,11 @@ class Run:
             raise UsageError(
                 f"--resume: {path} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
-        self.optimizer.load_state_dict(state["optimizer"])
+        return path, state
+
+    def _resume_state(self, path: Path, state: dict) -> None:
+        """The rest of a checkpoint, once the model and optimizer are prepared: optimizer, schedule, position, RNG."""
+        self._load_optimizer_state(state["optimizer"], path)
         self.scheduler.load_state_dict(state["scheduler"])
         for key in (
             "step",
@@ -991,5 +1202,7 @@ def run(args, extra: list[str]) -> int:
     if extra and not extra[0].startswith("--"):
         recipe, extra = extra[0], extra[1:]
     cfg = load_config(SFTConfig, recipe, extra)
-    Run(cfg, resume=args.resume).train()
+    trainer = Run(cfg, resume=args.resume)
+    trainer.train()
+    trainer.end()
     return 0
