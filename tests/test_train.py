@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from gpt2mm.cli import main
 from gpt2mm.data.collate import encode_samples
-from gpt2mm.data.synthetic import write_world
+from gpt2mm.data.synthetic import DESCRIBE_PROMPT, write_world
 from gpt2mm.modeling import IGNORE_INDEX
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "tiny-synth.yaml"
@@ -178,6 +178,27 @@ def test_stage3_vqa_mix_adds_the_first_vqa_questions_to_the_conversations(world)
         build(SFTConfig, {"data": {"vqa_mix": 5}})
     with pytest.raises(ValueError, match="vqa_mix must be"):
         build(SFTConfig, {"data": data | {"vqa_mix": -2}})
+
+
+def test_conversation_mix_adds_each_conversation_with_its_description_last(world, tmp_path):
+    from gpt2mm.data.llava import load_llava
+    from gpt2mm.train.args import load_config
+    from gpt2mm.train.sft import Run, SFTConfig
+
+    conversations, _ = load_llava(world / "train_llava.json", world / "images")
+    scenes = {sc["file_name"]: sc for sc in json.loads((world / "scenes" / "train_scenes.json").read_text())}
+    args = train_args(world, tmp_path / "run", *CURRICULUM, "--data.pack_questions", "8")[2:]
+    plain = Run(load_config(SFTConfig, RECIPE, args), log=lambda m: None)
+    mixed = Run(load_config(SFTConfig, RECIPE, [*args, "--data.conversation_mix", "true"]), log=lambda m: None)
+    n = len(plain.train_samples)
+    assert [x.turns for x in mixed.train_samples[:n]] == [x.turns for x in plain.train_samples]  # packed VQA
+    added = mixed.train_samples[n:]
+    assert [x.turns for x in added] == [c.turns[2:] + c.turns[:2] for c in conversations]
+    assert all(x.turns[-2].text == DESCRIBE_PROMPT for x in added)  # the description after the questions
+    # the curriculum's difficulty of a conversation (no image id in LLaVA records) comes by its file name
+    assert [x.difficulty for x in added] == [len(scenes[Path(x.image).name]["objects"]) for x in added]
+    with pytest.raises(ValueError, match="conversation_mix.*format: vqa"):
+        load_config(SFTConfig, RECIPE, [*args, "--data.conversation_mix", "true", "--data.format", "llava"])
 
 
 def test_truncation_never_cuts_the_image_or_the_whole_answer():

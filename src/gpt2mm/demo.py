@@ -25,7 +25,9 @@ The recipe, and why (measured on the 2-core machine; see README "The demo"):
 - a curriculum on the number of objects (`curriculum_steps: 1000`): batches start with one-object scenes
   and widen to all scenes by step 1000; without it the model sat on a plateau near 44% (the answer prior
   of most families) for thousands of steps;
-- cosine decay of the learning rate over the time budget.
+- cosine decay of the learning rate over the time budget;
+- the world's conversations mixed in (`conversation_mix`), each with its detailed description after its
+  questions: a dense target naming every object's position ("where is ..." 34% -> 82%).
 Simplifications: one fixed seed; the time budget covers the whole demo, training gets what is left.
 """
 
@@ -124,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
                 "root": str(world),
                 "val_limit": 400,
                 "pack_questions": 8,
+                "conversation_mix": True,  # + each image's conversation, its description after the questions
                 "max_length": 192,
                 "difficulty": "objects",
             },

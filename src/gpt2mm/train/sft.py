@@ -75,6 +75,13 @@ class DataConfig:
     val_images: str = "images/val"
     llava_train: str = "train_llava.json"
     llava_images: str = "images"
+    conversation_mix: bool = field(
+        default=False,
+        metadata={
+            "help": "format vqa: also train on the LLaVA conversations of llava_train (after packing), each with "
+            "its first exchange moved to its end: the synthetic world's detailed description after its questions"
+        },
+    )
     vqa_mix: int = field(
         default=0,
         metadata={
@@ -160,6 +167,10 @@ class SFTConfig:
             )
         if self.data.format not in ("vqa", "llava"):
             raise ValueError(f"data.format must be vqa or llava, got {self.data.format!r}")
+        if self.data.conversation_mix and self.data.format != "vqa":
+            raise ValueError(
+                "data.conversation_mix adds conversations to VQA questions: it needs format: vqa"
+            )
         if self.data.vqa_mix and self.data.format != "llava":
             raise ValueError(
                 "data.vqa_mix mixes VQA questions into LLaVA conversations: it needs format: llava"
@@ -394,17 +405,27 @@ def resolve(root: str, path: str) -> Path:
 def load_samples(cfg: DataConfig, split: str) -> tuple[list, str]:
     """Training or validation samples of the recipe's format; returns (samples, load report summary)."""
     if split == "train" and cfg.format == "llava":
-        from gpt2mm.data.llava import load_llava
-
-        samples, report = load_llava(
-            resolve(cfg.root, cfg.llava_train), resolve(cfg.root, cfg.llava_images), skip_bad=cfg.skip_bad
-        )
-        samples, summary = (samples[: cfg.limit] if cfg.limit else samples), report.summary()
+        samples, summary = load_conversations(cfg)
         if cfg.vqa_mix:  # LLaVA-1.5's remedy for forgetting short answers: VQA samples in the same stream
             vqa, vqa_summary = load_vqa_split(cfg, "train", None if cfg.vqa_mix == -1 else cfg.vqa_mix)
             samples, summary = samples + vqa, f"{summary}; mixed in {vqa_summary}"
         return samples, summary
     return load_vqa_split(cfg, split, cfg.limit if split == "train" else cfg.val_limit)
+
+
+def load_conversations(cfg: DataConfig, first_exchange_last: bool = False) -> tuple[list, str]:
+    """The LLaVA training conversations; `first_exchange_last` moves each one's first exchange (user turn and
+    reply) to its end."""
+    from gpt2mm.data.llava import load_llava
+
+    samples, report = load_llava(
+        resolve(cfg.root, cfg.llava_train), resolve(cfg.root, cfg.llava_images), skip_bad=cfg.skip_bad
+    )
+    samples = samples[: cfg.limit] if cfg.limit else samples
+    if first_exchange_last:
+        for s in samples:
+            s.turns = s.turns[2:] + s.turns[:2]
+    return samples, report.summary()
 
 
 def load_vqa_split(cfg: DataConfig, split: str, limit: int | None) -> tuple[list, str]:
@@ -438,9 +459,13 @@ def set_difficulty(samples: list, cfg: DataConfig, split: str) -> None:
     path = resolve(cfg.root, f"scenes/{split}_scenes.json")
     if not path.is_file():
         raise UsageError(f"data.difficulty: objects needs the synthetic world's {path}")
-    objects = {scene["image_id"]: len(scene["objects"]) for scene in json.loads(path.read_text())}
+    scenes = json.loads(path.read_text())
+    by_id = {scene["image_id"]: len(scene["objects"]) for scene in scenes}
+    by_file = {scene["file_name"]: len(scene["objects"]) for scene in scenes}  # LLaVA records: no image id
     for s in samples:
-        s.difficulty = objects.get(s.image_id)
+        s.difficulty = (
+            by_id.get(s.image_id) if s.image_id is not None else by_file.get(Path(s.image or "").name)
+        )
 
 
 def pack_by_image(samples: list, k: int, seed: int) -> list:
@@ -724,6 +749,12 @@ class Run:
             set_difficulty(self.train_samples, cfg.data, "train")
         if cfg.data.pack_questions > 1:
             self.train_samples = pack_by_image(self.train_samples, cfg.data.pack_questions, t.seed)
+        if cfg.data.conversation_mix:  # not packed: a conversation is already one image's questions
+            conversations, summary = load_conversations(cfg.data, first_exchange_last=True)
+            if cfg.data.difficulty:
+                set_difficulty(conversations, cfg.data, "train")
+            self.train_samples += conversations
+            train_report += f"; mixed in {summary}"
         from gpt2mm.data.collate import Collator, encode_samples
 
         self.examples, enc_report = encode_samples(self.train_samples, self.processor, cfg.data.max_length)
