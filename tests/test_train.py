@@ -189,7 +189,9 @@ def test_conversation_mix_adds_each_conversation_with_its_description_last(world
     scenes = {sc["file_name"]: sc for sc in json.loads((world / "scenes" / "train_scenes.json").read_text())}
     args = train_args(world, tmp_path / "run", *CURRICULUM, "--data.pack_questions", "8")[2:]
     plain = Run(load_config(SFTConfig, RECIPE, args), log=lambda m: None)
-    mixed = Run(load_config(SFTConfig, RECIPE, [*args, "--data.conversation_mix", "true"]), log=lambda m: None)
+    mixed = Run(
+        load_config(SFTConfig, RECIPE, [*args, "--data.conversation_mix", "true"]), log=lambda m: None
+    )
     n = len(plain.train_samples)
     assert [x.turns for x in mixed.train_samples[:n]] == [x.turns for x in plain.train_samples]  # packed VQA
     added = mixed.train_samples[n:]
