@@ -239,9 +239,7 @@ def run_ppo(out: Path, world: Path, seed: int, minutes: float):
     return trainer.train(), trainer
 
 
-def run_instruct(
-    out: Path, world: Path, seed: int, minutes: float, init: Path, vqa_mix: int = VQA_MIX
-) -> dict:
+def run_instruct(out: Path, world: Path, seed: int, minutes: float, init: Path) -> dict:
     """Stage 3 from `init`: the world's LLaVA conversations (a detailed description, then questions), loss on
     the assistant turns, for `minutes` of training time. Scores the descriptions of test images (object
     precision / recall / F1 against the scene records) before and after, and the VQA test accuracy after."""
@@ -262,7 +260,7 @@ def run_instruct(
                 "root": str(world),
                 "synth": False,
                 "format": "llava",
-                "vqa_mix": vqa_mix,  # keeps stage 1's short answers (without: VQA accuracy fell to 8%)
+                "vqa_mix": VQA_MIX,  # keeps stage 1's short answers (without: VQA accuracy fell to 8%)
                 "max_length": 256,
             },
             "train": {
