@@ -1,14 +1,17 @@
 """Generation throughput: batched answers against the seed's one-question-at-a-time generation, in one run.
 
     python bench/generate_throughput.py --preset tiny --device cpu
-    python bench/generate_throughput.py --preset seed --device cuda --batch-size 64
+    python bench/generate_throughput.py --preset seed --device cuda --batch-size 64,256 --latency generate,compiled
 
 Both answer the same VQA-shaped prompts (image tokens + a 10-20 token question) with the same random-
 initialised model (built from the preset's config: no hub), greedy, exactly `--new-tokens` tokens each.
 The seed's way: one prompt at a time, padded to 512 tokens, fp16 weights on a GPU, no KV cache (each new
 token re-runs the whole sequence, as a hand-written loop over `model(...)` does). Ours: `generate` on
-left-padded batches with the KV cache, the image encoded once in the prefill, bf16 autocast on a GPU.
-Also timed: the latency of one short answer (batch 1, with the cache), median of `--latency-runs`.
+left-padded batches with the KV cache, the image encoded once in the prefill, bf16 weights on a GPU (what
+`gpt2mm serve --dtype bfloat16` loads). Also timed: the latency of one short answer (batch 1), the median
+of `--latency-runs`, from pixels and token ids on the device to the answer's tokens, with `generate`, with
+`generate` on transformers' static KV cache (whose decoding step it compiles: CUDA graphs on a GPU), or
+with `CompiledGreedy` (the prefill and the decoding steps compiled whole, on a static cache).
 
 The last line printed is one JSON object with the figures.
 """
@@ -27,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpt2mm import MultimodalGPT2Config, MultimodalGPT2ForConditionalGeneration  # noqa: E402
-from train_throughput import device_name, make_samples, sync  # noqa: E402
+from gpt2mm import MultimodalGPT2Config  # noqa: E402
+from train_throughput import build, device_name, make_samples, sync  # noqa: E402
 
 
 def prompts(cfg, n: int) -> list[list[int]]:
@@ -64,31 +67,51 @@ def bench_seed(model, cfg, device, prompt_ids, new_tokens: int, seconds: float) 
     return n / (time.perf_counter() - start)
 
 
+def left_padded(
+    chunk: list[list[int]], device, width: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and mask, `width` wide (default: the longest prompt's length)."""
+    width = width or max(len(c) for c in chunk)
+    ids = torch.zeros((len(chunk), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, c in enumerate(chunk):
+        ids[r, width - len(c) :] = torch.tensor(c)
+        mask[r, width - len(c) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def static_kwargs(device) -> dict:
+    """`generate`'s static KV cache, whose decoding step transformers compiles (CUDA graphs on a GPU; on a
+    CPU only when asked, which the tests do)."""
+    from transformers import CompileConfig
+
+    kw: dict = {"cache_implementation": "static"}
+    if device.type != "cuda":
+        cc = CompileConfig(fullgraph=True, mode="default")
+        cc._compile_all_devices = True
+        kw["compile_config"] = cc
+    return kw
+
+
 @torch.no_grad()
-def bench_ours(model, cfg, device, prompt_ids, new_tokens: int, seconds: float, batch_size: int) -> float:
+def bench_ours(model, cfg, device, prompt_ids, new_tokens, seconds, batch_size) -> float:
     size = cfg.vision_config.image_size
-    amp = device.type == "cuda"
+    dtype = next(model.parameters()).dtype
     n, i, start = 0, 0, None
     while True:
         chunk = [prompt_ids[(i * batch_size + j) % len(prompt_ids)] for j in range(batch_size)]
-        width = max(len(c) for c in chunk)
-        ids = torch.zeros((batch_size, width), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, c in enumerate(chunk):  # left padding
-            ids[r, width - len(c) :] = torch.tensor(c)
-            mask[r, width - len(c) :] = 1
-        pixels = torch.randn(batch_size, 3, size, size, device=device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                pixel_values=pixels,
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-            )
+        ids, mask = left_padded(chunk, device)
+        pixels = torch.randn(batch_size, 3, size, size, device=device, dtype=dtype)
+        model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=pixels,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+        )
         i += 1
-        if i == 2:
+        if i == 3:  # warm-up done
             sync(device)
             start = time.perf_counter()
         elif start is not None:
@@ -100,58 +123,165 @@ def bench_ours(model, cfg, device, prompt_ids, new_tokens: int, seconds: float, 
 
 
 @torch.no_grad()
-def latency_ms(model, cfg, device, prompt_ids, new_tokens: int, runs: int) -> float:
+def latency_ms(model, cfg, device, prompt_ids, new_tokens: int, runs: int, static=False) -> float:
     size = cfg.vision_config.image_size
-    amp = device.type == "cuda"
+    dtype = next(model.parameters()).dtype
+    extra = static_kwargs(device) if static else {}
+    # A static cache is as long as the prompt plus the new tokens, and each length is a graph of its own
+    # (compiled, then captured): prompts are left-padded to one width, as a server would bucket them.
+    width = -(-max(map(len, prompt_ids)) // 16) * 16 if static else None
     times = []
-    for r in range(runs + 2):
-        ids = torch.tensor([prompt_ids[r % len(prompt_ids)]], device=device)
-        pixels = torch.randn(1, 3, size, size, device=device)
+    for r, prompt in enumerate(prompt_ids[: runs + 3]):
+        ids, mask = left_padded([prompt], device, width)
+        pixels = torch.randn(1, 3, size, size, device=device, dtype=dtype)
         sync(device)
         t = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            model.generate(
-                input_ids=ids, pixel_values=pixels, max_new_tokens=new_tokens, min_new_tokens=new_tokens
-            )
+        model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=pixels,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            **extra,
+        )
         sync(device)
-        if r >= 2:
+        if r >= 3:  # warm-up (and, with the static cache, compilation and graph capture) done
             times.append(1000 * (time.perf_counter() - t))
     return statistics.median(times)
+
+
+class CompiledGreedy:
+    """One prompt at a time, greedy, with a static KV cache and `torch.compile` over the whole forward,
+    prefill and decoding steps alike (`mode="reduce-overhead"`: CUDA graphs on a GPU). Prompts are left-
+    padded to `width`, so each call replays the same two graphs. An experiment for the single-answer
+    latency, checked against `generate` (same tokens) before it is timed."""
+
+    def __init__(self, model, width: int, new_tokens: int, mode: str):
+        from transformers import StaticCache
+
+        self.model, self.width, self.new_tokens = model, width, new_tokens
+        self.cache = StaticCache(config=model.config.text_config, max_cache_len=width + new_tokens)
+        device = next(model.parameters()).device
+        with torch.no_grad():  # one eager forward allocates the cache: the graphs then see it initialised
+            ones = torch.ones(1, width + new_tokens, dtype=torch.long, device=device)
+            model(input_ids=0 * ones[:, :width], attention_mask=ones, cache=self.cache, use_cache=True)
+        self.forward = torch.compile(model.forward, mode=mode, dynamic=False)
+        self.banned = model.config.image_token_id  # generate's suppress_tokens
+
+    @torch.no_grad()
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor, pixels: torch.Tensor) -> list[int]:
+        from gpt2mm.modeling import position_ids_from_mask
+
+        self.cache.reset()
+        full = torch.cat([mask, mask.new_ones(1, self.new_tokens)], dim=1)  # later positions: causal-masked
+        position = position_ids_from_mask(mask)
+        kw = dict(attention_mask=full, cache=self.cache, use_cache=True, logits_to_keep=1)
+        out = self.forward(input_ids=ids, pixel_values=pixels, position_ids=position, **kw)
+        tokens = []
+        for step in range(self.new_tokens):
+            logits = out.logits[:, -1].float()
+            logits[:, self.banned] = -float("inf")
+            token = logits.argmax(dim=-1, keepdim=True)  # (1, 1)
+            tokens.append(token)
+            if step + 1 < self.new_tokens:
+                position = position[:, -1:] + 1
+                out = self.forward(input_ids=token, position_ids=position.clone(), **kw)
+        return torch.cat(tokens, dim=1)[0].tolist()
+
+
+@torch.no_grad()
+def compiled_latency_ms(model, cfg, device, prompt_ids, new_tokens: int, runs: int) -> tuple[float, float]:
+    """(median ms, fraction of prompts whose answer equals `generate`'s) for `CompiledGreedy`."""
+    size = cfg.vision_config.image_size
+    dtype = next(model.parameters()).dtype
+    width = -(-max(map(len, prompt_ids)) // 16) * 16
+    answer = CompiledGreedy(
+        model, width, new_tokens, "reduce-overhead" if device.type == "cuda" else "default"
+    )
+    times, same = [], 0
+    for r, prompt in enumerate(prompt_ids[: runs + 3]):
+        ids, mask = left_padded([prompt], device, width)
+        pixels = torch.randn(1, 3, size, size, device=device, dtype=dtype)
+        sync(device)
+        t = time.perf_counter()
+        tokens = answer(ids, mask, pixels)
+        sync(device)
+        if r >= 3:
+            times.append(1000 * (time.perf_counter() - t))
+        if r < 8:  # the same answer as generate's, from the same padded prompt
+            ref = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                pixel_values=pixels,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+            )[0, width:].tolist()
+            same += ref == tokens
+    return statistics.median(times), same / min(8, runs + 3)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="tiny", choices=["tiny", "small", "seed"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", default="64", help="one or more, comma-separated: 64,256")
     ap.add_argument("--new-tokens", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--latency-runs", type=int, default=20)
+    ap.add_argument(
+        "--latency",
+        default="generate",
+        help="how to time one answer, comma-separated: generate (KV cache), static (generate with a static "
+        "KV cache: transformers compiles its decoding step), compiled (CompiledGreedy: every forward compiled)",
+    )
     args = ap.parse_args()
     device = torch.device(args.device)
     cfg = MultimodalGPT2Config.from_preset(args.preset, attn_implementation="sdpa")
-    torch.manual_seed(0)
-    model = MultimodalGPT2ForConditionalGeneration(cfg).to(device).eval()
+    batch_sizes = [int(b) for b in args.batch_size.split(",")]
     ids = prompts(cfg, 256)
-    seed_model = model.half() if device.type == "cuda" else model
+    # the seed: fp16 weights on a GPU (fp32 on a CPU), one prompt at a time, no cache
+    seed_model = build(cfg, device, torch.float16 if device.type == "cuda" else None).eval()
     seed = bench_seed(seed_model, cfg, device, ids, args.new_tokens, args.seconds)
-    model = model.float()
-    print(f"seed (one at a time, no cache): {seed:.2f} answers/s")
-    ours = bench_ours(model, cfg, device, ids, args.new_tokens, args.seconds, args.batch_size)
-    print(f"ours (batched by {args.batch_size}, KV cache): {ours:.1f} answers/s")
-    lat = latency_ms(model, cfg, device, ids, args.new_tokens, args.latency_runs)
-    print(f"one answer of {args.new_tokens} tokens: {lat:.1f} ms median")
+    del seed_model
+    print(f"seed (one at a time, no cache): {seed:.2f} answers/s", flush=True)
+    # ours: bf16 weights on a GPU (gpt2mm serve --dtype bfloat16), fp32 on a CPU
+    model = build(cfg, device, torch.bfloat16 if device.type == "cuda" else None).eval()
+    rows = []
+    for bs in batch_sizes:
+        rate = bench_ours(model, cfg, device, ids, args.new_tokens, args.seconds, bs)
+        rows.append({"what": f"batched by {bs}, KV cache", "answers_per_s": rate, "ratio": rate / seed})
+        print(f"ours ({rows[-1]['what']}): {rate:.1f} answers/s, {rate / seed:.1f}x the seed", flush=True)
+    modes = args.latency.split(",")
+    if unknown := set(modes) - {"generate", "static", "compiled"}:
+        raise SystemExit(f"--latency: unknown {sorted(unknown)}; choose from generate, static, compiled")
+    for static in [m == "static" for m in modes if m != "compiled"]:
+        cache = "static KV cache, compiled decoding" if static else "KV cache"
+        lat = latency_ms(model, cfg, device, ids, args.new_tokens, args.latency_runs, static)
+        rows.append({"what": f"one answer of {args.new_tokens} tokens, {cache}", "latency_ms_median": lat})
+        print(f"ours (one answer of {args.new_tokens} tokens, {cache}): {lat:.1f} ms median", flush=True)
+    if "compiled" in modes:
+        lat, agree = compiled_latency_ms(model, cfg, device, ids, args.new_tokens, args.latency_runs)
+        what = f"one answer of {args.new_tokens} tokens, static KV cache, whole forward compiled"
+        rows.append({"what": what, "latency_ms_median": lat, "same_as_generate": agree})
+        print(
+            f"ours ({what}): {lat:.1f} ms median; answers equal to generate's: {100 * agree:.0f}%", flush=True
+        )
+    best = max((r for r in rows if "answers_per_s" in r), key=lambda r: r["answers_per_s"])
+    fastest = min((r for r in rows if "latency_ms_median" in r), key=lambda r: r["latency_ms_median"])
     result = {
         "bench": "generate_throughput",
         "preset": args.preset,
         "device": device_name(device),
         "torch": torch.__version__,
         "new_tokens": args.new_tokens,
-        "batch_size": args.batch_size,
-        "answers_per_s": round(ours, 2),
+        "answers_per_s": round(best["answers_per_s"], 2),
+        "best": best["what"],
         "seed_answers_per_s": round(seed, 2),
-        "ratio": round(ours / seed, 2),
-        "latency_ms_median": round(lat, 2),
+        "ratio": round(best["answers_per_s"] / seed, 2),
+        "latency_ms_median": round(fastest["latency_ms_median"], 2),
+        "rows": [{k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()} for r in rows],
     }
     print(json.dumps(result))
 

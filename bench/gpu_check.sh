@@ -1,17 +1,57 @@
 #!/usr/bin/env bash
-# Every GPU measurement of bench/, in one call well inside 10 minutes (a GPU is lent rarely and briefly).
-#   bash bench/gpu_check.sh 2>&1 | tee gpu_check.log      # then copy the JSON lines into bench/RESULTS.md
-# Needs a CUDA build of torch in .venv (make setup on the GPU machine) or on PATH's python.
-set -euo pipefail
+# Every GPU measurement of bench/, in one call well inside 10 minutes (a GPU is lent rarely and briefly):
+#   bash bench/gpu_check.sh                       # logs to bench/gpu_check-*.log, or to $LOGDIR
+# Needs a CUDA build of torch, transformers, accelerate and peft in .venv (make setup on the GPU machine)
+# or on PATH's python3. Each part has its own time limit, so that one overrun leaves the others' figures;
+# copy the tables and JSON lines it prints into bench/RESULTS.md.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
-S=${SECONDS_PER_LOOP:-8}
-# training: seed preset, our loop vs the seed's, then the fast paths one at a time
-$PY bench/train_throughput.py --preset seed --device cuda --batch-size 64 --seconds "$S" --peak-tflops 800
-$PY bench/train_throughput.py --preset seed --device cuda --batch-size 128 --seconds "$S" --peak-tflops 800 --feature-cache
-$PY bench/train_throughput.py --preset seed --device cuda --batch-size 64 --seconds "$S" --peak-tflops 800 --feature-cache --compile
-# generation: batched vs one at a time, and the latency of one short answer
-$PY bench/generate_throughput.py --preset seed --device cuda --batch-size 64 --seconds "$S"
-$PY bench/generate_throughput.py --preset seed --device cuda --batch-size 256 --seconds "$S"
+LOGDIR=${LOGDIR:-bench}
+S=${SECONDS_PER_LOOP:-4}
+DEVICE=${DEVICE:-cuda} PRESET=${PRESET:-seed}  # DEVICE=cpu PRESET=tiny: a dry run of the script itself
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+
+PARTS=${PARTS:-train generate memory trainer}
+
+part() {  # part NAME LIMIT_S COMMAND...: run it under a time limit, log it, show it without warnings
+    local name=$1 limit=$2
+    shift 2
+    [[ " $PARTS " == *" $name "* ]] || return 0
+    echo "### $name: $* (limit ${limit} s)"
+    local t0=$SECONDS
+    timeout "$limit" "$@" >"$LOGDIR/gpu_check-$name.log" 2>&1
+    local rc=$?
+    grep -v -i -E "warn|^W[0-9]{4} |^\s*$" "$LOGDIR/gpu_check-$name.log" | tail -n 40
+    echo "### $name: exit $rc after $((SECONDS - t0)) s"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || true
+$PY -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+  torch.cuda.is_available() and torch.cuda.get_device_name(), 'transformers', transformers.__version__)"
+
+# 1. training, seed preset: the seed's loop, ours (+ compile), each fast path taken away in turn, packing
+TRAIN_VARIANTS=${TRAIN_VARIANTS:-"ours + compile,ours + compile (batch 256),ours,- length grouping (dynamic padding only),- feature cache (vision every step),- LM head on answers only (full logits),- bf16 autocast (fp32),- fused AdamW (foreach),- SDPA (eager attention),+ packing (5 questions per sequence) + compile"}
+part train 220 $PY bench/train_throughput.py --preset "$PRESET" --device "$DEVICE" --batch-size 128 \
+    --seconds "$S" --variants "$TRAIN_VARIANTS"
+# 2. generation, seed preset: the seed's one-at-a-time loop, batched, and one short answer's latency
+part generate 160 $PY bench/generate_throughput.py --preset "$PRESET" --device "$DEVICE" --batch-size 64,256 \
+    --seconds "$S" --latency "${LATENCY:-generate,static,compiled}"
+# 3. memory, seed preset at batch 32: full fine-tuning and LoRA under a cap on the process's GPU memory
+part memory 60 $PY bench/train_throughput.py --preset "$PRESET" --device "$DEVICE" --seconds 3 --variants memory \
+    --no-seed-loop
+# 4. the trainer itself on the GPU (gpt2mm train, tiny preset, a small synthetic world): fp32, fp16 with its
+#    gradient scaler, and bf16 with train.compile, the same 300 steps each
+trainer() {
+    local world=${TMPDIR:-/tmp}/gpu-check-world
+    rm -rf "$world" && $PY -m gpt2mm.cli synth "$world" --train 1000 --val 100 --test 10 >/dev/null || return 1
+    for precision in ${PRECISIONS:-fp32 fp16 bf16}; do
+        local extra=() && [ "$precision" = bf16 ] && extra=(--train.compile true)
+        $PY -m gpt2mm.cli train configs/tiny-synth.yaml --data.root "$world" --data.synth false \
+            --data.val_limit 100 --train.output_dir "${TMPDIR:-/tmp}/gpu-check-$precision" \
+            --train.max_steps 300 --train.eval_every 150 --train.save_every 0 --train.precision "$precision" \
+            --train.progress false --train.tensorboard false "${extra[@]}" || return 1
+    done
+}
+export -f trainer && export PY PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+part trainer 120 bash -c trainer

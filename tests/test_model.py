@@ -298,3 +298,124 @@ def test_presets_offline_and_seed_under_a_billion(name):
         assert 8e8 < n < 1e9, n  # CLIP ViT-B/32 vision (88M) + GPT-2 large (774M) + projector
     if name == "tiny":
         assert n < 5e6 and not cfg.freeze_vision
+
+
+def test_compiled_blocks_give_the_eager_loss_and_gradients():
+    """`compile_blocks` (regional torch.compile) computes the same function: loss and every gradient."""
+    torch.manual_seed(0)
+    cfg = MultimodalGPT2Config.from_preset("tiny", attn_implementation="sdpa")
+    eager = MultimodalGPT2ForConditionalGeneration(cfg).train()
+    for m in eager.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    compiled = copy.deepcopy(eager)
+    compiled.compile_blocks()
+    t = cfg.num_image_tokens
+    for width in (0, 3):  # a second width: the dynamic-shape graph is reused, not recompiled wrong
+        ids = torch.tensor([[2] + [cfg.image_token_id] * t + [5, 6, 7, 3, 9] + [8] * width] * 2)
+        mask = torch.ones_like(ids)
+        mask[1, -2:] = 0  # one padded row
+        labels = torch.where(mask.bool(), ids, IGNORE_INDEX)
+        labels[:, : t + 4] = IGNORE_INDEX
+        pixels = torch.randn(2, 3, 48, 48)
+        out = {}
+        for name, model in (("eager", eager), ("compiled", compiled)):
+            model.zero_grad()
+            loss = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss
+            loss.backward()
+            out[name] = (loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        torch.testing.assert_close(out["compiled"][0], out["eager"][0], rtol=1e-5, atol=1e-6)
+        assert out["compiled"][1].keys() == out["eager"][1].keys()
+        for name, grad in out["eager"][1].items():
+            torch.testing.assert_close(out["compiled"][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints keep their keys
+    compiled.eval()  # generation's KV cache changes every step: eval mode runs the blocks eager
+    assert all(block._compiled_call_impl is None for block in compiled._blocks())
+    compiled.train()
+    assert all(block._compiled_call_impl is not None for block in compiled._blocks())
+
+
+def test_static_cache_compiled_decoding_equals_the_dynamic_cache():
+    """transformers' static KV cache, with the decoding step compiled whole (fullgraph), writes the same
+    greedy answers as the default cache, on left-padded batches."""
+    from transformers import CompileConfig
+
+    from conftest import wide_tiny_model
+
+    model, processor = wide_tiny_model()
+    questions = ["What color is the big circle on the left?", "How many?"]
+    enc = batch(processor, questions, [make_image(30), make_image(31)], padding_side="left")
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    compile_config = CompileConfig(fullgraph=True, mode="default")
+    compile_config._compile_all_devices = True  # transformers compiles on accelerators only by default
+    with torch.no_grad():
+        dynamic = model.generate(**enc, **kw)
+        static = model.generate(**enc, **kw, cache_implementation="static")
+        compiled = model.generate(**enc, **kw, cache_implementation="static", compile_config=compile_config)
+    assert len(set(dynamic[:, -6:].flatten().tolist())) > 2  # answers that differ: the check can fail
+    assert torch.equal(static, dynamic)
+    assert torch.equal(compiled, dynamic)
+
+
+def test_a_loss_forward_builds_no_kv_cache(tiny_pair):
+    model, processor = tiny_pair
+    enc = processor.encode_example("What color?", "red")
+    out = model(
+        input_ids=torch.tensor([enc["input_ids"]]),
+        labels=torch.tensor([enc["labels"]]),
+        pixel_values=processor.preprocess_images([make_image(32)]),
+    )
+    assert out.cache is None
+    assert model(input_ids=torch.tensor([enc["input_ids"][-3:]])).cache is not None  # generation keeps it
+
+
+def test_right_padded_loss_batches_drop_the_mask_for_the_causal_kernel(tiny_pair, monkeypatch):
+    """A right-padded training batch runs GPT-2's attention without the padding mask (causal attention
+    already keeps real tokens from the later pads), with the loss and gradients of the masked forward."""
+    model, processor = tiny_pair
+    model = copy.deepcopy(model).train()
+    for m in model.modules():  # no dropout: the two forwards must compute the same function
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(m, torch.nn.MultiheadAttention):  # the projector's (a float, not a module)
+            m.dropout = 0.0
+    examples = [
+        processor.encode_example("What color is the big circle on the left?", "dark red"),
+        processor.encode_example("How many?", "3"),
+    ]
+    width = max(len(e["input_ids"]) for e in examples)
+    pad = processor.tokenizer.pad_token_id
+    ids = torch.tensor([e["input_ids"] + [pad] * (width - len(e["input_ids"])) for e in examples])
+    labels = torch.tensor([e["labels"] + [IGNORE_INDEX] * (width - len(e["labels"])) for e in examples])
+    attn = (torch.arange(width)[None] < torch.tensor([len(e["input_ids"]) for e in examples])[:, None]).long()
+    pixels = processor.preprocess_images([make_image(40), make_image(41)])
+    masks_seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kw):
+        if q.shape[-2] == width and q.ndim == 4:  # GPT-2's attention (the vision tower's has other lengths)
+            masks_seen.append((attn_mask is None, is_causal))
+        return sdpa(q, k, v, attn_mask, dropout_p, is_causal, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    grads = {}
+    for name, kw in (("fast", {}), ("masked", {"return_logits": True})):  # logits asked for: mask kept
+        model.zero_grad()
+        masks_seen.clear()
+        loss = model(input_ids=ids, attention_mask=attn, pixel_values=pixels, labels=labels, **kw).loss
+        loss.backward()
+        grads[name] = (loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        assert masks_seen and all(
+            m == ((True, True) if name == "fast" else (False, False)) for m in masks_seen
+        )
+    torch.testing.assert_close(grads["fast"][0], grads["masked"][0], rtol=1e-5, atol=1e-6)
+    for n, g in grads["masked"][1].items():
+        torch.testing.assert_close(grads["fast"][1][n], g, rtol=1e-4, atol=1e-6, msg=n)
+    # left padding, or a label on a pad, keeps the mask
+    from gpt2mm.modeling import right_padded
+
+    assert right_padded(attn, labels)
+    assert not right_padded(attn.flip(1), labels.flip(1))
+    bad = labels.clone()
+    bad[1, -1] = 5
+    assert not right_padded(attn, bad)

@@ -412,3 +412,34 @@ def test_fsdp_with_one_process_trains_unsharded_and_fsdp1_is_refused(world, tmp_
     with pytest.raises(SystemExit):
         main(args)
     assert "--fsdp_version 2" in capsys.readouterr().err
+
+
+def test_compiled_training_follows_eager_training(world, tmp_path):
+    """`train.compile` (torch.compile of each block) trains the same model: the same losses, step by step."""
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["--train.compile", "true"])):
+        out = tmp_path / name
+        assert main(train_args(world, out, "--train.eval_every", "0", "--train.save_every", "0", *extra)) == 0
+        runs[name] = losses(out)
+    assert len(runs["eager"]) == 6
+    assert runs["compiled"] == pytest.approx(runs["eager"], rel=1e-4)
+
+
+def test_gradient_checkpointing_turns_off_the_autocast_weight_cache(world, tmp_path):
+    """Under gradient checkpointing, bf16 autocast must not keep a cast copy of every weight for the whole
+    forward (that copy is much of the memory checkpointing saves)."""
+    from accelerate.state import AcceleratorState
+
+    from gpt2mm.train.sft import Run, SFTConfig
+
+    for ckpt in (False, True):
+        AcceleratorState._reset_state(reset_partial_state=True)  # a process-wide singleton: set for bf16
+        cfg = SFTConfig()
+        cfg.data.root, cfg.data.synth, cfg.train.output_dir = str(world), False, str(tmp_path / str(ckpt))
+        cfg.train.precision, cfg.train.tensorboard = "bf16", False
+        cfg.model.gradient_checkpointing = ckpt
+        run = Run(cfg, log=lambda *a: None)
+        with run.acc.autocast():
+            assert torch.is_autocast_enabled("cpu")
+            assert torch.is_autocast_cache_enabled() is (not ckpt)
+    AcceleratorState._reset_state(reset_partial_state=True)  # back to the fp32 the other tests use

@@ -152,11 +152,33 @@ class MultimodalGPT2ForConditionalGeneration(MultimodalGPT2PreTrainedModel, Gene
         super().train(mode)
         if self.config.freeze_vision:
             self.vision_tower.eval()
+        # compiled blocks (compile_blocks) run in training only: evaluation and generation carry a KV cache
+        # that changes at every step, and each layer would be compiled again and again
+        for block in self._blocks():
+            if hasattr(block, "_compiled_for_training"):
+                block._compiled_call_impl = block._compiled_for_training if mode else None
         return self
 
     @property
     def vision_frozen(self) -> bool:
         return not any(p.requires_grad for p in self.vision_tower.parameters())
+
+    def _blocks(self) -> list[nn.Module]:
+        return [*self.language_model.h, *self.vision_tower.encoder.layers]
+
+    def compile_blocks(self, **kwargs: Any) -> None:
+        """`torch.compile` each transformer block for training, in place (regional compilation): the
+        GPT-2 blocks and the CLIP encoder layers. Blocks of a kind share one compiled graph, so compiling
+        takes seconds rather than minutes; the glue between them (the image fusion, whose positions depend on
+        the data, and the LM head on the labelled positions alone) stays eager. Parameter names, and so
+        checkpoints, are unchanged; in eval mode the blocks run eager (see `train`). `kwargs` go to
+        `torch.compile`; shapes are dynamic unless they say otherwise, since batch widths vary (a static
+        first graph would only be compiled again)."""
+        kwargs.setdefault("dynamic", True)
+        for block in self._blocks():
+            block.compile(**kwargs)
+            block._compiled_for_training = block._compiled_call_impl
+        self.train(self.training)
 
     # --- the image path ---------------------------------------------------------------------------------
 
@@ -191,13 +213,21 @@ class MultimodalGPT2ForConditionalGeneration(MultimodalGPT2PreTrainedModel, Gene
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None,
         vision_hidden_states: torch.Tensor | None,
-        in_prefill: bool,
+        cache: Any | None,
     ) -> torch.Tensor:
         """Token embeddings with the image features fused in at the `<image>` positions."""
         embeds = self.get_input_embeddings()(input_ids)  # (B, T, C)
         image_mask = input_ids == self.config.image_token_id  # (B, T)
         have_images = pixel_values is not None or vision_hidden_states is not None
+        # The checks below read device values on the host; a compiled forward (static-cache generation)
+        # skips them, since they would split its graph.
+        checked = not torch.compiler.is_compiling()
         if not have_images:
+            # A prompt's <image> tokens need its images; decoding steps (the image already in the KV cache)
+            # are not checked.
+            if not checked:
+                return embeds
+            in_prefill = cache is None or cache.get_seq_length() == 0
             if in_prefill and image_mask.any():
                 raise ValueError(
                     f"input_ids hold {int(image_mask.sum())} {self.config.image_token} tokens but no "
@@ -206,22 +236,22 @@ class MultimodalGPT2ForConditionalGeneration(MultimodalGPT2PreTrainedModel, Gene
             return embeds
         n_images = (pixel_values if pixel_values is not None else vision_hidden_states).shape[0]
         per_image = self.config.num_image_tokens
-        n_tokens = int(image_mask.sum())
+        n_tokens = int(image_mask.sum()) if checked else n_images * per_image
         if n_tokens != n_images * per_image:
             raise ValueError(
                 f"input_ids hold {n_tokens} {self.config.image_token} tokens but {n_images} images were given, "
                 f"which need {n_images} x {per_image} = {n_images * per_image} {self.config.image_token} tokens"
             )
         per_row = image_mask.sum(dim=1)
-        if bool((per_row % per_image).any()):
+        if checked and bool((per_row % per_image).any()):
             raise ValueError(
                 f"each image fills {per_image} consecutive {self.config.image_token} tokens, but the samples "
                 f"hold {per_row.tolist()} of them"
             )
         features = self.get_image_features(pixel_values, vision_hidden_states)  # (N, T_img, C)
         features = features.reshape(-1, features.shape[-1]).to(embeds.dtype)  # (N * T_img, C), in order
-        if self.config.fusion == "add":
-            features = embeds[image_mask] + features
+        if self.config.fusion == "add":  # (the features scattered onto zeros: no data-dependent shapes)
+            return embeds + torch.zeros_like(embeds).masked_scatter(image_mask.unsqueeze(-1), features)
         return embeds.masked_scatter(image_mask.unsqueeze(-1), features)
 
     # --- forward -----------------------------------------------------------------------------------------
@@ -264,11 +294,25 @@ class MultimodalGPT2ForConditionalGeneration(MultimodalGPT2PreTrainedModel, Gene
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
-            in_prefill = cache is None or cache.get_seq_length() == 0
-            inputs_embeds = self._embed(input_ids, pixel_values, vision_hidden_states, in_prefill)
+            inputs_embeds = self._embed(input_ids, pixel_values, vision_hidden_states, cache)
         elif pixel_values is not None or vision_hidden_states is not None:
             raise ValueError("images need input_ids (to find the <image> positions), not inputs_embeds")
 
+        if return_logits is None:
+            return_logits = labels is None or not self.training
+        if use_cache is None and labels is not None:
+            use_cache = False  # a forward for a loss needs no KV cache (GPT-2 would build one by default)
+        if (
+            labels is not None
+            and attention_mask is not None
+            and cache is None
+            and position_ids is None
+            and not (return_logits or output_attentions or output_hidden_states)
+            and right_padded(attention_mask, labels)
+        ):
+            # Right padding under causal attention: no real token sees a later pad, and pads carry no label,
+            # so the loss is the same without the mask, and SDPA can run its fused causal (flash) kernel.
+            attention_mask = None
         out = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -281,8 +325,6 @@ class MultimodalGPT2ForConditionalGeneration(MultimodalGPT2PreTrainedModel, Gene
         )
         hidden = out.last_hidden_state  # (B, T, C)
 
-        if return_logits is None:
-            return_logits = labels is None or not self.training
         logits = loss = None
         if return_logits:
             kept = (
@@ -386,6 +428,14 @@ class MultimodalGPT2ForConditionalGeneration(MultimodalGPT2PreTrainedModel, Gene
             image_token=config.image_token,
         )
         return model, processor
+
+
+def right_padded(attention_mask: torch.Tensor, labels: torch.Tensor) -> bool:
+    """Whether each row is its tokens then padding (no token after a pad) and no pad has a label."""
+    real = attention_mask.bool()
+    no_token_after_pad = (real[:, 1:] <= real[:, :-1]).all()
+    no_label_on_pad = (labels.masked_fill(real, IGNORE_INDEX) == IGNORE_INDEX).all()
+    return bool(no_token_after_pad & no_label_on_pad)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -135,9 +135,7 @@ class RewardModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         vision_hidden_states: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        embeds = self.model._embed(
-            input_ids, pixel_values, vision_hidden_states, in_prefill=True
-        )  # (B, T, C)
+        embeds = self.model._embed(input_ids, pixel_values, vision_hidden_states, cache=None)  # (B, T, C)
         hidden = self.model.language_model(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
@@ -174,9 +172,7 @@ class RewardModel(nn.Module):
         the same numbers as `forward` on each answer alone, with each shared prefix (the image, a question
         asked with several answers) computed once. Needs the eager or SDPA attention (a 4D mask).
         `return_parts` (lm_prior only): (head logits, answer log-likelihoods) instead of their sum."""
-        embeds = self.model._embed(
-            input_ids, pixel_values, vision_hidden_states, in_prefill=True
-        )  # (B, T, C)
+        embeds = self.model._embed(input_ids, pixel_values, vision_hidden_states, cache=None)  # (B, T, C)
         hidden = self.model.language_model(
             inputs_embeds=embeds,
             attention_mask=attention_bias.to(embeds.dtype),  # (B, 1, T, T): 0 on a node's ancestors, -inf off

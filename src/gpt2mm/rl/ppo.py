@@ -217,7 +217,7 @@ def answer_logits(
     """Logits (B, N, V) predicting the N answer tokens that follow a `prompt_len`-token (left-padded) prompt,
     as `generate` sampled them (divided by the temperature, `<image>` masked); and the value head's estimate
     (B, N) at the same positions (the state before each answer token)."""
-    embeds = model._embed(input_ids, None, vision_hidden_states, in_prefill=True)
+    embeds = model._embed(input_ids, None, vision_hidden_states, cache=None)
     hidden = model.language_model(
         inputs_embeds=embeds,
         attention_mask=attention_mask,

@@ -140,6 +140,10 @@ class TrainConfig:
         default=False, metadata={"help": "log metrics.jsonl's rows to Weights & Biases too (needs wandb)"}
     )
     progress: bool = True
+    compile: bool = field(
+        default=False,
+        metadata={"help": "torch.compile each transformer block (pays on a GPU; compiling takes a minute)"},
+    )
     fsdp: bool = field(
         default=False,
         metadata={
@@ -696,7 +700,7 @@ class Run:
 
     def __init__(self, cfg: SFTConfig, resume: str | bool | None = None, log=print):
         from accelerate import Accelerator, PartialState
-        from accelerate.utils import DistributedType
+        from accelerate.utils import AutocastKwargs, DistributedType
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # ours is the one to watch
@@ -713,8 +717,14 @@ class Run:
                 # (given a plugin, accelerate would set ACCELERATE_USE_FSDP for the rest of the process)
                 plugin = None
                 log("train.fsdp: a single process has nothing to shard; training unsharded")
+        # bf16/fp16 autocast keeps a cast copy of every weight for the whole forward; under gradient
+        # checkpointing that copy is much of what checkpointing saves (1.5 GB for the seed), so it is off
+        autocast = AutocastKwargs(cache_enabled=not cfg.model.gradient_checkpointing)
         self.acc = Accelerator(
-            mixed_precision={"fp32": "no"}.get(t.precision, t.precision), cpu=cpu, fsdp_plugin=plugin
+            mixed_precision={"fp32": "no"}.get(t.precision, t.precision),
+            cpu=cpu,
+            fsdp_plugin=plugin,
+            kwargs_handlers=[autocast],
         )
         if plugin is not None and self.acc.distributed_type == DistributedType.MULTI_CPU:
             shard_on_cpu(self.acc, plugin)
@@ -794,6 +804,8 @@ class Run:
             self.optimizer, lr_lambda(t, lambda: self.train_seconds)
         )
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+        if t.compile:
+            self.acc.unwrap_model(self.model).compile_blocks()
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
