@@ -11,7 +11,8 @@ left-padded batches with the KV cache, the image encoded once in the prefill, bf
 `gpt2mm serve --dtype bfloat16` loads). Also timed: the latency of one short answer (batch 1), the median
 of `--latency-runs`, from pixels and token ids on the device to the answer's tokens, with `generate`, with
 `generate` on transformers' static KV cache (whose decoding step it compiles: CUDA graphs on a GPU), or
-with `CompiledGreedy` (the prefill and the decoding steps compiled whole, on a static cache).
+with `gpt2mm.serve.compiled.CompiledGreedy` (prefill and decoding steps compiled whole on a static cache:
+the single-answer path of `gpt2mm serve --compile`).
 
 The last line printed is one JSON object with the figures.
 """
@@ -151,61 +152,24 @@ def latency_ms(model, cfg, device, prompt_ids, new_tokens: int, runs: int, stati
     return statistics.median(times)
 
 
-class CompiledGreedy:
-    """One prompt at a time, greedy, with a static KV cache and `torch.compile` over the whole forward,
-    prefill and decoding steps alike (`mode="reduce-overhead"`: CUDA graphs on a GPU). Prompts are left-
-    padded to `width`, so each call replays the same two graphs. An experiment for the single-answer
-    latency, checked against `generate` (same tokens) before it is timed."""
-
-    def __init__(self, model, width: int, new_tokens: int, mode: str):
-        from transformers import StaticCache
-
-        self.model, self.width, self.new_tokens = model, width, new_tokens
-        self.cache = StaticCache(config=model.config.text_config, max_cache_len=width + new_tokens)
-        device = next(model.parameters()).device
-        with torch.no_grad():  # one eager forward allocates the cache: the graphs then see it initialised
-            ones = torch.ones(1, width + new_tokens, dtype=torch.long, device=device)
-            model(input_ids=0 * ones[:, :width], attention_mask=ones, cache=self.cache, use_cache=True)
-        self.forward = torch.compile(model.forward, mode=mode, dynamic=False)
-        self.banned = model.config.image_token_id  # generate's suppress_tokens
-
-    @torch.no_grad()
-    def __call__(self, ids: torch.Tensor, mask: torch.Tensor, pixels: torch.Tensor) -> list[int]:
-        from gpt2mm.modeling import position_ids_from_mask
-
-        self.cache.reset()
-        full = torch.cat([mask, mask.new_ones(1, self.new_tokens)], dim=1)  # later positions: causal-masked
-        position = position_ids_from_mask(mask)
-        kw = dict(attention_mask=full, cache=self.cache, use_cache=True, logits_to_keep=1)
-        out = self.forward(input_ids=ids, pixel_values=pixels, position_ids=position, **kw)
-        tokens = []
-        for step in range(self.new_tokens):
-            logits = out.logits[:, -1].float()
-            logits[:, self.banned] = -float("inf")
-            token = logits.argmax(dim=-1, keepdim=True)  # (1, 1)
-            tokens.append(token)
-            if step + 1 < self.new_tokens:
-                position = position[:, -1:] + 1
-                out = self.forward(input_ids=token, position_ids=position.clone(), **kw)
-        return torch.cat(tokens, dim=1)[0].tolist()
-
-
 @torch.no_grad()
 def compiled_latency_ms(model, cfg, device, prompt_ids, new_tokens: int, runs: int) -> tuple[float, float]:
-    """(median ms, fraction of prompts whose answer equals `generate`'s) for `CompiledGreedy`."""
+    """(median ms, fraction of prompts whose answer equals `generate`'s) for `gpt2mm.serve.compiled`'s
+    `CompiledGreedy` (what `gpt2mm serve --compile` answers single questions with), its cache as long as
+    the bucketed prompt plus the answer."""
+    from gpt2mm.serve.compiled import CompiledGreedy
+
     size = cfg.vision_config.image_size
     dtype = next(model.parameters()).dtype
     width = -(-max(map(len, prompt_ids)) // 16) * 16
-    answer = CompiledGreedy(
-        model, width, new_tokens, "reduce-overhead" if device.type == "cuda" else "default"
-    )
+    answer = CompiledGreedy(model, max_cache_len=width + new_tokens)
     times, same = [], 0
     for r, prompt in enumerate(prompt_ids[: runs + 3]):
         ids, mask = left_padded([prompt], device, width)
         pixels = torch.randn(1, 3, size, size, device=device, dtype=dtype)
         sync(device)
         t = time.perf_counter()
-        tokens = answer(ids, mask, pixels)
+        tokens = answer(ids, mask, pixels, new_tokens)
         sync(device)
         if r >= 3:
             times.append(1000 * (time.perf_counter() - t))

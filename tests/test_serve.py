@@ -643,3 +643,36 @@ def test_ask_cli_prints_the_api_answer(engine, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["ask", str(tmp_path / "model"), "--image", str(tmp_path / "nope.png"), "What?"])
     assert e.value.code == 2
+
+
+def test_compiled_single_answers_equal_generate_and_stream_the_same(engine):
+    """`compile=True`: one greedy question about one image goes through the compiled static-cache path
+    (gpt2mm.serve.compiled) with the same tokens, text, finish reason and streamed deltas as `generate`;
+    anything else (no image, sampling) still goes through `generate`."""
+    from gpt2mm.serve.engine import SamplingParams
+
+    compiled = Engine(engine.model, engine.processor, device="cpu", compile=True)
+    cases = [
+        ("What color is the circle?", 0, SamplingParams(max_new_tokens=12)),
+        ("How many squares are there in this picture, left to right?", 1, SamplingParams(max_new_tokens=1)),
+        ("Describe it", 2, SamplingParams(max_new_tokens=20)),
+    ]
+    reference = engine.ask("Describe it", make_image(52), SamplingParams(max_new_tokens=20))
+    text = reference.choices[0].text
+    cases.append(("Describe it", 2, SamplingParams(max_new_tokens=20, stop=(text[len(text) // 2 :][:3],))))
+    for question, seed, params in cases:
+        answers = []
+        for e in (engine, compiled):
+            deltas = []
+            r = e.ask(
+                question, make_image(50 + seed), params, on_delta=lambda i, d, deltas=deltas: deltas.append(d)
+            )
+            c = r.choices[0]
+            answers.append((c.text, c.token_ids, c.finish_reason, "".join(deltas)))
+        assert answers[1] == answers[0], question
+        assert answers[0][3] == answers[0][0]
+    assert compiled.compiled_answers == len(cases)
+    assert answers[0][2] == "stop"  # the last case ended on its stop string
+    compiled.ask("What color is the circle?", None, SamplingParams(max_new_tokens=4))  # no image
+    compiled.ask("What?", make_image(60), SamplingParams(max_new_tokens=4, temperature=1.0, seed=3))
+    assert compiled.compiled_answers == len(cases)

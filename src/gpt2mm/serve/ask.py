@@ -23,6 +23,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="random seed for sampling")
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="answer single greedy questions about one image through a compiled static-cache path (CUDA "
+        "graphs on a GPU: ~10x lower latency); each prompt-length bucket compiles once, in under a minute",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,7 +44,9 @@ def run(args: argparse.Namespace) -> int:
     except DataError as e:
         raise UsageError(str(e)) from e
     try:
-        engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+        engine = Engine.from_pretrained(
+            args.model, device=args.device, dtype=args.dtype, compile=args.compile
+        )
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load the model {args.model}: {e}") from e
     params = SamplingParams(

@@ -110,7 +110,9 @@ class Engine:
     `generate` is not re-entrant: call it from one thread at a time (the batcher's worker, or the CLI).
     """
 
-    def __init__(self, model: Any, processor: Any, device: str | torch.device | None = None):
+    def __init__(
+        self, model: Any, processor: Any, device: str | torch.device | None = None, compile: bool = False
+    ):
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -125,16 +127,26 @@ class Engine:
         self.max_rows_seen = 0
         self._lock = threading.Lock()  # one generate at a time
         self._tokenizer_lock = threading.Lock()  # fast tokenizers are not safe to share across threads
+        self.compiled = None  # compile=True: single greedy answers through gpt2mm.serve.compiled
+        if compile:
+            from gpt2mm.serve.compiled import CompiledGreedy
+
+            self.compiled = CompiledGreedy(self.model, max_cache_len=self.context_length)
+        self.compiled_answers = 0  # statistics: answers the compiled path gave
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str | os.PathLike, device: str | None = None, dtype: str = "float32"
+        cls,
+        name_or_path: str | os.PathLike,
+        device: str | None = None,
+        dtype: str = "float32",
+        compile: bool = False,
     ) -> Engine:
         """Load a model directory or hub id (`gpt2mm.load_model`) for inference."""
         from gpt2mm.presets import load_model
 
         model, processor = load_model(name_or_path, dtype=_DTYPES[dtype])
-        return cls(model, processor, device=device)
+        return cls(model, processor, device=device, compile=compile)
 
     @property
     def context_length(self) -> int:
@@ -263,6 +275,10 @@ class Engine:
         if not active:
             return
         params = active[0].request.params
+        self.batches_run += 1
+        self.max_rows_seen = max(self.max_rows_seen, len(active))
+        if self._answer_compiled(active):
+            return
         width = max(len(row.request.prompt.input_ids) for row in active)
         ids = torch.full((len(active), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(active), width), dtype=torch.long)
@@ -290,8 +306,6 @@ class Engine:
         else:
             kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
         tracker = kwargs["stopping_criteria"][0]
-        self.batches_run += 1
-        self.max_rows_seen = max(self.max_rows_seen, len(active))
         if not params.greedy and params.seed is not None:
             devices = [self.device] if self.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
@@ -299,9 +313,39 @@ class Engine:
                 self.model.generate(**kwargs)
         else:
             self.model.generate(**kwargs)
-        for row in active:  # generate ran out of steps: whatever is left is final
+        self._close_rest(active, tracker)
+
+    def _close_rest(self, active: list[_Row], tracker: _RowTracker) -> None:
+        for row in active:  # out of steps: whatever is left is final
             if row.choice.finish_reason is None:
                 row.close("length", row.visible(tracker.decode(row))[0].strip())
+
+    def _answer_compiled(self, active: list[_Row]) -> bool:
+        """One greedy answer about one image through the compiled path (`compile=True`), its prompt
+        left-padded to a multiple of 64 tokens (each width is compiled once). False: not such a request."""
+        if self.compiled is None or len(active) != 1:
+            return False
+        row = active[0]
+        prompt = row.request.prompt
+        width = -(-len(prompt.input_ids) // 64) * 64
+        if not row.request.params.greedy or prompt.num_images != 1 or width + row.limit > self.context_length:
+            return False
+        ids = torch.full((1, width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((1, width), dtype=torch.long)
+        ids[0, width - len(prompt.input_ids) :] = torch.tensor(prompt.input_ids, dtype=torch.long)
+        mask[0, width - len(prompt.input_ids) :] = 1
+        dtype = next(self.model.parameters()).dtype
+        tracker = _RowTracker(self, active)
+        self.compiled(
+            ids.to(self.device),
+            mask.to(self.device),
+            prompt.pixel_values.to(self.device, dtype),
+            row.limit,
+            on_token=lambda token: bool(tracker(torch.tensor([[token]]), None)[0]),
+        )
+        self.compiled_answers += 1
+        self._close_rest(active, tracker)
+        return True
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
