@@ -94,6 +94,19 @@ def static_kwargs(device) -> dict:
     return kw
 
 
+def greedy(model, ids, mask, pixels, new_tokens: int, **extra) -> torch.Tensor:
+    """`generate`, greedy, exactly `new_tokens` new tokens."""
+    return model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        pixel_values=pixels,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        **extra,
+    )
+
+
 @torch.no_grad()
 def bench_ours(model, cfg, device, prompt_ids, new_tokens, seconds, batch_size) -> float:
     size = cfg.vision_config.image_size
@@ -103,14 +116,7 @@ def bench_ours(model, cfg, device, prompt_ids, new_tokens, seconds, batch_size) 
         chunk = [prompt_ids[(i * batch_size + j) % len(prompt_ids)] for j in range(batch_size)]
         ids, mask = left_padded(chunk, device)
         pixels = torch.randn(batch_size, 3, size, size, device=device, dtype=dtype)
-        model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            pixel_values=pixels,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-        )
+        greedy(model, ids, mask, pixels, new_tokens)
         i += 1
         if i == 3:  # warm-up done
             sync(device)
@@ -137,15 +143,7 @@ def latency_ms(model, cfg, device, prompt_ids, new_tokens: int, runs: int, stati
         pixels = torch.randn(1, 3, size, size, device=device, dtype=dtype)
         sync(device)
         t = time.perf_counter()
-        model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            pixel_values=pixels,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            **extra,
-        )
+        greedy(model, ids, mask, pixels, new_tokens, **extra)
         sync(device)
         if r >= 3:  # warm-up (and, with the static cache, compilation and graph capture) done
             times.append(1000 * (time.perf_counter() - t))
@@ -174,14 +172,7 @@ def compiled_latency_ms(model, cfg, device, prompt_ids, new_tokens: int, runs: i
         if r >= 3:
             times.append(1000 * (time.perf_counter() - t))
         if r < 8:  # the same answer as generate's, from the same padded prompt
-            ref = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                pixel_values=pixels,
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-            )[0, width:].tolist()
+            ref = greedy(model, ids, mask, pixels, new_tokens)[0, width:].tolist()
             same += ref == tokens
     return statistics.median(times), same / min(8, runs + 3)
 

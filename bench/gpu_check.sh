@@ -3,13 +3,15 @@
 #   bash bench/gpu_check.sh                       # logs to bench/gpu_check-*.log, or to $LOGDIR
 # Needs a CUDA build of torch, transformers, accelerate and peft in .venv (make setup on the GPU machine)
 # or on PATH's python3. Each part has its own time limit, so that one overrun leaves the others' figures;
-# copy the tables and JSON lines it prints into bench/RESULTS.md.
+# copy the tables and JSON lines it prints into bench/RESULTS.md. Knobs (environment): PARTS (a subset of
+# "train generate memory trainer"), TRAIN_VARIANTS, LATENCY, PRECISIONS, SECONDS_PER_LOOP, and
+# DEVICE=cpu PRESET=tiny for a dry run of the script on a machine without a GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 LOGDIR=${LOGDIR:-bench}
 S=${SECONDS_PER_LOOP:-4}
-DEVICE=${DEVICE:-cuda} PRESET=${PRESET:-seed}  # DEVICE=cpu PRESET=tiny: a dry run of the script itself
+DEVICE=${DEVICE:-cuda} PRESET=${PRESET:-seed}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
 PARTS=${PARTS:-train generate memory trainer}

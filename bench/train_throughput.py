@@ -385,7 +385,8 @@ def main() -> None:
         try:
             r = bench_ours(args.preset, device, args.seconds, opt, args.batch_size)
         except torch.cuda.OutOfMemoryError as e:
-            r = {"error": f"out of memory under the {opt.memory_cap_gb} GB cap: {str(e).splitlines()[0]}"}
+            cap = f"the {opt.memory_cap_gb} GB cap" if opt.memory_cap_gb else "the whole card"
+            r = {"error": f"out of memory under {cap}: {str(e).splitlines()[0]}"}
         r = {
             "variant": name,
             **{k: v for k, v in dataclasses.asdict(opt).items() if v != getattr(Options(), k)},

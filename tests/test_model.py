@@ -125,6 +125,24 @@ def test_count_mismatch_raises_naming_both_counts(tiny_pair):
         processor(text=["<image> a", "<image> b"], images=[make_image(9)])
 
 
+def disable_dropout(model: torch.nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(m, torch.nn.MultiheadAttention):  # the projector's attention dropout is a float
+            m.dropout = 0.0
+
+
+def right_padded_batch(processor, examples) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids, labels and attention mask of encoded examples, padded on the right to the longest."""
+    width = max(len(e["input_ids"]) for e in examples)
+    pad = processor.tokenizer.pad_token_id
+    ids = torch.tensor([e["input_ids"] + [pad] * (width - len(e["input_ids"])) for e in examples])
+    labels = torch.tensor([e["labels"] + [IGNORE_INDEX] * (width - len(e["labels"])) for e in examples])
+    attn = (torch.arange(width)[None] < torch.tensor([len(e["input_ids"]) for e in examples])[:, None]).long()
+    return ids, labels, attn
+
+
 def test_loss_on_labelled_positions_only_equals_full_logits_loss(tiny_pair):
     model, processor = tiny_pair
     model = copy.deepcopy(model)
@@ -132,16 +150,11 @@ def test_loss_on_labelled_positions_only_equals_full_logits_loss(tiny_pair):
         processor.encode_example("What color is the circle?", "red"),
         processor.encode_example("How many?", "3"),
     ]
-    width = max(len(e["input_ids"]) for e in examples)
-    pad = processor.tokenizer.pad_token_id
-    ids = torch.tensor([e["input_ids"] + [pad] * (width - len(e["input_ids"])) for e in examples])
-    labels = torch.tensor([e["labels"] + [IGNORE_INDEX] * (width - len(e["labels"])) for e in examples])
-    attn = (torch.arange(width)[None] < torch.tensor([len(e["input_ids"]) for e in examples])[:, None]).long()
+    ids, labels, attn = right_padded_batch(processor, examples)
+    width = ids.shape[1]
     pixels = processor.preprocess_images([make_image(10), make_image(11)])
     model.train()
-    for m in model.modules():  # no dropout: the two paths must see the same network
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
+    disable_dropout(model)  # the two paths must see the same network
     out = model(input_ids=ids, attention_mask=attn, pixel_values=pixels, labels=labels)
     assert out.logits is None  # training with labels: no (B, T, vocab) logits
     full = model(input_ids=ids, attention_mask=attn, pixel_values=pixels, labels=labels, return_logits=True)
@@ -305,9 +318,7 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients():
     torch.manual_seed(0)
     cfg = MultimodalGPT2Config.from_preset("tiny", attn_implementation="sdpa")
     eager = MultimodalGPT2ForConditionalGeneration(cfg).train()
-    for m in eager.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
+    disable_dropout(eager)
     compiled = copy.deepcopy(eager)
     compiled.compile_blocks()
     t = cfg.num_image_tokens
@@ -374,20 +385,13 @@ def test_right_padded_loss_batches_drop_the_mask_for_the_causal_kernel(tiny_pair
     already keeps real tokens from the later pads), with the loss and gradients of the masked forward."""
     model, processor = tiny_pair
     model = copy.deepcopy(model).train()
-    for m in model.modules():  # no dropout: the two forwards must compute the same function
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-        if isinstance(m, torch.nn.MultiheadAttention):  # the projector's (a float, not a module)
-            m.dropout = 0.0
+    disable_dropout(model)  # the two forwards must compute the same function
     examples = [
         processor.encode_example("What color is the big circle on the left?", "dark red"),
         processor.encode_example("How many?", "3"),
     ]
-    width = max(len(e["input_ids"]) for e in examples)
-    pad = processor.tokenizer.pad_token_id
-    ids = torch.tensor([e["input_ids"] + [pad] * (width - len(e["input_ids"])) for e in examples])
-    labels = torch.tensor([e["labels"] + [IGNORE_INDEX] * (width - len(e["labels"])) for e in examples])
-    attn = (torch.arange(width)[None] < torch.tensor([len(e["input_ids"]) for e in examples])[:, None]).long()
+    ids, labels, attn = right_padded_batch(processor, examples)
+    width = ids.shape[1]
     pixels = processor.preprocess_images([make_image(40), make_image(41)])
     masks_seen = []
     sdpa = torch.nn.functional.scaled_dot_product_attention

@@ -3,7 +3,7 @@
     gpt2mm reward simulate --world data/synth --split train --out tags/train.jsonl   # or tags from `gpt2mm tag`
     gpt2mm reward simulate --world data/synth --split test --out tags/test.jsonl
     gpt2mm reward train --tags tags/train.jsonl --eval-tags tags/test.jsonl --base runs/tiny-synth/best \\
-        --out runs/reward --max-minutes 5
+        --out runs/reward --epochs 4      # 95.5-95.8% held-out on the demo world
     gpt2mm reward train --tags tags.sqlite --holdout 0.1 --base runs/tiny-synth/best --out runs/reward
 
 The model is the stage-1 checkpoint with a scalar head on the last token of `Q: <image> {question} A:

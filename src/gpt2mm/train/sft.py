@@ -142,7 +142,7 @@ class TrainConfig:
     progress: bool = True
     compile: bool = field(
         default=False,
-        metadata={"help": "torch.compile each transformer block (pays on a GPU; compiling takes a minute)"},
+        metadata={"help": "torch.compile each transformer block (pays on a GPU; compiling takes ~20 s)"},
     )
     fsdp: bool = field(
         default=False,
