@@ -192,6 +192,9 @@ def main() -> None:
         "KV cache: transformers compiles its decoding step), compiled (CompiledGreedy: every forward compiled)",
     )
     args = ap.parse_args()
+    modes = args.latency.split(",")
+    if unknown := set(modes) - {"generate", "static", "compiled"}:
+        raise SystemExit(f"--latency: unknown {sorted(unknown)}; choose from generate, static, compiled")
     device = torch.device(args.device)
     cfg = MultimodalGPT2Config.from_preset(args.preset, attn_implementation="sdpa")
     batch_sizes = [int(b) for b in args.batch_size.split(",")]
@@ -208,9 +211,6 @@ def main() -> None:
         rate = bench_ours(model, cfg, device, ids, args.new_tokens, args.seconds, bs)
         rows.append({"what": f"batched by {bs}, KV cache", "answers_per_s": rate, "ratio": rate / seed})
         print(f"ours ({rows[-1]['what']}): {rate:.1f} answers/s, {rate / seed:.1f}x the seed", flush=True)
-    modes = args.latency.split(",")
-    if unknown := set(modes) - {"generate", "static", "compiled"}:
-        raise SystemExit(f"--latency: unknown {sorted(unknown)}; choose from generate, static, compiled")
     for static in [m == "static" for m in modes if m != "compiled"]:
         cache = "static KV cache, compiled decoding" if static else "KV cache"
         lat = latency_ms(model, cfg, device, ids, args.new_tokens, args.latency_runs, static)
