@@ -44,7 +44,7 @@ from urllib.parse import unquote, urlsplit
 
 from gpt2mm.errors import DataError, UsageError
 from gpt2mm.serve.batching import Batcher, QueueFull
-from gpt2mm.serve.engine import Engine, GenerationRequest, SamplingParams
+from gpt2mm.serve.engine import Engine, GenerationRequest, SamplingParams, add_engine_arguments
 
 try:  # optional: `pip install 'gpt2-multimodal[serve]'` (run() says so when they are missing)
     from fastapi import FastAPI, Request
@@ -492,13 +492,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--served-model-name", help="the model id in responses (default: the MODEL name)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument(
-        "--compile",
-        action="store_true",
-        help="answer single greedy questions about one image through a compiled static-cache path (CUDA "
-        "graphs on a GPU: ~10x lower latency); each prompt-length bucket compiles once, in under a minute",
-    )
+    add_engine_arguments(parser)
     parser.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="rows per generate")
     parser.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms, help="wait to fill a batch")
     parser.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting requests before 503")

@@ -22,13 +22,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, help="random seed for sampling")
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument(
-        "--compile",
-        action="store_true",
-        help="answer single greedy questions about one image through a compiled static-cache path (CUDA "
-        "graphs on a GPU: ~10x lower latency); each prompt-length bucket compiles once, in under a minute",
-    )
+    from gpt2mm.serve.engine import add_engine_arguments
+
+    add_engine_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -280,15 +280,9 @@ class Engine:
         if self._answer_compiled(active):
             return
         width = max(len(row.request.prompt.input_ids) for row in active)
-        ids = torch.full((len(active), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(active), width), dtype=torch.long)
-        pixels = []
-        for i, row in enumerate(active):
-            p = row.request.prompt
-            ids[i, width - len(p.input_ids) :] = torch.tensor(p.input_ids, dtype=torch.long)
-            mask[i, width - len(p.input_ids) :] = 1
-            if p.pixel_values is not None:
-                pixels.append(p.pixel_values)
+        ids, mask = self._left_padded([row.request.prompt for row in active], width)
+        pixels = [row.request.prompt.pixel_values for row in active]
+        pixels = [p for p in pixels if p is not None]
         kwargs: dict[str, Any] = dict(
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
@@ -315,6 +309,15 @@ class Engine:
             self.model.generate(**kwargs)
         self._close_rest(active, tracker)
 
+    def _left_padded(self, prompts: list[Prompt], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask of prompts left-padded to `width`, on the CPU."""
+        ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p.input_ids) :] = torch.tensor(p.input_ids, dtype=torch.long)
+            mask[i, width - len(p.input_ids) :] = 1
+        return ids, mask
+
     def _close_rest(self, active: list[_Row], tracker: _RowTracker) -> None:
         for row in active:  # out of steps: whatever is left is final
             if row.choice.finish_reason is None:
@@ -330,10 +333,7 @@ class Engine:
         width = -(-len(prompt.input_ids) // 64) * 64
         if not row.request.params.greedy or prompt.num_images != 1 or width + row.limit > self.context_length:
             return False
-        ids = torch.full((1, width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((1, width), dtype=torch.long)
-        ids[0, width - len(prompt.input_ids) :] = torch.tensor(prompt.input_ids, dtype=torch.long)
-        mask[0, width - len(prompt.input_ids) :] = 1
+        ids, mask = self._left_padded([prompt], width)
         dtype = next(self.model.parameters()).dtype
         tracker = _RowTracker(self, active)
         self.compiled(
@@ -349,6 +349,17 @@ class Engine:
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_engine_arguments(parser: Any) -> None:
+    """The options of `Engine.from_pretrained` that `gpt2mm ask` and `gpt2mm serve` share."""
+    parser.add_argument("--dtype", default="float32", choices=list(_DTYPES))
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="answer single greedy questions about one image through a compiled static-cache path (CUDA "
+        "graphs on a GPU: ~10x lower latency); each prompt-length bucket compiles once, in under a minute",
+    )
 
 
 class _Row:
