@@ -137,6 +137,8 @@ def test_eval_bad_model_path_is_a_usage_error(world, tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert "gpt2mm eval: error:" in err and message in err and "Traceback" not in err
+        if model.name == "absent":  # a path that does not exist is named as such, not taken for a hub id
+            assert "no such model directory" in err
 
 
 def test_resolve_checkpoint_and_labels(tmp_path):

@@ -64,6 +64,8 @@ def load_model(
 ) -> tuple[MultimodalGPT2ForConditionalGeneration, MultimodalGPT2Processor]:
     """Load a saved model and its processor from a directory or a hub id."""
     path = Path(name_or_path)
+    if not path.exists() and str(name_or_path).startswith(("/", "./", "../", "~")):
+        raise FileNotFoundError(f"{path}: no such model directory")  # a path, not a hub id
     if path.exists() and not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a gpt2mm model directory: it has no config.json")
     model = MultimodalGPT2ForConditionalGeneration.from_pretrained(name_or_path, **kwargs)
