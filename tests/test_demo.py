@@ -64,3 +64,15 @@ def test_demo_with_all_stages_records_each(tmp_path):
     # the PPO run wrote its metrics, KL included
     rows = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert rows and all("kl" in r and "reward" in r for r in rows)
+
+
+def test_fast_settings_use_bf16_only_where_the_cpu_has_it(monkeypatch):
+    import torch
+
+    from gpt2mm.demo import fast_settings
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    for native, precision in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
+        assert fast_settings() == {"precision": precision, "attn_implementation": "eager"}

@@ -207,8 +207,10 @@ def test_cached_greedy_decoding_equals_uncached(tiny_pair):
 def test_image_encoded_once_in_prefill(tiny_pair, monkeypatch):
     model, processor = tiny_pair
     calls = []
-    original = model.vision_tower.forward
-    monkeypatch.setattr(model.vision_tower, "forward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = model.vision_tower.embeddings.forward  # the tower's first step
+    monkeypatch.setattr(
+        model.vision_tower.embeddings, "forward", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
     enc = batch(processor, ["What?"], [make_image(14)])
     with torch.no_grad():
         model.generate(**enc, max_new_tokens=6, min_new_tokens=6, do_sample=False)
@@ -289,6 +291,23 @@ def test_vision_hidden_states_stand_in_for_pixels(tiny_pair):
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("layer", [-1, -2, 0, 1, 2])
+def test_vision_feature_layer_equals_clips_hidden_states(tiny_pair, layer):
+    """The tower runs only up to the chosen layer; what it returns is CLIP's own hidden state there."""
+    model, _ = tiny_pair
+    pixels = torch.randn(3, 3, 32, 32)
+    model = copy.copy(model)  # a shallow copy: its own config, the same weights
+    model.config = copy.deepcopy(model.config)
+    model.config.vision_feature_layer = layer
+    with torch.no_grad():
+        ref = model.vision_tower(pixel_values=pixels, output_hidden_states=True)
+        ours = model.get_vision_hidden_states(pixels)
+    assert len(ref.hidden_states) == 3  # embeddings + 2 layers
+    torch.testing.assert_close(ours, ref.hidden_states[layer], rtol=0, atol=0)
+    if layer == -1:
+        torch.testing.assert_close(ours, ref.last_hidden_state, rtol=0, atol=0)
+
+
 def test_drop_cls_and_projector_layers_options():
     cfg = MultimodalGPT2Config.from_preset("tiny", vision_drop_cls=True, projector_num_layers=2)
     assert cfg.num_image_tokens == 9
@@ -311,6 +330,12 @@ def test_presets_offline_and_seed_under_a_billion(name):
         assert 8e8 < n < 1e9, n  # CLIP ViT-B/32 vision (88M) + GPT-2 large (774M) + projector
     if name == "tiny":
         assert n < 5e6 and not cfg.freeze_vision
+        # GPT-2's own activation (gelu_new, the tanh approximation), as one fused kernel
+        from transformers.activations import ACT2FN
+
+        x = torch.linspace(-6, 6, 1001)
+        act = ACT2FN[cfg.text_config.activation_function]
+        torch.testing.assert_close(act(x), ACT2FN["gelu_new"](x), rtol=1e-5, atol=1e-6)
 
 
 def test_compiled_blocks_give_the_eager_loss_and_gradients():

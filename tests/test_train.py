@@ -428,12 +428,9 @@ def test_compiled_training_follows_eager_training(world, tmp_path):
 def test_gradient_checkpointing_turns_off_the_autocast_weight_cache(world, tmp_path):
     """Under gradient checkpointing, bf16 autocast must not keep a cast copy of every weight for the whole
     forward (that copy is much of the memory checkpointing saves)."""
-    from accelerate.state import AcceleratorState
-
     from gpt2mm.train.sft import Run, SFTConfig
 
     for ckpt in (False, True):
-        AcceleratorState._reset_state(reset_partial_state=True)  # a process-wide singleton: set for bf16
         cfg = SFTConfig()
         cfg.data.root, cfg.data.synth, cfg.train.output_dir = str(world), False, str(tmp_path / str(ckpt))
         cfg.train.precision, cfg.train.tensorboard = "bf16", False
@@ -442,4 +439,26 @@ def test_gradient_checkpointing_turns_off_the_autocast_weight_cache(world, tmp_p
         with run.acc.autocast():
             assert torch.is_autocast_enabled("cpu")
             assert torch.is_autocast_cache_enabled() is (not ckpt)
-    AcceleratorState._reset_state(reset_partial_state=True)  # back to the fp32 the other tests use
+    # accelerate's state is one per process: a later run in it with another precision gets a fresh one
+    cfg.train.precision = "fp32"
+    run = Run(cfg, log=lambda *a: None)
+    assert run.acc.mixed_precision == "no"
+    with run.acc.autocast():
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_attention_implementation_option_trains_the_same_model(world, tmp_path, capsys):
+    """`model.attn_implementation eager` (the demo's choice on a CPU) follows SDPA's losses step by step;
+    a name transformers does not know is refused, naming the option."""
+    runs = {}
+    for name in ("sdpa", "eager"):
+        out = tmp_path / name
+        extra = ["--train.eval_every", "0", "--train.save_every", "0", "--model.attn_implementation", name]
+        assert main(train_args(world, out, *extra)) == 0
+        runs[name] = losses(out)
+    assert len(runs["eager"]) == 6
+    assert runs["eager"] == pytest.approx(runs["sdpa"], rel=1e-4)
+    with pytest.raises(SystemExit):
+        main(train_args(world, tmp_path / "bad", "--model.attn_implementation", "fastest"))
+    assert "model.attn_implementation 'fastest'" in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()

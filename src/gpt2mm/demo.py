@@ -27,7 +27,12 @@ The recipe, and why (measured on the 2-core machine; see README "The demo"):
   of most families) for thousands of steps;
 - cosine decay of the learning rate over the time budget;
 - the world's conversations mixed in (`conversation_mix`), each with its detailed description after its
-  questions: a dense target naming every object's position ("where is ..." 34% -> 88%).
+  questions: a dense target naming every object's position ("where is ..." 34% -> 88%);
+- twice the steps in the same time (`fast_settings`, and in the model: the vision tower runs only up to the
+  layer it is read at, GPT-2's tanh GELU is one fused kernel): bf16 autocast where the CPU has it, eager
+  attention. The questions that find an object by its shape ("what color is the circle?", "how many
+  circles?") are learnt late, after 2,000-3,000 steps; with the extra steps the test accuracy went from
+  83-85.5% to 94%.
 Simplifications: one fixed seed; the time budget covers the whole demo, training gets what is left.
 """
 
@@ -118,10 +123,15 @@ def run(args: argparse.Namespace) -> int:
         - ppo_minutes
         - instruct_minutes,
     )
+    fast = fast_settings()
     cfg = build(
         SFTConfig,
         {
-            "model": {"preset": "tiny", "overrides": {"vision_feature_layer": 0}},
+            "model": {
+                "preset": "tiny",
+                "overrides": {"vision_feature_layer": 0},
+                "attn_implementation": fast["attn_implementation"],
+            },
             "data": {
                 "root": str(world),
                 "val_limit": 400,
@@ -140,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
                 "batch_size": 32,
                 "lr": 1e-3,
                 "vision_lr": 0.0,
+                "precision": fast["precision"],
                 "warmup_steps": 100,
                 "curriculum_steps": 1000,
                 "eval_every": 400,
@@ -195,7 +206,11 @@ def run(args: argparse.Namespace) -> int:
             "steps": train_summary["steps"],
             "total_seconds": round(time.perf_counter() - start, 1),
             "stages": stages,
-            "recipe": cfg.train.__dict__ | {"pack_questions": cfg.data.pack_questions},
+            "recipe": cfg.train.__dict__
+            | {
+                "pack_questions": cfg.data.pack_questions,
+                "attn_implementation": cfg.model.attn_implementation,
+            },
         }
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -205,6 +220,29 @@ def run(args: argparse.Namespace) -> int:
         f"{summary['total_seconds']:.0f} s in all -> {out / 'summary.json'}"
     )
     return 0
+
+
+def fast_settings() -> dict[str, str | None]:
+    """Precision and attention kernel for this machine's training steps. On a CPU: bf16 autocast where the
+    CPU multiplies bf16 natively (AVX512-BF16 or AMX; elsewhere it would be emulated), and transformers'
+    eager attention, since at these lengths (~150 tokens) the CPU flash-attention kernel's bf16 backward took
+    45% of a step. Measured on the project machine (demo batches, 2 cores): 206 ms a step before (fp32, SDPA),
+    174 ms with the fused GELU, 160 ms bf16 + SDPA, 99 ms bf16 + eager; bf16 reached fp32's test accuracy
+    (72.5% vs 72.8% after 1,500 steps). With a GPU: bf16 where supported, SDPA."""
+    import torch
+
+    if torch.cuda.is_available():
+        return {
+            "precision": "bf16" if torch.cuda.is_bf16_supported() else "fp32",
+            "attn_implementation": None,
+        }
+    native = [
+        getattr(torch.cpu, f, lambda: False) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    ]
+    return {
+        "precision": "bf16" if any(check() for check in native) else "fp32",
+        "attn_implementation": "eager",
+    }
 
 
 def run_ppo(out: Path, world: Path, seed: int, minutes: float):

@@ -187,12 +187,15 @@ class MultimodalGPT2ForConditionalGeneration(MultimodalGPT2PreTrainedModel, Gene
 
         With a frozen tower these can be computed once per image and cached (see `gpt2mm.data.features`).
         """
-        layer = self.config.vision_feature_layer
+        tower = self.vision_tower
+        layers = tower.encoder.layers
+        # hidden state k is the output of the first k encoder layers: the layers after it are not run
+        keep = len(layers) if self.config.vision_feature_layer == -1 else self.config.vision_feature_layer
+        keep %= len(layers) + 1
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.vision_frozen):
-            out = self.vision_tower(
-                pixel_values=pixel_values.to(self.vision_tower.dtype), output_hidden_states=layer != -1
-            )
-            states = out.last_hidden_state if layer == -1 else out.hidden_states[layer]  # (N, 1 + P, C_v)
+            states = tower.pre_layrnorm(tower.embeddings(pixel_values.to(tower.dtype)))
+            for layer in layers[:keep]:
+                states = layer(states, None)  # (N, 1 + P, C_v); no mask: every patch sees every patch
         if self.config.vision_drop_cls:
             states = states[:, 1:]  # (N, P, C_v)
         return states

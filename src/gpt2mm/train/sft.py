@@ -53,6 +53,10 @@ class ModelConfig:
     pretrained: bool | None = field(default=None, metadata={"help": "load the preset's backbones"})
     overrides: dict = field(default_factory=dict, metadata={"help": "MultimodalGPT2Config fields"})
     freeze_lm: bool = field(default=False, metadata={"help": "train the projector (and vision) only"})
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "eager | sdpa | flash_attention_2 ... (transformers'; default: the model's, sdpa)"},
+    )
     gradient_checkpointing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -198,6 +202,11 @@ def build_model_for_training(cfg: ModelConfig):
             setattr(model.config, key, value)
     else:
         model, processor = build_model(cfg.preset, pretrained=cfg.pretrained, **cfg.overrides)
+    if cfg.attn_implementation:
+        try:
+            model.set_attn_implementation(cfg.attn_implementation)
+        except (ValueError, ImportError) as e:
+            raise UsageError(f"model.attn_implementation {cfg.attn_implementation!r}: {e}") from None
     if cfg.freeze_lm:
         model.language_model.requires_grad_(False)
         model.lm_head.requires_grad_(False)
@@ -700,6 +709,7 @@ class Run:
 
     def __init__(self, cfg: SFTConfig, resume: str | bool | None = None, log=print):
         from accelerate import Accelerator, PartialState
+        from accelerate.state import AcceleratorState
         from accelerate.utils import AutocastKwargs, DistributedType
         from transformers.utils import logging as hf_logging
 
@@ -720,8 +730,15 @@ class Run:
         # bf16/fp16 autocast keeps a cast copy of every weight for the whole forward; under gradient
         # checkpointing that copy is much of what checkpointing saves (1.5 GB for the seed), so it is off
         autocast = AutocastKwargs(cache_enabled=not cfg.model.gradient_checkpointing)
+        precision = {"fp32": "no"}.get(t.precision, t.precision)
+        state = AcceleratorState._shared_state
+        if state and state.get("_mixed_precision") != precision:
+            # accelerate keeps one state per process and refuses another precision; a later run in the same
+            # process (the demo's fp32 stage 3 after its bf16 stage 1) starts a fresh one. The process
+            # group (PartialState) stays.
+            AcceleratorState._reset_state()
         self.acc = Accelerator(
-            mixed_precision={"fp32": "no"}.get(t.precision, t.precision),
+            mixed_precision=precision,
             cpu=cpu,
             fsdp_plugin=plugin,
             kwargs_handlers=[autocast],
