@@ -286,6 +286,7 @@ def run_instruct(out: Path, world: Path, seed: int, minutes: float, init: Path) 
     from gpt2mm.train.args import build
     from gpt2mm.train.sft import Run, SFTConfig
 
+    fast = fast_settings()  # as stage 1
     d_samples, scenes = description_samples(world, "test", limit=100)
     before_model, before_processor = load_model(init)
     before = score_descriptions(generate_descriptions(before_model, before_processor, d_samples), scenes)
@@ -293,7 +294,7 @@ def run_instruct(out: Path, world: Path, seed: int, minutes: float, init: Path) 
     cfg = build(
         SFTConfig,
         {
-            "model": {"init_from": str(init)},
+            "model": {"init_from": str(init), "attn_implementation": fast["attn_implementation"]},
             "data": {
                 "root": str(world),
                 "synth": False,
@@ -311,6 +312,7 @@ def run_instruct(out: Path, world: Path, seed: int, minutes: float, init: Path) 
                 "batch_size": 16,
                 "lr": 5e-4,
                 "vision_lr": 0.0,
+                "precision": fast["precision"],
                 "warmup_steps": 20,
                 "eval_every": 0,
                 "save_every": 0,
