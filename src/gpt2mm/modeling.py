@@ -189,9 +189,9 @@ class MultimodalGPT2ForConditionalGeneration(MultimodalGPT2PreTrainedModel, Gene
         """
         tower = self.vision_tower
         layers = tower.encoder.layers
-        # hidden state k is the output of the first k encoder layers: the layers after it are not run
-        keep = len(layers) if self.config.vision_feature_layer == -1 else self.config.vision_feature_layer
-        keep %= len(layers) + 1
+        # hidden state k (of 0..n, or -1..-(n+1) from the end) is the output of the first k encoder layers:
+        # the layers after it are not run
+        keep = self.config.vision_feature_layer % (len(layers) + 1)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.vision_frozen):
             states = tower.pre_layrnorm(tower.embeddings(pixel_values.to(tower.dtype)))
             for layer in layers[:keep]:
