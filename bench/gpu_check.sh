@@ -3,7 +3,7 @@
 #   bash bench/gpu_check.sh                       # logs to bench/gpu_check-*.log, or to $LOGDIR
 # Needs a CUDA build of torch, transformers, accelerate and peft in .venv (make setup on the GPU machine)
 # or on PATH's python3. Each part has its own time limit, so that one overrun leaves the others' figures;
-# copy the tables and JSON lines it prints into bench/RESULTS.md. Knobs (environment): PARTS (a subset of
+# copy the tables and JSON lines it prints into bench/RESULTS.md. The limits add up to 580 s. Knobs (environment): PARTS (a subset of
 # "train generate memory trainer"), TRAIN_VARIANTS, LATENCY, PRECISIONS, SECONDS_PER_LOOP, and
 # DEVICE=cpu PRESET=tiny for a dry run of the script on a machine without a GPU.
 set -uo pipefail
@@ -24,7 +24,7 @@ part() {  # part NAME LIMIT_S COMMAND...: run it under a time limit, log it, sho
     local t0=$SECONDS
     timeout "$limit" "$@" >"$LOGDIR/gpu_check-$name.log" 2>&1
     local rc=$?
-    grep -v -i -E "warn|^W[0-9]{4} |^\s*$" "$LOGDIR/gpu_check-$name.log" | tail -n 40
+    grep -v -i -E "warn|^W[0-9]{4} |^\s*$" "$LOGDIR/gpu_check-$name.log" | tail -n 60
     echo "### $name: exit $rc after $((SECONDS - t0)) s"
 }
 
@@ -32,10 +32,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda,
   torch.cuda.is_available() and torch.cuda.get_device_name(), 'transformers', transformers.__version__)"
 
-# 1. training, seed preset: the seed's loop, ours (+ compile), each fast path taken away in turn, packing
-TRAIN_VARIANTS=${TRAIN_VARIANTS:-"ours + compile,ours + compile (batch 256),ours,- length grouping (dynamic padding only),- feature cache (vision every step),- LM head on answers only (full logits),- bf16 autocast (fp32),- fused AdamW (foreach),- SDPA (eager attention),+ packing (5 questions per sequence) + compile"}
-part train 220 $PY bench/train_throughput.py --preset "$PRESET" --device "$DEVICE" --batch-size 128 \
-    --seconds "$S" --variants "$TRAIN_VARIANTS"
+# 1. training, seed preset: the seed's loop, ours + compile at batch 256 (then 3 of its steps profiled: the
+#    kernels that take the time, and how busy the GPU is), at batch 320 and 384, at batch 128, eager, packed.
+#    The fast paths taken away one by one (measured 2026-11-27): TRAIN_VARIANTS=ablation.
+#    Expandable segments: less of the card lost to fragmentation at the larger batches.
+TRAIN_VARIANTS=${TRAIN_VARIANTS:-"ours + compile (batch 256),ours + compile (batch 320),ours + compile (batch 384),ours + compile,ours,+ packing (5 questions per sequence) + compile"}
+PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True} \
+    part train 240 $PY bench/train_throughput.py --preset "$PRESET" --device "$DEVICE" --batch-size 128 \
+    --seconds "$S" --variants "$TRAIN_VARIANTS" --profile 3
 # 2. generation, seed preset: the seed's one-at-a-time loop, batched, and one short answer's latency
 part generate 160 $PY bench/generate_throughput.py --preset "$PRESET" --device "$DEVICE" --batch-size 64,256 \
     --seconds "$S" --latency "${LATENCY:-generate,static,compiled}"

@@ -70,6 +70,8 @@ class Options:
 ABLATION = {
     "ours + compile": Options(compile=True),
     "ours + compile (batch 256)": Options(compile=True, batch_size=256),
+    "ours + compile (batch 320)": Options(compile=True, batch_size=320),
+    "ours + compile (batch 384)": Options(compile=True, batch_size=384),
     "ours": Options(),
     "- length grouping (dynamic padding only)": Options(padding="longest"),
     "- dynamic padding (pad to 512)": Options(padding="512"),
@@ -243,7 +245,9 @@ def step_flops(cfg, model, batch, vision_ran: bool) -> float:
     return flops
 
 
-def bench_ours(preset: str, device, seconds: float, opt: Options, default_batch: int) -> dict:
+def bench_ours(
+    preset: str, device, seconds: float, opt: Options, default_batch: int, profile_steps: int = 0
+) -> dict:
     from gpt2mm.train.sft import LoraConfig, inject_lora
 
     bs = opt.batch_size or default_batch
@@ -281,25 +285,30 @@ def bench_ours(preset: str, device, seconds: float, opt: Options, default_batch:
     batches = make_batches(cfg, opt, bs, 24, images)
     batch_flops = [step_flops(cfg, model, b, vision_ran=not use_cache) for b in batches]
     if opt.compile:
+        torch._dynamo.reset()  # compile as a fresh run would, not from the graphs of a variant before
         model.compile_blocks()
     # bf16 autocast keeps a bf16 copy of each weight for the whole forward; under gradient checkpointing
     # that copy is most of what checkpointing saves, so the trainer turns the cache off (AutocastKwargs)
     autocast = torch.autocast(
         device.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=not opt.gradient_checkpointing
     )
-    n = tokens = padded = flops = 0.0
-    start, i, compile_s, t0 = None, 0, None, time.perf_counter()
-    warmup = 10 if opt.compile else 3
-    while True:
-        b = batches[i % len(batches)]
+    key = "vision_hidden_states" if use_cache else "pixel_values"
+
+    def train_step(b: dict) -> None:
         batch = {k: b[k].to(device, non_blocking=True) for k in ("input_ids", "labels", "attention_mask")}
         images_b = b["images"].to(device, non_blocking=True)
-        key = "vision_hidden_states" if use_cache else "pixel_values"
         with autocast:
             out = model(**batch, **{key: images_b.float()}, return_logits=not opt.answer_only_head)
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    n = tokens = padded = flops = 0.0
+    start, i, compile_s, t0 = None, 0, None, time.perf_counter()
+    warmup = 10 if opt.compile else 3
+    while True:
+        b = batches[i % len(batches)]
+        train_step(b)
         i += 1
         if i == warmup:  # warm-up (and compilation: a batch with no padding takes its own graph) done
             sync(device)
@@ -326,8 +335,44 @@ def bench_ours(preset: str, device, seconds: float, opt: Options, default_batch:
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
         result["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
         result["model_tflops"] = flops / dt / 1e12
-    del model, optimizer, batches
-    return result
+    if profile_steps:
+        result["profile"] = profile(
+            lambda j: train_step(batches[(i + j) % len(batches)]), profile_steps, device
+        )
+    return result  # the model, its optimizer and the batches go with this frame
+
+
+def profile(step, n: int, device: torch.device) -> dict:
+    """n more steps under torch.profiler: where the time goes. Prints the operators (kernels on a GPU) that
+    took most of it; on a GPU also how much of the steps' wall-clock the GPU was busy (summed kernel time:
+    well under 100% means the host, not the GPU, sets the pace)."""
+    from torch.profiler import ProfilerActivity
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(device)
+    with torch.profiler.profile(activities=activities) as prof:
+        t = time.perf_counter()
+        for j in range(n):
+            step(j)
+        sync(device)
+        wall = time.perf_counter() - t
+    events = prof.key_averages()
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    print(events.table(sort_by=sort, row_limit=15, max_name_column_width=70), flush=True)
+    out = {"steps": n, "step_ms": 1e3 * wall / n}
+    if cuda:
+        from torch.autograd import DeviceType
+
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+        busy = sum(e.self_device_time_total for e in kernels) / 1e6  # the table's total; us -> s
+        out["gpu_busy_fraction"] = busy / wall
+        print(
+            f"profiled {n} steps: {out['step_ms']:.1f} ms a step, the GPU busy {100 * busy / wall:.1f}% of it"
+        )
+    else:
+        print(f"profiled {n} steps: {out['step_ms']:.1f} ms a step")
+    return out
 
 
 def measure_peak_tflops(device: torch.device) -> float:
@@ -353,6 +398,9 @@ def main() -> None:
     ap.add_argument("--variants", default="ours", help="ours | ablation | memory | comma-separated names")
     ap.add_argument("--compile", action="store_true", help="(with --variants ours) compile_blocks")
     ap.add_argument("--no-seed-loop", action="store_true", help="skip the seed's loop (memory runs)")
+    ap.add_argument(
+        "--profile", type=int, default=0, metavar="N", help="then profile N steps of the first variant"
+    )
     ap.add_argument("--peak-tflops", type=float, default=None, help="bf16 rate for MFU (default: measured)")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -383,7 +431,8 @@ def main() -> None:
         if not opt.feature_cache and not cfg.freeze_vision:
             continue  # a preset that trains its vision tower (tiny) has no feature cache to take away
         try:
-            r = bench_ours(args.preset, device, args.seconds, opt, args.batch_size)
+            profile_steps = args.profile if not rows else 0
+            r = bench_ours(args.preset, device, args.seconds, opt, args.batch_size, profile_steps)
         except torch.cuda.OutOfMemoryError as e:
             cap = f"the {opt.memory_cap_gb} GB cap" if opt.memory_cap_gb else "the whole card"
             r = {"error": f"out of memory under {cap}: {str(e).splitlines()[0]}"}

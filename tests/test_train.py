@@ -117,6 +117,23 @@ def test_sigkill_mid_save_resumes_from_last_complete_checkpoint(world, tmp_path)
     assert all(torch.equal(a[k], b[k]) for k in a)  # and ends exactly where the uninterrupted run did
 
 
+def test_a_save_that_fails_leaves_the_checkpoint_before_it_as_it_was(tmp_path):
+    from gpt2mm.train.sft import atomic_dir, list_checkpoints
+
+    final = tmp_path / "checkpoint-2"
+    final.mkdir()
+    (final / "trainer_state.pt").write_text("old")
+    with pytest.raises(OSError, match="disk full"), atomic_dir(final) as tmp:
+        (tmp / "trainer_state.pt").write_text("new")
+        raise OSError("disk full")
+    assert (final / "trainer_state.pt").read_text() == "old"
+    assert list_checkpoints(tmp_path) == [final]  # the half-written one is not taken for a checkpoint
+    with atomic_dir(final) as tmp:  # the next save clears the stale temporary and replaces the old one
+        (tmp / "trainer_state.pt").write_text("new")
+    assert (final / "trainer_state.pt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
+
+
 def test_stage1_labels_are_exactly_the_answer(world):
     from gpt2mm import build_model
     from gpt2mm.data.vqa import load_vqa
@@ -334,7 +351,8 @@ def two_processes(world: Path, out: Path, port: int, *extra: str, env: dict[str,
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "FSDP2 over 2 processes" in done.stdout
+    assert done.stdout.count("FSDP2 over 2 processes") == 1  # the main process logs for both
+    assert done.stdout.count("done: ") == 1
 
 
 def losses(run: Path) -> list[float]:

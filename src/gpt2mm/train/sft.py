@@ -517,11 +517,19 @@ def pack_by_image(samples: list, k: int, seed: int) -> list:
 def atomic_save_dir(final: Path, write) -> None:
     """Write a directory under a temporary name, then rename it into place (a crash leaves no half
     checkpoint under the final name; stale temporaries are removed on the next start)."""
+    with atomic_dir(final) as tmp:
+        write(tmp)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path):
+    """`atomic_save_dir` as a context: the body writes into the temporary directory it is given, which takes
+    the final name when the body ends without an error."""
     tmp = final.with_name(final.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    write(tmp)
+    yield tmp
     delay = float(os.environ.get("GPT2MM_TEST_SAVE_DELAY", "0"))  # tests kill a run mid-save
     if delay:
         time.sleep(delay)
@@ -745,6 +753,8 @@ class Run:
         )
         if plugin is not None and self.acc.distributed_type == DistributedType.MULTI_CPU:
             shard_on_cpu(self.acc, plugin)
+        if not self.acc.is_main_process:  # one process speaks for all (errors still come from each)
+            self.log = log = lambda *args, **kwargs: None
         self.fsdp = self.acc.distributed_type == DistributedType.FSDP
         self.world = self.acc.num_processes
         if self.fsdp:
@@ -1109,48 +1119,54 @@ class Run:
     # --- checkpoints ---
 
     def _save(self, best: bool = False) -> None:
+        """A checkpoint (or `best`, weights only). Under FSDP every process takes part in gathering the full
+        tensors from the shards and the main one writes them: first the weights, then (once the weights are
+        freed, so that the two are never in memory together) the optimizer state."""
         self.acc.wait_for_everyone()
+        main = self.acc.is_main_process
         model = self.acc.unwrap_model(self.model)
-        # under FSDP both gather the full tensors from the shards: every process takes part, the main one gets them
-        state_dict = self.acc.get_state_dict(self.model)
-        optimizer_state = None if best else self._optimizer_state()
-        if not self.acc.is_main_process:
-            return
+        name = "best" if best else f"checkpoint-{self.step}"
+        with atomic_dir(self.out / name) if main else contextlib.nullcontext() as tmp:
+            state_dict = self.acc.get_state_dict(self.model)
+            if main:
+                self._write_weights(model, state_dict, tmp)
+            del state_dict
+            if best:
+                return
+            optimizer_state = self._optimizer_state()
+            if main:
+                state = {
+                    "step": self.step,
+                    "epoch": self.epoch,
+                    "batch_in_epoch": self.batch_in_epoch,
+                    "samples_seen": self.samples_seen,
+                    "train_seconds": self.train_seconds,
+                    "best": self.best,
+                    "evals_without_gain": self.evals_without_gain,
+                    "optimizer": optimizer_state,
+                    "scheduler": self.scheduler.state_dict(),
+                    "rng": rng_state(),
+                    "config": asdict(self.cfg),
+                }
+                torch.save(state, tmp / "trainer_state.pt")
+        if main:
+            prune_checkpoints(self.out, self.cfg.train.keep_last)
+
+    def _write_weights(self, model, state_dict: dict, out: Path) -> None:
+        """model.safetensors (merged LoRA weights: a plain model), the processor, and the LoRA adapters."""
         if self.fsdp:
             state_dict = {k: v for k, v in state_dict.items() if k not in self._tied_copies}
         adapter = None
-        if self.lora:  # model.safetensors holds the merged weights (a plain model); the adapters go beside it
+        if self.lora:
             adapter = adapter_state_dict(model, state_dict)
             state_dict = merged_state_dict(model, state_dict)
-        name = "best" if best else f"checkpoint-{self.step}"
-        state = {
-            "step": self.step,
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "samples_seen": self.samples_seen,
-            "train_seconds": self.train_seconds,
-            "best": self.best,
-            "evals_without_gain": self.evals_without_gain,
-            "optimizer": optimizer_state,
-            "scheduler": self.scheduler.state_dict(),
-            "rng": rng_state(),
-            "config": asdict(self.cfg),
-        }
+        model.save_pretrained(out, state_dict=state_dict)
+        self.processor.save_pretrained(out)
+        if adapter is not None:
+            from safetensors.torch import save_file
 
-        def write(tmp: Path) -> None:
-            model.save_pretrained(tmp, state_dict=state_dict)
-            self.processor.save_pretrained(tmp)
-            if adapter is not None:
-                from safetensors.torch import save_file
-
-                lora = json.dumps(asdict(self.cfg.model.lora))
-                save_file(adapter, str(tmp / ADAPTER_FILE), metadata={"format": "pt", "lora": lora})
-            if not best:
-                torch.save(state, tmp / "trainer_state.pt")
-
-        atomic_save_dir(self.out / name, write)
-        if not best:
-            prune_checkpoints(self.out, self.cfg.train.keep_last)
+            lora = json.dumps(asdict(self.cfg.model.lora))
+            save_file(adapter, str(out / ADAPTER_FILE), metadata={"format": "pt", "lora": lora})
 
     def _optimizer_state(self) -> dict | None:
         """The optimizer state in torch's own format (parameters by position), whatever the sharding: a checkpoint
