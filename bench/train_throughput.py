@@ -248,7 +248,7 @@ def step_flops(cfg, model, batch, vision_ran: bool) -> float:
 def bench_ours(
     preset: str, device, seconds: float, opt: Options, default_batch: int, profile_steps: int = 0
 ) -> dict:
-    from gpt2mm.train.sft import LoraConfig, inject_lora
+    from gpt2mm.train.sft import LoraConfig, enable_checkpointing, inject_lora
 
     bs = opt.batch_size or default_batch
     cuda = device.type == "cuda"
@@ -264,7 +264,7 @@ def bench_ours(
     if opt.lora:
         inject_lora(model, LoraConfig(r=opt.lora))
     if opt.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=opt.fused_adamw, foreach=not opt.fused_adamw)
     amp = opt.amp and cuda

@@ -443,6 +443,49 @@ def test_compiled_training_follows_eager_training(world, tmp_path):
     assert runs["compiled"] == pytest.approx(runs["eager"], rel=1e-4)
 
 
+def test_gradient_checkpointing_gives_the_gradients_of_a_plain_backward():
+    """`model.gradient_checkpointing`: every GPT-2 block recomputed in the backward, with no deprecation warning,
+    and the same loss and gradients as the model without it (dropout off: the recompute would redraw it)."""
+    import warnings
+
+    from gpt2mm.train.sft import ModelConfig, build_model_for_training
+
+    grads, losses_ = {}, {}
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            model, _ = build_model_for_training(ModelConfig(gradient_checkpointing=ckpt))
+        model.train()
+        blocks = model.language_model.h
+        assert all(b.gradient_checkpointing is ckpt for b in blocks)
+        g = torch.Generator().manual_seed(1)
+        cfg = model.config
+        ids = torch.randint(2, 200, (2, cfg.num_image_tokens + 6), generator=g)
+        ids[:, : cfg.num_image_tokens] = cfg.image_token_id
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        labels[:, -2:] = ids[:, -2:]
+        size = cfg.vision_config.image_size
+        pixels = torch.rand(2, 3, size, size, generator=g)
+        calls, mlp_forward = 0, blocks[0].mlp.forward
+
+        def counted(*args, mlp_forward=mlp_forward, **kwargs):  # (the recompute skips the module's hooks)
+            nonlocal calls
+            calls += 1
+            return mlp_forward(*args, **kwargs)
+
+        blocks[0].mlp.forward = counted
+        loss = model(input_ids=ids, labels=labels, pixel_values=pixels).loss
+        loss.backward()
+        assert calls == (2 if ckpt else 1)  # the block's MLP ran again in the backward
+        losses_[ckpt] = loss.item()
+        grads[ckpt] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert losses_[True] == losses_[False]
+    assert grads[True].keys() == grads[False].keys() and grads[False]
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, rtol=1e-5, atol=1e-7)
+
+
 def test_gradient_checkpointing_turns_off_the_autocast_weight_cache(world, tmp_path):
     """Under gradient checkpointing, bf16 autocast must not keep a cast copy of every weight for the whole
     forward (that copy is much of the memory checkpointing saves)."""

@@ -213,8 +213,17 @@ def build_model_for_training(cfg: ModelConfig):
     if cfg.lora.r > 0:
         inject_lora(model, cfg.lora)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     return model, processor
+
+
+def enable_checkpointing(model) -> None:
+    """Activation (gradient) checkpointing of every block, non-reentrant: transformers' own, under its newer
+    name where it has one (the older one warns that it is deprecated)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def count_parameters(model) -> tuple[int, int]:
