@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -76,3 +77,27 @@ def test_fast_settings_use_bf16_only_where_the_cpu_has_it(monkeypatch):
     for native, precision in ((True, "bf16"), (False, "fp32")):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
         assert fast_settings() == {"precision": precision, "attn_implementation": "eager"}
+
+
+def test_stage_minutes_default_to_shares_of_the_budget_and_bad_ones_are_refused(capsys):
+    from argparse import Namespace
+
+    from gpt2mm.demo import stage_minutes
+    from gpt2mm.errors import UsageError
+
+    def minutes(total, stages, ppo=None, instruct=None):
+        args = Namespace(minutes=total, stages=",".join(stages), ppo_minutes=ppo, instruct_minutes=instruct)
+        return stage_minutes(args, stages)
+
+    assert minutes(15, ["sft", "ppo", "instruct"]) == pytest.approx((5.0, 3.0))
+    assert minutes(2, ["sft", "ppo", "instruct"]) == pytest.approx((2 / 3, 0.4))  # fits any budget
+    assert minutes(2, ["sft", "instruct"], instruct=1.5) == (0.0, 1.5)
+    assert minutes(15, ["sft"]) == (0.0, 0.0)
+    for args, message in (
+        ((0, ["sft"]), "--minutes must be positive, got 0"),
+        ((15, ["sft"], 2.0), "--ppo-minutes is for stage ppo, which --stages 'sft' does not run"),
+        ((15, ["sft", "ppo"], -1.0), "--ppo-minutes must be 0 or more"),
+        ((2, ["sft", "ppo", "instruct"], 1.5, 0.5), "must leave part of --minutes (2) to stage 1"),
+    ):
+        with pytest.raises(UsageError, match=re.escape(message)):
+            minutes(*args)

@@ -448,3 +448,26 @@ def test_right_padded_loss_batches_drop_the_mask_for_the_causal_kernel(tiny_pair
     bad = labels.clone()
     bad[1, -1] = 5
     assert not right_padded(attn, bad)
+
+
+def test_what_cannot_be_loaded_is_one_clear_error(tmp_path, capsys):
+    """Offline (the tests set HF_HUB_OFFLINE) or mistyped: a name that is no local directory and not on the
+    hub, and a preset whose backbones or tokenizer come from the hub, fail with one line naming what was being
+    loaded: an OSError for library users (as transformers raises) and a usage error for the CLI (exit 2)."""
+    from gpt2mm import build_model, load_model
+    from gpt2mm.cli import main
+    from gpt2mm.errors import ModelNotFoundError
+
+    with pytest.raises(OSError, match=r"runs/nope: no such directory; as a hub id: cannot be loaded") as e:
+        load_model("runs/nope")
+    assert isinstance(e.value, ModelNotFoundError)
+    with pytest.raises(
+        OSError, match=r"preset 'small': its tokenizer openai-community/gpt2 .*cannot be loaded"
+    ):
+        build_model("small", pretrained=False)
+    with pytest.raises(SystemExit) as e:
+        main(["init", "--preset", "seed", "--pretrained", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert "preset 'seed': its backbones openai/clip-vit-base-patch32 and openai-community/gpt2-large" in err
+    assert not (tmp_path / "out").exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -340,7 +341,7 @@ def test_reward_train_end_to_end(world, base_dir, tmp_path, capsys):
             "--no-progress"]  # fmt: skip
     assert main(more) == 0
     assert json.loads((tmp_path / "rm2" / "metrics.json").read_text())["lm_prior_init"] is None
-    no_prior = [*more, "--no-lm-prior"]
+    no_prior = [*more, "--no-lm-prior", "--out", str(tmp_path / "rm3")]
     assert "pass the same --lm-prior" in _error(no_prior, capsys)
 
 
@@ -421,3 +422,28 @@ def test_reward_train_refuses_bad_input(tmp_path, base_dir, backbone_dirs, capsy
         ["reward", "train", "--tags", str(good), "--base", str(base_dir), "--out", "o", "--lr", "x"], capsys
     )
     assert not (tmp_path / "o").exists()
+
+
+def test_reward_train_never_replaces_its_base_or_a_folder_without_overwrite(tmp_path, base_dir, capsys):
+    """--out is written whole at the end: checked before any work, it may not be --base (nor hold it), and a
+    folder with files in it is replaced only with --overwrite."""
+    make_image(0).save(tmp_path / "a.png")
+    good = tmp_path / "good.jsonl"
+    write_jsonl([TagRecord(f"q{i}", str(tmp_path / "a.png"), "Is there a red circle?", "yes", lab)
+                 for i, lab in enumerate([True, False])], good)  # fmt: skip
+    base = tmp_path / "run" / "best"
+    shutil.copytree(base_dir, base)
+    before = {p.name: p.read_bytes() for p in base.iterdir() if p.is_file()}
+    train = ["reward", "train", "--tags", str(good), "--eval-tags", str(good), "--base", str(base), "--steps",
+             "1", "--batch-size", "2", "--no-progress"]  # fmt: skip
+    for out in (base, base.parent):
+        assert "would replace --base" in _error([*train, "--out", str(out)], capsys)
+    kept = tmp_path / "rm"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    assert "already holds files" in _error([*train, "--out", str(kept)], capsys)
+    assert {p.name: p.read_bytes() for p in base.iterdir() if p.is_file()} == before
+    assert (kept / "notes.txt").read_text() == "mine"
+    assert main([*train, "--out", str(kept), "--overwrite"]) == 0  # asked for: replaced
+    assert (kept / "reward_config.json").is_file() and not (kept / "notes.txt").exists()
+    assert "already holds a reward model" in _error([*train, "--out", str(kept)], capsys)

@@ -374,6 +374,17 @@ def test_rloo_runs_without_a_value_head(world, init_dir, tmp_path, monkeypatch):
     assert rows[0]["answers_sampled"] == 16  # 8 prompts x 2 answers
 
 
+def test_ppo_into_an_earlier_runs_folder_is_refused(world, init_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "checkpoint-3").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 3}\n')
+    with pytest.raises(SystemExit) as e:
+        main(ppo_args(world, init_dir, out))
+    assert e.value.code == 2
+    assert "holds an earlier run (checkpoint-3, metrics.jsonl)" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_text() == '{"step": 3}\n' and (out / "checkpoint-3").is_dir()
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [
@@ -382,6 +393,7 @@ def test_rloo_runs_without_a_value_head(world, init_dir, tmp_path, monkeypatch):
         (["--train.algo", "dpo"], "ppo, rloo or grpo"),
         (["--reward", "bleu"], "vqa or model:DIR"),
         (["--reward", "model:/nonexistent/rm"], "no reward model directory"),
+        (["--train.max_steps", "0"], "train.max_steps must be at least 1"),
     ],
 )
 def test_bad_recipes_exit_2_with_a_message(world, init_dir, tmp_path, capsys, extra, message):

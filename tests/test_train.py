@@ -117,6 +117,51 @@ def test_sigkill_mid_save_resumes_from_last_complete_checkpoint(world, tmp_path)
     assert all(torch.equal(a[k], b[k]) for k in a)  # and ends exactly where the uninterrupted run did
 
 
+def test_a_new_run_into_an_earlier_runs_folder_is_refused_unless_resumed_or_overwritten(
+    world, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    args = ["--train.max_steps", "3", "--train.eval_every", "3", "--train.save_every", "3"]
+    assert main(train_args(world, out, *args)) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as e:
+        main(train_args(world, out, "--train.max_steps", "2"))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert (
+        "holds an earlier run (best, checkpoint-3, metrics.jsonl)" in err and "--train.overwrite true" in err
+    )
+    assert {
+        p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "notes.txt"
+    } == before
+    # asked for: the earlier run's files go, the new run's are alone in its metrics; other files stay
+    assert main(train_args(world, out, "--train.max_steps", "2", "--train.overwrite", "true", *args[2:])) == 0
+    assert "removed the earlier run's best, checkpoint-3, metrics.jsonl" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "option,value,message",
+    [
+        ("max_steps", "-5", "train.max_steps must be at least 1"),
+        ("lr", "0", "train.lr must be positive"),
+        ("save_every", "-1", "train.save_every must be 0 or more"),
+        ("max_minutes", "0", "train.max_minutes must be positive"),
+        ("model.preset", "huge", "model.preset must be one of seed, small, tiny, got 'huge'"),
+    ],
+)
+def test_values_that_make_no_sense_are_refused(world, tmp_path, capsys, option, value, message):
+    option = option if "." in option else f"train.{option}"
+    with pytest.raises(SystemExit) as e:
+        main(train_args(world, tmp_path / "run", f"--{option}", value))
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_save_that_fails_leaves_the_checkpoint_before_it_as_it_was(tmp_path):
     from gpt2mm.train.sft import atomic_dir, list_checkpoints
 

@@ -69,6 +69,13 @@ def _quiet_libraries() -> None:
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging
+
+    # transformers is imported already (by gpt2mm itself) and read the environment then; without this its
+    # notices ("CLIPImageProcessor requires torchvision ...") and bars ("Writing model shards") reach every command
+    logging.set_verbosity(logging.log_levels.get(os.environ["TRANSFORMERS_VERBOSITY"], logging.ERROR))
+    if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1":
+        logging.disable_progress_bar()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     gpt2mm demo --out demo-out                  # about 15 minutes on 2 CPU cores
     gpt2mm demo --out demo-out --minutes 3      # a quicker, weaker run
-    gpt2mm demo --stages sft,ppo,instruct       # all three stages in the same budget (5 + 3 minutes for 2, 3)
+    gpt2mm demo --stages sft,ppo,instruct       # all three stages in the same budget (a third, a fifth for 2, 3)
 
 It renders the synthetic shapes world, builds the `tiny` preset and its tokenizer (trained in-process),
 trains stage 1 from scratch with the answer-only loss, evaluates on the held-out test split with the
@@ -58,8 +58,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stages", default="sft", help="comma-separated: sft (stage 1), ppo (stage 2), instruct (stage 3)"
     )
-    parser.add_argument("--ppo-minutes", type=float, default=5.0, help="of the budget, for stage 2")
-    parser.add_argument("--instruct-minutes", type=float, default=3.0, help="of the budget, for stage 3")
+    parser.add_argument(
+        "--ppo-minutes", type=float, default=None, help="of the budget, for stage 2 (default: a third of it)"
+    )
+    parser.add_argument(
+        "--instruct-minutes",
+        type=float,
+        default=None,
+        help="of the budget, for stage 3 (default: a fifth of it)",
+    )
     parser.add_argument("--train-images", type=int, default=10000)
     parser.add_argument("--test-images", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
@@ -76,13 +83,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--stages runs each stage once, in the order sft, ppo, instruct; got {args.stages!r}"
         )
-    ppo_minutes = args.ppo_minutes if "ppo" in stages else 0.0
-    instruct_minutes = args.instruct_minutes if "instruct" in stages else 0.0
-    if min(ppo_minutes, instruct_minutes) < 0 or ppo_minutes + instruct_minutes >= args.minutes:
-        raise UsageError(
-            f"--ppo-minutes and --instruct-minutes must be >= 0 and leave part of --minutes ({args.minutes}) "
-            f"to stage 1; got {ppo_minutes} and {instruct_minutes}"
-        )
+    ppo_minutes, instruct_minutes = stage_minutes(args, stages)
     out: Path = args.out
     if out.exists() and any(out.iterdir()):
         if not args.overwrite:
@@ -220,6 +221,27 @@ def run(args: argparse.Namespace) -> int:
         f"{summary['total_seconds']:.0f} s in all -> {out / 'summary.json'}"
     )
     return 0
+
+
+def stage_minutes(args: argparse.Namespace, stages: list[str]) -> tuple[float, float]:
+    """The minutes of stages 2 and 3 (0 for a stage not run): as given, or a third and a fifth of --minutes
+    (5 and 3 of 15). Stage 1 gets the rest."""
+    if not args.minutes > 0:
+        raise UsageError(f"--minutes must be positive, got {args.minutes}")
+    minutes = {}
+    for stage, given, share in (("ppo", args.ppo_minutes, 1 / 3), ("instruct", args.instruct_minutes, 1 / 5)):
+        flag = f"--{stage}-minutes"
+        if given is not None and stage not in stages:
+            raise UsageError(f"{flag} is for stage {stage}, which --stages {args.stages!r} does not run")
+        if given is not None and given < 0:
+            raise UsageError(f"{flag} must be 0 or more, got {given}")
+        minutes[stage] = 0.0 if stage not in stages else share * args.minutes if given is None else given
+    if sum(minutes.values()) >= args.minutes:  # never with the default shares
+        raise UsageError(
+            f"--ppo-minutes and --instruct-minutes must leave part of --minutes ({args.minutes}) to stage 1; "
+            f"got {minutes['ppo']} and {minutes['instruct']}"
+        )
+    return minutes["ppo"], minutes["instruct"]
 
 
 def fast_settings() -> dict[str, str | None]:

@@ -7,3 +7,8 @@ class UsageError(ValueError):
 
 class DataError(ValueError):
     """A data file or record that does not fit its format; the message names the file and the record."""
+
+
+class ModelNotFoundError(UsageError, OSError):
+    """A model, tokenizer or backbone that is neither a local directory nor loadable from the hub (an
+    OSError, as transformers raises for these, and a UsageError for the CLI)."""

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
 
 from gpt2mm.config import MultimodalGPT2Config, get_preset
+from gpt2mm.errors import ModelNotFoundError
 from gpt2mm.modeling import MultimodalGPT2ForConditionalGeneration, default_image_processor
 from gpt2mm.processing import MultimodalGPT2Processor
 
@@ -26,9 +28,10 @@ def build_model(
     if pretrained:
         if not has_backbones:
             raise ValueError(f"preset {preset!r} has no pretrained backbones; use pretrained=False")
-        return MultimodalGPT2ForConditionalGeneration.from_backbones(
-            p.vision_backbone, p.text_backbone, **{**p.model, **overrides}
-        )
+        with hub_errors(f"preset {preset!r}: its backbones {p.vision_backbone} and {p.text_backbone}"):
+            return MultimodalGPT2ForConditionalGeneration.from_backbones(
+                p.vision_backbone, p.text_backbone, **{**p.model, **overrides}
+            )
     config = MultimodalGPT2Config.from_preset(preset, **overrides)
     model = MultimodalGPT2ForConditionalGeneration(config)
     return model, processor_for(config, preset)
@@ -45,7 +48,9 @@ def processor_for(config: MultimodalGPT2Config, preset: str) -> MultimodalGPT2Pr
 
         from gpt2mm.tokenizer import add_image_token
 
-        tokenizer = AutoTokenizer.from_pretrained(get_preset(preset).text_backbone)
+        name = get_preset(preset).text_backbone
+        with hub_errors(f"preset {preset!r}: its tokenizer {name} (random weights need only the tokenizer)"):
+            tokenizer = AutoTokenizer.from_pretrained(name)
         add_image_token(tokenizer, config.image_token)
     if tokenizer.convert_tokens_to_ids(config.image_token) != config.image_token_id:
         raise ValueError("the tokenizer's image token id does not match the config's")
@@ -68,6 +73,22 @@ def load_model(
         raise FileNotFoundError(f"{path}: no such model directory")  # a path, not a hub id
     if path.exists() and not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a gpt2mm model directory: it has no config.json")
-    model = MultimodalGPT2ForConditionalGeneration.from_pretrained(name_or_path, **kwargs)
-    processor = MultimodalGPT2Processor.from_pretrained(name_or_path)
+    local = path.exists()
+    with hub_errors(str(path) if local else f"{name_or_path}: no such directory; as a hub id", not local):
+        model = MultimodalGPT2ForConditionalGeneration.from_pretrained(name_or_path, **kwargs)
+        processor = MultimodalGPT2Processor.from_pretrained(name_or_path)
     return model, processor
+
+
+@contextlib.contextmanager
+def hub_errors(what: str, from_hub: bool = True):
+    """transformers' OSError for what cannot be loaded (offline, a typo, a file missing from a directory) as
+    one line naming what was being loaded; `from_hub`: it was to come from the hub."""
+    try:
+        yield
+    except ModelNotFoundError:
+        raise
+    except OSError as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        hint = " (offline, only local directories and the tiny preset load)" if from_hub else ""
+        raise ModelNotFoundError(f"{what}: cannot be loaded: {first}{hint}") from e

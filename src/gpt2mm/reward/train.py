@@ -56,6 +56,7 @@ class RewardTrainConfig:
     tags: str = field(metadata={"help": "training tags: a tag database (.sqlite) or a JSONL export"})
     base: str = field(metadata={"help": "the stage-1 checkpoint to start from (or a reward model dir)"})
     out: str = field(metadata={"help": "the reward model directory to write"})
+    overwrite: bool = field(default=False, metadata={"help": "replace --out if it exists and is not empty"})
     eval_tags: str | None = field(default=None, metadata={"help": "held-out tags (else --holdout)"})
     holdout: float = field(default=0.1, metadata={"help": "share of the images held out when no --eval-tags"})
     image_root: str | None = field(
@@ -522,6 +523,25 @@ def load_base(path: str, lm_prior: bool = False) -> Any:
 # --- training --------------------------------------------------------------------------------------------
 
 
+def check_out(out: Path, base: Path, overwrite: bool) -> None:
+    """Before any work: --out is written whole at the end and replaces what is there, so it must not be (or
+    hold) --base, and a folder with files in it is replaced only with --overwrite."""
+    out_r, base_r = out.resolve(), base.resolve()
+    if out_r == base_r or out_r in base_r.parents:
+        raise UsageError(
+            f"--out {out} would replace --base {base}, the model training starts from: give another --out"
+        )
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        from gpt2mm.reward.model import is_reward_dir
+
+        what = "a reward model" if is_reward_dir(out) else "files"
+        raise UsageError(
+            f"--out {out} already holds {what}: give another --out, or replace it with --overwrite"
+        )
+
+
 def train_reward(cfg: RewardTrainConfig, log=print) -> dict[str, Any]:
     """Read the tags, train, evaluate, write DIR (model + processor + metrics.json); returns the metrics."""
     from transformers.utils import logging as hf_logging
@@ -530,6 +550,7 @@ def train_reward(cfg: RewardTrainConfig, log=print) -> dict[str, Any]:
     from gpt2mm.train.sft import TrainConfig, atomic_save_dir, lr_lambda, make_optimizer
 
     hf_logging.disable_progress_bar()  # ours is the one to watch
+    check_out(Path(cfg.out), Path(cfg.base), cfg.overwrite)
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     device = torch.device(

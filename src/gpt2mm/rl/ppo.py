@@ -83,6 +83,12 @@ class RolloutConfig:
 @dataclass
 class PPOTrainConfig:
     output_dir: str = "runs/tiny-ppo"
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "replace an earlier run in output_dir (its checkpoints, best, metrics) without --resume"
+        },
+    )
     seed: int = 0
     algo: str = field(default="ppo", metadata={"help": "ppo | rloo | grpo"})
     max_steps: int = field(default=200, metadata={"help": "updates (one rollout each)"})
@@ -145,6 +151,9 @@ class PPORecipe:
             )
         if r.temperature <= 0:
             raise ValueError(f"rollout.temperature must be > 0, got {r.temperature}")
+        from gpt2mm.train.sft import check_counts
+
+        check_counts(t)
         parse_reward(self.reward)
 
 
@@ -274,6 +283,11 @@ class PPOTrainer:
         self.log = log
         t = cfg.train
         self.out = Path(t.output_dir)
+        from gpt2mm.train.sft import claim_output_dir
+
+        replaced = claim_output_dir(self.out, resume, t.overwrite, main=True)
+        if replaced:
+            log(f"train.overwrite: removed the earlier run's {', '.join(replaced)} from {self.out}")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self._seed_everything(t.seed)
 

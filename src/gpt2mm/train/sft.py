@@ -114,6 +114,12 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/tiny-synth"
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "replace an earlier run in output_dir (its checkpoints, best, metrics) without --resume"
+        },
+    )
     seed: int = 0
     max_steps: int = 1000
     max_minutes: float | None = field(default=None, metadata={"help": "stop after this much training time"})
@@ -173,6 +179,11 @@ class SFTConfig:
             raise ValueError(
                 f"train.batch_size {t.batch_size} must be a positive multiple of grad_accum {t.grad_accum}"
             )
+        check_counts(t)
+        from gpt2mm.config import PRESETS
+
+        if self.model.preset not in PRESETS:
+            raise ValueError(f"model.preset must be one of {', '.join(PRESETS)}, got {self.model.preset!r}")
         if self.data.format not in ("vqa", "llava"):
             raise ValueError(f"data.format must be vqa or llava, got {self.data.format!r}")
         if self.data.conversation_mix and self.data.format != "vqa":
@@ -187,6 +198,52 @@ class SFTConfig:
             raise ValueError(
                 f"data.vqa_mix must be a number of questions, or -1 for all; got {self.data.vqa_mix}"
             )
+
+
+def check_counts(t) -> None:
+    """Step counts, intervals and rates that make sense (a train section of stage 1, 2 or 3)."""
+    for name in ("max_steps", "log_every"):
+        if getattr(t, name) < 1:
+            raise ValueError(f"train.{name} must be at least 1, got {getattr(t, name)}")
+    for name in ("eval_every", "save_every", "keep_last", "warmup_steps"):
+        if getattr(t, name, 0) < 0:
+            raise ValueError(f"train.{name} must be 0 or more, got {getattr(t, name)}")
+    if not t.lr > 0:
+        raise ValueError(f"train.lr must be positive, got {t.lr}")
+    if t.max_minutes is not None and not t.max_minutes > 0:
+        raise ValueError(f"train.max_minutes must be positive (or left out), got {t.max_minutes}")
+
+
+def earlier_run(out: Path) -> list[str]:
+    """What an earlier run left in `out` (checkpoints, best, metrics): a new run would mix its metrics with
+    them, and prune or replace its checkpoints."""
+    if not out.is_dir():
+        return []
+    return sorted(
+        p.name
+        for p in out.iterdir()
+        if p.name in ("best", "metrics.jsonl", "tensorboard") or is_checkpoint_name(p.name)
+    )
+
+
+def claim_output_dir(out: Path, resume, overwrite: bool, main: bool) -> list[str]:
+    """Before a run writes into `out`: refuse a folder that holds an earlier run unless it is resumed or
+    `overwrite` says to replace it (then the main process removes that run's files: the rest of the folder
+    stays). Returns what was removed."""
+    found = [] if resume else earlier_run(out)
+    if not found:
+        return []
+    if not overwrite:
+        shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        raise UsageError(
+            f"train.output_dir {out} holds an earlier run ({shown}): continue it with --resume, give another "
+            "train.output_dir, or replace it with --train.overwrite true"
+        )
+    if main:
+        for name in found:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return found
 
 
 # --- model ---------------------------------------------------------------------------------------------------
@@ -557,9 +614,13 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (a temporary `.tmp` directory is never complete)."""
     found = []
     for p in run_dir.glob("checkpoint-*"):
-        if p.is_dir() and p.name.split("-", 1)[1].isdigit() and (p / "trainer_state.pt").is_file():
+        if p.is_dir() and is_checkpoint_name(p.name) and (p / "trainer_state.pt").is_file():
             found.append(p)
     return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
+
+
+def is_checkpoint_name(name: str) -> bool:
+    return name.startswith("checkpoint-") and name.split("-", 1)[1].isdigit()
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
@@ -579,6 +640,8 @@ def load_resume_checkpoint(run_dir: Path, resume: str | bool) -> tuple[Path, dic
         if not found:
             raise UsageError(f"--resume: no complete checkpoint in {run_dir}")
         path = found[-1]
+    if not path.exists():
+        raise UsageError(f"--resume {path}: no such checkpoint")
     if not (path / "trainer_state.pt").is_file():
         raise UsageError(f"--resume: {path} is not a complete checkpoint (no trainer_state.pt)")
     state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
@@ -764,6 +827,10 @@ class Run:
             shard_on_cpu(self.acc, plugin)
         if not self.acc.is_main_process:  # one process speaks for all (errors still come from each)
             self.log = log = lambda *args, **kwargs: None
+        replaced = claim_output_dir(self.out, resume, t.overwrite, self.acc.is_main_process)
+        if replaced:
+            log(f"train.overwrite: removed the earlier run's {', '.join(replaced)} from {self.out}")
+        self.acc.wait_for_everyone()
         self.fsdp = self.acc.distributed_type == DistributedType.FSDP
         self.world = self.acc.num_processes
         if self.fsdp:
