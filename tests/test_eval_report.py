@@ -231,3 +231,204 @@ def test_report_without_world_has_no_description_columns(world, models, tmp_path
     table = _table(md.read_text())
     assert set(table) == {"stage1", "stage2"}
     assert all("VQA overall" in r and not any(k.startswith("desc") for k in r) for r in table.values())
+
+
+# --- bad input: unreadable images, outputs over inputs, devices ---------------------------------------------
+
+
+@pytest.fixture
+def broken_world(world, tmp_path) -> tuple[Path, str, set[int]]:
+    """A copy of the world whose first test image is text: (world, that image's path, its question ids)."""
+    import shutil
+
+    copy = tmp_path / "broken_world"
+    shutil.copytree(world, copy)
+    questions = json.loads((copy / "test_questions.json").read_text())["questions"]
+    image_id = questions[0]["image_id"]
+    (bad,) = (copy / "images" / "test").glob(f"*_{image_id:012d}.png")
+    bad.write_text("not an image, just text")
+    return copy, str(bad), {q["question_id"] for q in questions if q["image_id"] == image_id}
+
+
+def test_eval_skip_bad_skips_the_questions_of_an_unreadable_image(broken_world, models, tmp_path, capsys):
+    from gpt2mm.eval.vqa_files import load_annotations, load_questions
+    from gpt2mm.eval.vqa_metric import evaluate
+
+    world, bad, bad_ids = broken_world
+    all_ids = [q["question_id"] for q in load_questions(world / "test_questions.json")]
+    assert 0 < len(bad_ids) < len(all_ids)
+
+    # without --skip-bad: a usage error naming the file (and the way out), no traceback
+    with pytest.raises(SystemExit) as e:
+        main(["eval", str(models["stage1"]), *_vqa_args(world)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: not an image file" in err and "--skip-bad" in err and "Traceback" not in err
+
+    results, scores, printed = _eval(models["stage1"], world, tmp_path, capsys, "--skip-bad")
+    kept = [i for i in all_ids if i not in bad_ids]
+    assert [r["question_id"] for r in results] == kept
+    n = len(bad_ids)
+    assert f"skipped {n} record{'s' if n != 1 else ''}: {n} unreadable image" in printed
+    assert f"skipped {n} question{'s' if n != 1 else ''} ({n} unreadable image)" in printed
+    assert _overall(printed)[1] == str(len(kept))
+    assert scores["eval"]["skipped"] == {"unreadable image": n} and scores["eval"]["questions"] == len(kept)
+    questions = [q for q in load_questions(world / "test_questions.json") if q["question_id"] in set(kept)]
+    annotations = [
+        a for a in load_annotations(world / "test_annotations.json") if a["question_id"] in set(kept)
+    ]
+    expected = json.loads(json.dumps(evaluate(questions, annotations, results)))
+    assert {k: v for k, v in scores.items() if k != "eval"} == expected
+
+    # skipped questions do not count towards --limit: the first 2 readable ones are answered
+    results, scores, printed = _eval(models["stage1"], world, tmp_path, capsys, "--skip-bad", "--limit", "2")
+    assert [r["question_id"] for r in results] == kept[:2]
+    assert scores["eval"]["skipped"] == {"unreadable image": n}
+
+
+def test_report_skip_bad_skips_unreadable_images(broken_world, models, tmp_path, capsys):
+    world, bad, bad_ids = broken_world
+    argv = ["report", str(models["stage1"]), *_vqa_args(world), "--world", str(world)]
+    argv += ["--describe-max-new-tokens", "4", "--json", str(tmp_path / "r.json")]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: not an image file" in err and "Traceback" not in err
+
+    assert main([*argv, "--skip-bad"]) == 0
+    printed = capsys.readouterr().out
+    n_questions = len(json.loads((world / "test_questions.json").read_text())["questions"])
+    n = len(bad_ids)
+    assert f"{n_questions - n} questions ({n} skipped: {n} unreadable image)" in printed
+    assert "skipped 1 unreadable test images" in printed
+    (row,) = json.loads((tmp_path / "r.json").read_text())
+    assert row["questions"] == n_questions - n
+
+
+@pytest.mark.parametrize("flag", ["--out", "--json"])
+@pytest.mark.parametrize("target", ["test_questions.json", "test_annotations.json"])
+def test_eval_refuses_to_write_over_an_input(world, models, tmp_path, capsys, flag, target):
+    import shutil
+
+    copy = tmp_path / "w"
+    shutil.copytree(world, copy, ignore=shutil.ignore_patterns("images"))
+    before = (copy / target).read_bytes()
+    args = [
+        "--questions",
+        str(copy / "test_questions.json"),
+        "--annotations",
+        str(copy / "test_annotations.json"),
+        "--images",
+        str(world / "images" / "test"),
+    ]
+    (tmp_path / "link.json").symlink_to(copy / target)
+    for path in (copy / target, copy / "nodir" / ".." / target, tmp_path / "link.json"):  # one file
+        with pytest.raises(SystemExit) as e:
+            main(["eval", str(models["stage1"]), *args, flag, str(path)])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        which = "--questions" if "questions" in target else "--annotations"
+        assert f"{flag} {path}: is the {which} file" in err and "Traceback" not in err
+        assert (copy / target).read_bytes() == before  # nothing lost
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "eval",
+                str(models["stage1"]),
+                *args,
+                "--out",
+                str(tmp_path / "x.json"),
+                "--json",
+                str(tmp_path / "x.json"),
+            ]
+        )
+    assert "--json" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
+
+
+def test_report_refuses_to_write_over_an_input(world, models, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "w"
+    shutil.copytree(world, copy, ignore=shutil.ignore_patterns("images"))
+    before = (copy / "test_annotations.json").read_bytes()
+    args = [
+        "--questions",
+        str(copy / "test_questions.json"),
+        "--annotations",
+        str(copy / "test_annotations.json"),
+    ]
+    args += ["--images", str(world / "images" / "test")]
+    for flag in ("--out", "--png", "--json"):
+        with pytest.raises(SystemExit) as e:
+            main(["report", str(models["stage1"]), *args, flag, str(copy / "test_annotations.json")])
+        assert e.value.code == 2
+        assert (
+            f"{flag} {copy / 'test_annotations.json'}: is the --annotations file" in capsys.readouterr().err
+        )
+    assert (copy / "test_annotations.json").read_bytes() == before
+
+
+def test_eval_refuses_an_unknown_device(world, models, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device, message in (("gpu", "not a device name"), ("cuda", "CUDA is not available on this machine")):
+        with pytest.raises(SystemExit) as e:
+            main(["eval", str(models["stage1"]), *_vqa_args(world), "--device", device])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"--device {device}: {message}" in err and "Traceback" not in err
+
+
+# --- gpt2mm plot --out --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5, "val_accuracy": 20.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run
+
+
+def _png_written(path: Path) -> None:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+
+
+def test_plot_out_directory_missing_parent_and_default(run_dir, tmp_path, capsys):
+    out_dir = tmp_path / "plots"
+    out_dir.mkdir()
+    cases = [
+        (str(out_dir), out_dir / "curves.png"),  # an existing directory: the default name inside it
+        (str(tmp_path / "new") + "/", tmp_path / "new" / "curves.png"),  # a directory to create
+        (str(tmp_path / "a" / "b" / "x.png"), tmp_path / "a" / "b" / "x.png"),  # missing parents
+        (None, run_dir / "curves.png"),
+    ]
+    for out, written in cases:
+        assert main(["plot", str(run_dir), *(["--out", out] if out else [])]) == 0
+        assert capsys.readouterr().out == f"wrote {written}\n"
+        _png_written(written)
+    assert not (tmp_path / "plots.png").exists()
+    assert main(["plot", str(run_dir), "--out", str(tmp_path / "c.PDF")]) == 0
+    assert (tmp_path / "c.PDF").read_bytes().startswith(b"%PDF")
+
+
+@pytest.mark.parametrize(
+    "name, message", [("x.txt", ".txt is not a format"), ("curves", "no file extension")]
+)
+def test_plot_out_with_a_bad_extension_is_a_usage_error(run_dir, tmp_path, capsys, name, message):
+    with pytest.raises(SystemExit) as e:
+        main(["plot", str(run_dir), "--out", str(tmp_path / name)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert (
+        f"gpt2mm plot: error: --out {tmp_path / name}: {message}" in err and ".png" in err and ".pdf" in err
+    )
+    assert (
+        "Traceback" not in err
+        and not list(tmp_path.glob(name + "*"))
+        and not (tmp_path / "curves.png").exists()
+    )

@@ -374,6 +374,14 @@ BAD_REQUESTS = {
         None,
     ),
     "lone surrogate": ({"messages": [{"role": "user", "content": "\ud800"}]}, "invalid_value"),
+    "logprobs": (
+        {"messages": [{"role": "user", "content": "hi"}], "logprobs": True},
+        "unsupported_parameter",
+    ),
+    "top_logprobs": (
+        {"messages": [{"role": "user", "content": "hi"}], "logprobs": False, "top_logprobs": 2},
+        "unsupported_parameter",
+    ),
     "body not an object": ([1, 2, 3], "invalid_type"),
 }
 
@@ -387,6 +395,108 @@ def test_bad_requests_get_openai_errors_and_server_stays_up(client, name):
     err = assert_openai_error(r, 400, code)
     assert err["type"] == "invalid_request_error"
     assert client.get("/health").status_code == 200
+
+
+def post_json(client, body: dict):
+    return client.post(
+        "/v1/chat/completions", content=json.dumps(body), headers={"content-type": "application/json"}
+    )
+
+
+@pytest.mark.parametrize(
+    "content, param, message",
+    [
+        ([{"type": "image_url", "image_url": {}}], "messages.0.content.0.image_url.url", "Field required"),
+        ([{"type": "image_url"}], "messages.0.content.0.image_url", "Field required"),
+        ([{"type": "text"}], "messages.0.content.0.text", "Field required"),
+        ([{"type": "text", "text": 5}], "messages.0.content.0.text", "valid string"),
+        ([{"text": "hi"}], "messages.0.content.0.type", "Field required"),
+        ([{"type": "input_audio"}], "messages.0.content.0", "'input_audio'"),
+        (5, "messages.0.content", "a string or a list of content parts"),
+    ],
+)
+def test_nested_field_errors_name_the_real_problem(client, content, param, message):
+    """The error of a bad content part names the part's field, not the first alternative of `content`
+    (`messages.0.content.str: Input should be a valid string`)."""
+    err = assert_openai_error(post_json(client, {"messages": [{"role": "user", "content": content}]}), 400)
+    assert err["param"] == param and err["message"].startswith(f"{param}: ") and message in err["message"], (
+        err
+    )
+    assert ".str" not in err["message"] and ".list" not in err["message"]
+    assert err["code"] == ("missing_field" if message == "Field required" else "invalid_value")
+
+
+def test_bad_stop_names_the_field(client):
+    err = assert_openai_error(post_json(client, {"messages": [user("hi")], "stop": 5}), 400, "invalid_value")
+    assert err["param"] == "stop" and "a string or a list of strings" in err["message"], err
+    err = assert_openai_error(post_json(client, {"messages": [user("hi")], "stop": ["a", 5]}), 400)
+    assert err["param"] == "stop.1", err
+
+
+@pytest.mark.parametrize(
+    "messages, index",
+    [
+        ([{"role": "user", "content": ""}], 0),
+        ([{"role": "user", "content": "   "}], 0),
+        ([{"role": "user", "content": [{"type": "text", "text": " "}]}], 0),
+        ([{"role": "user", "content": [image_part(data_url(png_bytes(make_image(20))))]}], 0),
+        (
+            [
+                {"role": "user", "content": [image_part(data_url(png_bytes(make_image(21))))]},
+                {"role": "user", "content": [{"type": "text", "text": ""}]},
+            ],
+            1,
+        ),
+        ([user(""), {"role": "assistant", "content": "a circle"}, user("How many?")], 0),
+        ([user("What?"), {"role": "assistant", "content": "a circle"}, user(" \n ")], 2),
+    ],
+)
+def test_empty_question_is_refused(client, messages, index):
+    """Every user turn needs text: the model answers `Q: <image> {question} A:` and has no prompt of its
+    own for an image alone (or for nothing)."""
+    err = assert_openai_error(post_json(client, {"messages": messages}), 400, "empty_question")
+    assert err["param"] == f"messages.{index}.content" and "the question is empty" in err["message"], err
+    assert err["type"] == "invalid_request_error"
+
+
+def test_image_then_question_in_two_user_messages_is_one_turn(client, engine):
+    """Consecutive user messages merge: an image-only message followed by the question is a question."""
+    image = make_image(22)
+    messages = [
+        {"role": "user", "content": [image_part(data_url(png_bytes(image)))]},
+        {"role": "user", "content": "What color is it?"},
+    ]
+    r = post_json(client, {"messages": messages, "max_tokens": 5})
+    assert r.status_code == 200, r.text
+    expected, _ = direct_answer(engine, [("user", "What color is it?")], image, 5)
+    assert r.json()["choices"][0]["message"]["content"] == expected
+
+
+def test_engine_refuses_an_empty_question(engine):
+    for question in ("", "  "):
+        with pytest.raises(ValueError, match="the question is empty"):
+            engine.ask(question, make_image(23))
+
+
+def test_model_name_must_be_the_served_one(client):
+    """A request for another model is a 404 `model_not_found` naming the served model (OpenAI and vLLM
+    answer so); the served name and no `model` at all are answered."""
+    body = {"messages": [user("hi")], "max_tokens": 2}
+    for model in ("gpt-4o", "", "TINY"):
+        err = assert_openai_error(post_json(client, {**body, "model": model}), 404, "model_not_found")
+        assert err["param"] == "model" and f"`{model}`" in err["message"] and "`tiny`" in err["message"], err
+    assert post_json(client, {**body, "model": "tiny"}).status_code == 200
+    assert post_json(client, body).status_code == 200
+    assert post_json(client, {**body, "logprobs": False}).status_code == 200
+
+
+def test_web_page_sends_no_model_name():
+    """The chat page leaves `model` out, so it works whatever name the server was started with."""
+    from importlib.resources import files
+
+    page = (files("gpt2mm.serve") / "web" / "index.html").read_text(encoding="utf-8")
+    body = page[page.index("const body = {") : page.index("};", page.index("const body = {"))]
+    assert "messages:" in body and "model" not in body
 
 
 def test_bad_bodies(client):
@@ -643,6 +753,52 @@ def test_ask_cli_prints_the_api_answer(engine, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["ask", str(tmp_path / "model"), "--image", str(tmp_path / "nope.png"), "What?"])
     assert e.value.code == 2
+
+
+def _usage_error(capsys, argv: list[str], command: str) -> str:
+    from gpt2mm.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"gpt2mm {command}: error:" in err and "Traceback" not in err, err
+    return err
+
+
+def test_ask_cli_refuses_an_empty_question(tmp_path, capsys):
+    make_image(14).save(tmp_path / "img.png")
+    for question in ("", "   "):
+        # the model need not exist: the question is checked first
+        err = _usage_error(
+            capsys, ["ask", str(tmp_path / "nomodel"), "--image", str(tmp_path / "img.png"), question], "ask"
+        )
+        assert "the question is empty" in err
+        assert capsys.readouterr().out == ""
+
+
+def test_ask_and_serve_refuse_unusable_devices(engine, tmp_path, capsys, monkeypatch):
+    """`--device` goes through `gpt2mm eval`'s check: a usage error, not a torch traceback."""
+    engine.model.save_pretrained(tmp_path / "model")
+    engine.processor.save_pretrained(tmp_path / "model")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    make_image(15).save(tmp_path / "img.png")
+    ask = ["ask", str(tmp_path / "model"), "--image", str(tmp_path / "img.png"), "What?"]
+    serve = ["serve", str(tmp_path / "model")]
+    for device, message in (
+        ("cuda", "--device cuda: CUDA is not available on this machine"),
+        ("cuda:1", "--device cuda:1: CUDA is not available on this machine"),
+        ("gpu", "--device gpu: not a device name"),
+    ):
+        assert message in _usage_error(capsys, [*ask, "--device", device], "ask")
+        assert message in _usage_error(capsys, [*serve, "--device", device], "serve")
+
+
+@pytest.mark.parametrize("port", ["99999", "-1", "0", "http"])
+def test_serve_refuses_a_bad_port_at_argument_parsing(tmp_path, capsys, port):
+    err = _usage_error(capsys, ["serve", str(tmp_path / "nomodel"), "--port", port], "serve")
+    assert f"argument --port: {port!r}" in err or f"argument --port: {port} " in err
+    assert "1-65535" in err
 
 
 def test_compiled_single_answers_equal_generate_and_stream_the_same(engine):

@@ -14,6 +14,9 @@ Columns: the official VQA accuracy (overall and per answer type, the `evaluate` 
 (prompt `DESCRIBE_PROMPT`, greedy, scored by `score_description` against the scene records). Both matter:
 a later stage that improves descriptions but breaks short answers (or the reverse) shows up in one table.
 `--limit N` caps both the questions (the first N) and the described images (the first N scenes).
+`--skip-bad` skips (and counts) questions the loader refuses and those about an unreadable image, as
+`gpt2mm eval --skip-bad` does, and leaves unreadable images out of the descriptions; the caption says how
+many were skipped. `--out`, `--png` and `--json` may not name an input file (nor each other).
 """
 
 from __future__ import annotations
@@ -28,9 +31,12 @@ from typing import Any
 from gpt2mm.errors import UsageError
 from gpt2mm.eval.run_eval import (
     answer_and_score,
+    check_outputs,
     load_for_eval,
     load_questions_and_samples,
     pick_device,
+    skipped_reasons,
+    unreadable_images,
 )
 from gpt2mm.eval.vqa_files import write_json
 
@@ -63,6 +69,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--png", type=Path, default=None, help="write a bar chart here (needs matplotlib)")
     parser.add_argument(
         "--json", dest="json_out", type=Path, default=None, metavar="OUT", help="write all numbers here"
+    )
+    parser.add_argument(
+        "--skip-bad", action="store_true", help="skip (and count) questions the loader refuses"
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
@@ -100,8 +109,12 @@ def labels_for(args: Sequence[str]) -> list[str]:
     return [n if names.count(n) == 1 else str(a) for n, a in zip(names, args)]
 
 
-def description_samples(world: Path, split: str, limit: int | None = None) -> tuple[list[Any], list[dict]]:
-    """(samples asking `DESCRIBE_PROMPT` about each image, their scene records) of a world's split."""
+def description_samples(
+    world: Path, split: str, limit: int | None = None, skip_bad: bool = False
+) -> tuple[list[Any], list[dict]]:
+    """(samples asking `DESCRIBE_PROMPT` about each image, their scene records) of a world's split; with
+    `skip_bad`, missing and unreadable images are left out (and counted in a printed line) before the
+    first `limit` are taken."""
     from gpt2mm.data.samples import Sample, Turn
     from gpt2mm.data.synthetic import DESCRIBE_PROMPT, load_scenes
 
@@ -109,9 +122,17 @@ def description_samples(world: Path, split: str, limit: int | None = None) -> tu
         scenes = load_scenes(world, split)
     except (OSError, ValueError) as e:
         raise UsageError(f"--world {world}: cannot read the {split} scenes ({e})") from None
+    if skip_bad:
+        paths = [str(world / "images" / split / sc["file_name"]) for sc in scenes]
+        bad = unreadable_images(paths)  # a missing file is unreadable too
+        if bad:
+            print(
+                f"--world {world}: skipped {len(bad)} unreadable {split} images (e.g. {next(iter(bad.values()))})"
+            )
+            scenes = [sc for sc, p in zip(scenes, paths) if p not in bad]
     scenes = scenes[:limit] if limit is not None else scenes
     if not scenes:
-        raise UsageError(f"--world {world}: the {split} split has no scenes")
+        raise UsageError(f"--world {world}: the {split} split has no {'readable ' if skip_bad else ''}scenes")
     samples = []
     for sc in scenes:
         image = world / "images" / split / sc["file_name"]
@@ -276,14 +297,22 @@ def run(args: argparse.Namespace) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             raise UsageError("--png needs matplotlib: pip install 'gpt2-multimodal[plot]'") from None
+    check_outputs(
+        [("--out", args.out), ("--png", args.png), ("--json", args.json_out)],
+        [("--questions", args.questions), ("--annotations", args.annotations)],
+    )
     targets = [resolve_checkpoint(m) for m in args.models]
     labels = labels_for(args.models)
     device = pick_device(args.device)
     samples, questions, annotations, load_report = load_questions_and_samples(
-        args.questions, args.annotations, args.images, limit=args.limit
+        args.questions, args.annotations, args.images, limit=args.limit, skip_bad=args.skip_bad, progress=True
     )
     print(load_report.summary())
-    describe = description_samples(args.world, args.split, args.limit) if args.world is not None else None
+    if load_report.examples:
+        print(f"  e.g. {load_report.examples[0]}")
+    describe = None
+    if args.world is not None:
+        describe = description_samples(args.world, args.split, args.limit, skip_bad=args.skip_bad)
 
     rows = []
     for label, target in zip(labels, targets):
@@ -303,6 +332,8 @@ def run(args: argparse.Namespace) -> int:
         gc.collect()
 
     caption = f"VQA accuracy (%) on {args.questions.name}: {len(samples)} questions"
+    if load_report.num_skipped:
+        caption += f" ({load_report.num_skipped} skipped: {skipped_reasons(load_report)})"
     if describe is not None:
         caption += f"; descriptions (%) of {len(describe[1])} {args.split} images of {args.world.name}"
     table = format_markdown(rows, caption)

@@ -15,12 +15,16 @@ by the very `evaluate` function of `gpt2mm vqa-score`, so the two commands print
 same results. With `--limit N` (the first N questions of the file) or `--skip-bad` (questions the loader
 refuses are counted and skipped), the official questions and annotations are restricted to the answered
 question ids, so the official coverage check (the results answer exactly the question set) still holds.
-The report is vqa-score's, followed by the throughput (questions per second of generation).
+`--skip-bad` decodes every image once before answering (as `gpt2mm train --data.skip_bad true` does): the
+questions about an unreadable image are skipped and counted too, and the scores are over the rest. The
+report is vqa-score's, followed by the throughput (questions per second of generation) and, when questions
+were skipped, how many. `--out` and `--json` may not name an input file (nor each other).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,14 +56,30 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def pick_device(device: str | None) -> str:
-    """The requested device, else cuda when there is one: evaluation on CPU is slow but must work."""
+    """The requested device, else cuda when there is one: evaluation on CPU is slow but must work. A name
+    torch does not know, or a device this machine lacks, is a `UsageError` naming `--device` (one check for
+    `eval`, `report`, `ask` and `serve`)."""
     import torch
 
-    if device:
-        if device.startswith("cuda") and not torch.cuda.is_available():
+    if not device:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(
+            f"--device {device}: not a device name (expected cpu, cuda, cuda:N or mps)"
+        ) from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
             raise UsageError(f"--device {device}: CUDA is not available on this machine")
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise UsageError(
+                f"--device {device}: this machine has {count} CUDA device(s): cuda:0 to cuda:{count - 1}"
+            )
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device}: MPS is not available on this machine")
+    return device
 
 
 def check_model_path(name_or_path: str | Path) -> None:
@@ -88,18 +108,108 @@ def load_for_eval(name_or_path: str | Path, device: str) -> tuple[Any, Any]:
     return model.to(device).eval(), processor
 
 
+def check_outputs(outputs: Sequence[tuple[str, Path | None]], inputs: Sequence[tuple[str, Path]]) -> None:
+    """Refuse an output (flag, path) that is an input file or another output: writing it would destroy
+    the input (or the other output) without a word."""
+    seen: list[tuple[str, Path]] = []
+    for flag, path in outputs:
+        if path is None:
+            continue
+        for other_flag, other in inputs:
+            if _same_file(path, other):
+                raise UsageError(
+                    f"{flag} {path}: is the {other_flag} file, which writing would overwrite; "
+                    "choose another path"
+                )
+        for other_flag, other in seen:
+            if _same_file(path, other):
+                raise UsageError(f"{flag} {path}: is also the {other_flag} file; choose another path")
+        seen.append((flag, path))
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (links included when both exist)."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def unreadable_images(paths: Sequence[str], progress: bool = False) -> dict[str, str]:
+    """{path: why} of the images `load_image` refuses, each decoded once, in threads (decoding releases
+    the GIL); with the limits `answer_questions` loads them with, so what passes here loads there."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    from gpt2mm.data.images import load_image
+
+    def why(path: str) -> str | None:
+        try:
+            load_image(path)
+        except DataError as e:
+            return str(e)
+        return None
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        found = list(
+            tqdm(
+                pool.map(why, paths), total=len(paths), desc="check images", disable=not progress or not paths
+            )
+        )
+    return {p: w for p, w in zip(paths, found) if w is not None}
+
+
+def load_vqa_skipping_unreadable(
+    questions: Path, annotations: Path, images: Path, limit: int | None = None, progress: bool = False
+) -> tuple[list[Any], Any]:
+    """`load_vqa(..., skip_bad=True)` that also skips (and counts, as "unreadable image") the questions
+    about an image that does not decode; as there, skipped questions do not count towards `limit`."""
+    from gpt2mm.data.vqa import load_vqa
+
+    bad: dict[str, str] = {}
+    checked: set[str] = set()
+    want = limit
+    while True:
+        samples, report = load_vqa(questions, annotations, images, limit=want, skip_bad=True)
+        new = sorted({s.image for s in samples if s.image and s.image not in checked})
+        bad.update(unreadable_images(new, progress=progress))
+        checked.update(new)
+        n_bad = sum(s.image in bad for s in samples)
+        if limit is None or len(samples) - n_bad >= limit or len(samples) < want:
+            break  # enough readable questions, or no more in the file
+        want = limit + n_bad  # more than before: these samples held more unreadable images than last time
+    for s in samples:
+        if s.image in bad:
+            report.bad("unreadable image", f"{questions}: question_id {s.question_id}: {bad[s.image]}")
+    kept = [s for s in samples if s.image not in bad]
+    report.loaded = len(kept)
+    return kept, report
+
+
 def load_questions_and_samples(
-    questions: Path, annotations: Path, images: Path, limit: int | None = None, skip_bad: bool = False
+    questions: Path,
+    annotations: Path,
+    images: Path,
+    limit: int | None = None,
+    skip_bad: bool = False,
+    progress: bool = False,
 ) -> tuple[list[Any], list[dict[str, Any]], list[dict[str, Any]], Any]:
     """(samples, official questions, official annotations, load report), the official records restricted
-    to the samples' question ids (in file order) so that `evaluate`'s coverage check holds."""
+    to the samples' question ids (in file order) so that `evaluate`'s coverage check holds. With
+    `skip_bad`, questions about unreadable images are skipped too (`load_vqa_skipping_unreadable`)."""
     from gpt2mm.data.vqa import load_vqa
     from gpt2mm.eval.vqa_files import check_pairing, load_annotations, load_questions
 
     if limit is not None and limit < 1:
         raise UsageError(f"--limit must be at least 1, not {limit}")
     try:
-        samples, report = load_vqa(questions, annotations, images, limit=limit, skip_bad=skip_bad)
+        if skip_bad:
+            samples, report = load_vqa_skipping_unreadable(questions, annotations, images, limit, progress)
+        else:
+            samples, report = load_vqa(questions, annotations, images, limit=limit)
         all_q = load_questions(questions)
         all_a = load_annotations(annotations)
     except DataError as e:
@@ -136,15 +246,18 @@ def answer_and_score(
 
     model.eval()
     start = time.perf_counter()
-    with torch.inference_mode():
-        answers = answer_questions(
-            model,
-            processor,
-            samples,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            progress=progress,
-        )
+    try:
+        with torch.inference_mode():
+            answers = answer_questions(
+                model,
+                processor,
+                samples,
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                progress=progress,
+            )
+    except DataError as e:  # an image that does not decode
+        raise UsageError(f"{e} (--skip-bad skips the questions about unreadable images)") from None
     seconds = time.perf_counter() - start
     results = [{"question_id": s.question_id, "answer": a} for s, a in zip(samples, answers, strict=True)]
     try:
@@ -160,12 +273,23 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise UsageError("--batch-size and --max-new-tokens must be at least 1")
+    check_outputs(
+        [("--out", args.out), ("--json", args.json_out)],
+        [("--questions", args.questions), ("--annotations", args.annotations)],
+    )
     device = pick_device(args.device)
     check_model_path(args.model)
     samples, questions, annotations, report = load_questions_and_samples(
-        args.questions, args.annotations, args.images, limit=args.limit, skip_bad=args.skip_bad
+        args.questions,
+        args.annotations,
+        args.images,
+        limit=args.limit,
+        skip_bad=args.skip_bad,
+        progress=True,
     )
     print(report.summary())
+    if report.examples:
+        print(f"  e.g. {report.examples[0]}")
     model, processor = load_for_eval(args.model, device)
     results_name = str(args.out) if args.out is not None else "results"
     results, scores, seconds = answer_and_score(
@@ -185,6 +309,8 @@ def run(args: argparse.Namespace) -> int:
     qps = n / seconds if seconds > 0 else float("inf")
     print(format_report(scores, annotations))
     print(f"\nthroughput: {n} questions in {seconds:.1f}s = {qps:.1f} questions/s ({device})")
+    if report.num_skipped:
+        print(skipped_line(report, n))
     if args.out is not None:
         print(f"wrote {args.out}")
     if args.json_out is not None:
@@ -196,7 +322,19 @@ def run(args: argparse.Namespace) -> int:
             "device": device,
             "batch_size": args.batch_size,
             "max_new_tokens": args.max_new_tokens,
+            "skipped": dict(report.skipped),
         }
         write_json(args.json_out, {**scores, "eval": meta}, "--json")
         print(f"wrote {args.json_out}")
     return 0
+
+
+def skipped_line(report: Any, scored: int) -> str:
+    """How many questions `--skip-bad` left out, and why, for the end of the output."""
+    n = report.num_skipped
+    return f"skipped {n} question{'s' if n != 1 else ''} ({skipped_reasons(report)}): the scores are over the {scored} others"
+
+
+def skipped_reasons(report: Any) -> str:
+    """`2 unreadable image, 1 bad schema`: the load report's skip counts, most frequent first."""
+    return ", ".join(f"{k} {why}" for why, k in report.skipped.most_common())

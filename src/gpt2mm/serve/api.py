@@ -10,9 +10,11 @@ Endpoints: `POST /v1/chat/completions` (non-streamed or server-sent events), `GE
 messages map onto the model's Q/A format.
 
 Differences from OpenAI, on purpose: `temperature` defaults to 0 (greedy; `--default-temperature`),
-`model` is accepted whatever it says, and when prompt + `max_tokens` would overflow the context,
+`model` may be left out (a `model` other than the served name, `--served-model-name`, is a 404
+`model_not_found`, as OpenAI and vLLM answer), and when prompt + `max_tokens` would overflow the context,
 `max_tokens` is reduced to what fits (`finish_reason` then says "length"); a prompt that alone fills the
-context is a 400.
+context is a 400. `logprobs` and `top_logprobs` are not implemented: asking for them is a 400
+`unsupported_parameter`, not silently ignored. Every user message needs text (see `gpt2mm.serve.schema`).
 
 Untrusted input is refused with a 4xx OpenAI-shaped error, never a crash: bodies over `--max-body-bytes`
 (by Content-Length and by the bytes actually read), bad JSON or fields, bad base64, non-images, truncated
@@ -302,6 +304,14 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         except (ValueError, RecursionError) as e:
             raise APIError(400, f"the body is not valid JSON: {e}"[:500], code="invalid_json") from None
         chat = parse_request(data)
+        if chat.model is not None and chat.model != settings.model_name:
+            raise APIError(
+                404,
+                f"The model `{chat.model}` does not exist: this server serves `{settings.model_name}` "
+                "(send it as `model`, or leave `model` out)",
+                param="model",
+                code="model_not_found",
+            )
         gen = await asyncio.to_thread(build_request, chat)
         prompt_tokens = len(gen.prompt.input_ids)
         events: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
@@ -484,7 +494,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     d = ServerSettings()
     parser.add_argument("model", help="model directory or hub id")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=port_number, default=8000, help="TCP port, 1-65535 (default 8000)")
     parser.add_argument(
         "--api-key",
         default=os.environ.get("GPT2MM_API_KEY"),
@@ -515,6 +525,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--allow-local-images", nargs="+", default=[], metavar="DIR", help="read file:// images inside DIRs"
     )
     parser.add_argument("--log-level", default="info")
+
+
+def port_number(text: str) -> int:
+    """`--port`: a TCP port, refused at argument parsing (exit code 2) when out of range."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1-65535)") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (1-65535)")
+    return port
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
@@ -555,7 +576,10 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gpt2mm.eval.run_eval import pick_device
+
     settings = settings_from_args(args)
+    device = pick_device(args.device)
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -564,9 +588,9 @@ def run(args: argparse.Namespace) -> int:
             f"serving needs FastAPI and uvicorn: pip install 'gpt2-multimodal[serve]' ({e})"
         ) from e
     try:
-        engine = Engine.from_pretrained(
-            args.model, device=args.device, dtype=args.dtype, compile=args.compile
-        )
+        engine = Engine.from_pretrained(args.model, device=device, dtype=args.dtype, compile=args.compile)
+    except UsageError:
+        raise  # already names what could not be loaded (gpt2mm.errors.ModelNotFoundError)
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load the model {args.model}: {e}") from e
     app = create_app(engine, settings)

@@ -14,7 +14,7 @@ from gpt2mm.errors import DataError, UsageError
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="model directory or hub id")
-    parser.add_argument("question", help="the question about the image")
+    parser.add_argument("question", help="the question about the image (not empty)")
     parser.add_argument("--image", help="image file (omit for a text-only question)")
     parser.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -29,8 +29,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from gpt2mm.data.images import load_image
+    from gpt2mm.eval.run_eval import pick_device
     from gpt2mm.serve.engine import Engine, SamplingParams
 
+    if not args.question.strip():
+        raise UsageError(
+            "the question is empty: ask something"
+            + (" about the image, e.g. 'Describe the image in detail.'" if args.image else "")
+        )
     if args.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be at least 1")
     if not 0 <= args.temperature <= 100 or not 0 < args.top_p <= 1:
@@ -39,10 +45,11 @@ def run(args: argparse.Namespace) -> int:
         image = load_image(args.image) if args.image else None
     except DataError as e:
         raise UsageError(str(e)) from e
+    device = pick_device(args.device)
     try:
-        engine = Engine.from_pretrained(
-            args.model, device=args.device, dtype=args.dtype, compile=args.compile
-        )
+        engine = Engine.from_pretrained(args.model, device=device, dtype=args.dtype, compile=args.compile)
+    except UsageError:
+        raise  # already names what could not be loaded (gpt2mm.errors.ModelNotFoundError)
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load the model {args.model}: {e}") from e
     params = SamplingParams(

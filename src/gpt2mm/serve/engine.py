@@ -160,6 +160,7 @@ class Engine:
 
     def encode_turns(self, turns: Sequence[tuple[str, str, int]]) -> list[int]:
         """(role, text, number of images) turns, user first, alternating, ending with a user turn -> ids.
+        Every user turn needs text (`ValueError`: the question is empty).
 
         Equals `processor.encode_conversation(...)["input_ids"]` when the only image is in the first turn;
         a user turn with k images gets k `<image>` runs after `Q:`, in the order of `pixel_values`.
@@ -170,6 +171,8 @@ class Engine:
             if role != expected:
                 raise ValueError(f"turn {i} has role {role!r}; turns alternate user/assistant, user first")
             if role == "user":
+                if not text.strip():  # the model was trained on questions; `Q: <image> A:` asks nothing
+                    raise ValueError(f"turn {i}: the question is empty")
                 images = f" {self.image_token}" * n_images
                 prompt = f"{USER_PREFIX}{images} {text.strip()}{ASSISTANT_PREFIX}"
                 ids += self._tokens(self.processor.expand_image_tokens(prompt))

@@ -8,13 +8,29 @@ fields are ignored. Messages map onto the model's Q/A format:
 - After that the turns must alternate user/assistant, start with user and end with user.
 - Content is a string or a list of `text` and `image_url` parts; images belong to user turns, and each one
   becomes a run of `<image>` tokens after that turn's `Q:`, in order.
+- Every user turn needs text (the question): the model answers `Q: <image> {question} A:` and has no prompt
+  of its own for an image alone, so an empty or blank question (an image-only message included) is a 400;
+  to get a description, ask for one ("Describe the image in detail.").
+
+Both unions (`content`: string or parts; a part: by its `type`) are tagged, so an error names the real
+problem (`messages.0.content.0.image_url.url: Field required`), not the first alternative that failed.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    Tag,
+    ValidationError,
+)
 
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 
@@ -67,11 +83,34 @@ class ImagePart(_Model):
 
 
 Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+PART_TYPES = ("text", "image_url")
+
+
+def _string_or_list(value: Any) -> str | None:
+    return "string" if isinstance(value, str) else "list" if isinstance(value, list) else None
+
+
+def _string_or_list_of(item: Any, what: str) -> Any:
+    """`StrictStr | list[item]`, picked by the input's JSON type, so that the errors are those of the
+    alternative the input meant (a smart union reports the first alternative's: `.str: Input should be a
+    valid string` for a bad part)."""
+    return Annotated[
+        Annotated[StrictStr, Tag("string")] | Annotated[list[item], Tag("list")],
+        Discriminator(
+            _string_or_list,
+            custom_error_type="string_or_list",
+            custom_error_message=f"Input should be a string or a list of {what}",
+        ),
+    ]
+
+
+Content = _string_or_list_of(Part, "content parts")
+Stop = _string_or_list_of(StrictStr, "strings")
 
 
 class Message(_Model):
     role: Literal["system", "developer", "user", "assistant"]
-    content: StrictStr | list[Part] | None = None
+    content: Content | None = None
 
 
 class StreamOptions(_Model):
@@ -86,10 +125,23 @@ class ChatRequest(_Model):
     temperature: Number | None = Field(None, ge=0, le=2)
     top_p: Number | None = Field(None, gt=0, le=1)
     n: StrictInt = Field(1, ge=1)
-    stop: StrictStr | list[StrictStr] | None = None
+    stop: Stop | None = None
     seed: StrictInt | None = Field(None, ge=-(2**63), le=2**64 - 1)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
+    logprobs: StrictBool | None = None  # refused when true: see `refuse_unsupported`
+    top_logprobs: StrictInt | None = None
+
+    def refuse_unsupported(self) -> None:
+        """OpenAI parameters this server does not implement, refused rather than silently ignored."""
+        for param, asked in (
+            ("logprobs", bool(self.logprobs)),
+            ("top_logprobs", self.top_logprobs is not None),
+        ):
+            if asked:
+                raise APIError(
+                    400, f"{param}: not supported by this server", param=param, code="unsupported_parameter"
+                )
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -105,15 +157,33 @@ def parse_request(data: Any) -> ChatRequest:
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_type")
     try:
-        return ChatRequest.model_validate(data)
+        chat = ChatRequest.model_validate(data)
     except ValidationError as e:
         err = e.errors(include_url=False, include_input=False)[0]
-        param = ".".join(str(x) for x in err["loc"]) or None
-        missing = err["type"] == "missing"
-        message = f"{param}: {err['msg']}" if param else str(err["msg"])
+        loc, msg = public_loc(err["loc"]), err["msg"]
+        if err["type"] == "union_tag_not_found":  # a part without a (string) type
+            loc, msg = [*loc, "type"], f"Field required ({' or '.join(map(repr, PART_TYPES))})"
+        param = ".".join(str(x) for x in loc) or None
+        missing = err["type"] in ("missing", "union_tag_not_found")
+        message = f"{param}: {msg}" if param else str(msg)
         raise APIError(
             400, message, param=param, code="missing_field" if missing else "invalid_value"
         ) from None
+    chat.refuse_unsupported()
+    return chat
+
+
+def public_loc(loc: tuple[int | str, ...]) -> list[int | str]:
+    """pydantic's error location without the tags of the tagged unions, i.e. the path in the request:
+    `messages.0.content.list.1.image_url.image_url.url` -> `messages.0.content.1.image_url.url`."""
+    out = list(loc)
+    if out[:1] == ["stop"] and out[1:2] in (["string"], ["list"]):
+        del out[1]
+    if len(out) > 3 and out[0] == "messages" and out[2] == "content" and out[3] in ("string", "list"):
+        del out[3]  # now out[3] is the part's index and out[4] the tag of its type
+        if len(out) > 4 and isinstance(out[3], int) and out[4] in PART_TYPES:
+            del out[4]
+    return out
 
 
 def check_text(text: str, param: str) -> str:
@@ -128,7 +198,7 @@ def check_text(text: str, param: str) -> str:
 def messages_to_turns(messages: list[Message]) -> tuple[list[tuple[str, str, int]], list[tuple[str, str]]]:
     """Messages -> (role, text, number of images) turns for `Engine.prepare`, and the image URLs in order
     as (url, param) pairs (param names the part, for error messages)."""
-    merged: list[list[Any]] = []  # [role, texts, n_images]
+    merged: list[list[Any]] = []  # [role, texts, n_images, index of the turn's last message]
     urls: list[tuple[str, str]] = []
     for i, m in enumerate(messages):
         if m.role in ("system", "developer"):
@@ -154,10 +224,21 @@ def messages_to_turns(messages: list[Message]) -> tuple[list[tuple[str, str, int
         if merged and merged[-1][0] == m.role:
             merged[-1][1] = " ".join(t for t in (merged[-1][1], text) if t)
             merged[-1][2] += n_images
+            merged[-1][3] = i
         else:
-            merged.append([m.role, text, n_images])
+            merged.append([m.role, text, n_images, i])
     if not merged or merged[0][0] != "user":
         raise APIError(400, "the conversation must start with a user message", param="messages")
     if merged[-1][0] != "user":
         raise APIError(400, "the last message must be a user message", param="messages")
-    return [(r, t, n) for r, t, n in merged], urls
+    for role, text, n_images, i in merged:
+        if role == "user" and not text:
+            what = "only an image" if n_images else "no text"
+            raise APIError(
+                400,
+                f"messages.{i}.content: the question is empty (the user message has {what}): ask a "
+                "question, e.g. 'Describe the image in detail.'",
+                param=f"messages.{i}.content",
+                code="empty_question",
+            )
+    return [(r, t, n) for r, t, n, _ in merged], urls

@@ -1,13 +1,21 @@
 """`gpt2mm plot RUN_DIR [--out curves.png]`: the loss (stages 1 and 3) or the reward and KL (stage 2) of a
-training run, with its validation accuracy."""
+training run, with its validation accuracy.
+
+`--out` is a file whose extension names the format (.png, .pdf, .svg, ... : what matplotlib writes) or a
+directory (an existing one, or a path ending in `/`), which gets `curves.png`; missing parent directories
+are created. The path printed is the file written.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from gpt2mm.errors import UsageError
+
+DEFAULT_NAME = "curves.png"
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -27,12 +35,39 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return rows
 
 
-def plot_run(run_dir: Path, out: Path) -> Path:
+def output_path(run_dir: Path, out: str | os.PathLike | None) -> Path:
+    """The file `--out` means (see the module docstring); a `UsageError` for an extension matplotlib
+    cannot write, or none at all (matplotlib would silently append `.png`)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    if out is None or str(out) == "":
+        return run_dir / DEFAULT_NAME
+    path = Path(out)
+    if path.is_dir() or str(out).endswith(("/", os.sep)):
+        return path / DEFAULT_NAME
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    ext = path.suffix[1:].lower()
+    names = ", ".join(f".{f}" for f in formats)
+    if not ext:
+        raise UsageError(
+            f"--out {out}: no file extension; name a file ending in one of {names} "
+            f"(or a directory, for {DEFAULT_NAME} in it)"
+        )
+    if ext not in formats:
+        raise UsageError(
+            f"--out {out}: .{ext} is not a format the plot can be written in; use one of {names}"
+        )
+    return path
+
+
+def plot_run(run_dir: Path, out: str | os.PathLike | None = None) -> Path:
+    """Draw the run's curves into `output_path(run_dir, out)` (parent directories created); the path written."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    out = output_path(run_dir, out)
     rows = read_metrics(run_dir)
     loss = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     reward = [(r["step"], r["reward"]) for r in rows if "reward" in r]  # a PPO run
@@ -56,17 +91,27 @@ def plot_run(run_dir: Path, out: Path) -> Path:
         ax2.set_ylim(0, 100)
     ax.set_title(run_dir.name)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=110)
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot write ({e})") from None
+    finally:
+        plt.close(fig)
     return out
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", type=Path, help="a training run directory (holds metrics.jsonl)")
-    parser.add_argument("--out", type=Path, default=None, help="PNG to write (default RUN_DIR/curves.png)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help=f"image to write: .png, .pdf, .svg, ...; or a directory, for {DEFAULT_NAME} in it "
+        f"(default RUN_DIR/{DEFAULT_NAME})",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    out = plot_run(args.run_dir, args.out or args.run_dir / "curves.png")
+    out = plot_run(args.run_dir, args.out)
     print(f"wrote {out}")
     return 0
