@@ -54,7 +54,8 @@ class Options:
     """One configuration of our loop; the defaults are ours (every fast path on, compile off)."""
 
     batch_size: int | None = None  # None: --batch-size
-    amp: bool = True  # bf16 autocast (GPU only: a CPU step stays fp32)
+    amp: bool = True  # bf16 autocast on a GPU (a CPU step stays fp32 unless cpu_bf16)
+    cpu_bf16: bool = False  # bf16 autocast on a CPU too (what the demo does where the CPU has native bf16)
     fused_adamw: bool = True
     attn: str = "sdpa"
     answer_only_head: bool = True
@@ -80,6 +81,8 @@ ABLATION = {
     "- bf16 autocast (fp32)": Options(amp=False),
     "- fused AdamW (foreach)": Options(fused_adamw=False),
     "- SDPA (eager attention)": Options(attn="eager"),
+    "+ bf16 autocast on a CPU (SDPA)": Options(cpu_bf16=True),
+    "+ bf16 autocast on a CPU, eager attention (the demo's settings)": Options(cpu_bf16=True, attn="eager"),
     f"+ packing ({QUESTIONS_PER_IMAGE} questions per sequence)": Options(pack=QUESTIONS_PER_IMAGE),
     f"+ packing ({QUESTIONS_PER_IMAGE} questions per sequence) + compile": Options(
         pack=QUESTIONS_PER_IMAGE, compile=True
@@ -267,7 +270,7 @@ def bench_ours(
         enable_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=opt.fused_adamw, foreach=not opt.fused_adamw)
-    amp = opt.amp and cuda
+    amp = opt.amp and (cuda or opt.cpu_bf16)
     use_cache = opt.feature_cache and model.vision_frozen
     n_images = 256
     size = cfg.vision_config.image_size
@@ -430,6 +433,8 @@ def main() -> None:
     for name, opt in variants.items():
         if not opt.feature_cache and not cfg.freeze_vision:
             continue  # a preset that trains its vision tower (tiny) has no feature cache to take away
+        if opt.cpu_bf16 and device.type != "cpu":
+            continue  # a GPU step is bf16 already
         try:
             profile_steps = args.profile if not rows else 0
             r = bench_ours(args.preset, device, args.seconds, opt, args.batch_size, profile_steps)
