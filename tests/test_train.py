@@ -162,6 +162,14 @@ def test_values_that_make_no_sense_are_refused(world, tmp_path, capsys, option, 
     assert not (tmp_path / "run").exists()
 
 
+def test_resume_from_a_checkpoint_that_does_not_exist_says_so(world, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*train_args(world, tmp_path / "run"), "--resume", str(tmp_path / "nope")])
+    assert (
+        e.value.code == 2 and f"--resume {tmp_path / 'nope'}: no such checkpoint" in capsys.readouterr().err
+    )
+
+
 def test_a_save_that_fails_leaves_the_checkpoint_before_it_as_it_was(tmp_path):
     from gpt2mm.train.sft import atomic_dir, list_checkpoints
 
