@@ -1020,6 +1020,7 @@ class Run:
         stop_reason = "max_steps"
         last_loss = float("nan")
         window_samples, window_start = 0, time.perf_counter()
+        seconds_at_start = self.train_seconds
         while self.step < t.max_steps:
             batches = self._epoch_batches(self.epoch)
             if not batches:
@@ -1041,6 +1042,12 @@ class Run:
                 if bar is not None:
                     rate = window_samples / max(1e-9, time.perf_counter() - window_start)
                     bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:.0f}", refresh=False)
+                    if t.max_minutes is not None:  # a time budget: the bar's end is the step it reaches
+                        seconds_left = max(0.0, 60 * t.max_minutes - self.train_seconds)
+                        per_step = max(1e-9, self.train_seconds - seconds_at_start) / (
+                            self.step - bar.initial
+                        )
+                        bar.total = min(t.max_steps, self.step + round(seconds_left / per_step))
                     bar.update(1)
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
                     rate = window_samples / max(1e-9, time.perf_counter() - window_start)
