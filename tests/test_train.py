@@ -576,3 +576,18 @@ def test_attention_implementation_option_trains_the_same_model(world, tmp_path, 
         main(train_args(world, tmp_path / "bad", "--model.attn_implementation", "fastest"))
     assert "model.attn_implementation 'fastest'" in capsys.readouterr().err
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+def test_a_time_budgets_progress_bar_ends_where_the_budget_is_projected_to_end():
+    from types import SimpleNamespace
+
+    from gpt2mm.train.sft import budget_bar_total
+
+    bar = SimpleNamespace(initial=20, total=100_000)  # resumed at step 20 (30 s spent before this session)
+    budget = SimpleNamespace(max_minutes=1.0, max_steps=100_000)
+    budget_bar_total(bar, budget, step=30, seconds_this_session=5.0, seconds=35.0)
+    assert bar.total == 30 + 50  # 0.5 s a step, 25 s of the minute left
+    budget_bar_total(bar, SimpleNamespace(max_minutes=1.0, max_steps=60), 30, 5.0, 35.0)
+    assert bar.total == 60  # max_steps comes first
+    budget_bar_total(bar, SimpleNamespace(max_minutes=None, max_steps=100_000), 30, 5.0, 35.0)
+    assert bar.total == 60  # no time budget: left as it was

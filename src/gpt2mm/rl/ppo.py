@@ -530,7 +530,7 @@ class PPOTrainer:
 
     def train(self) -> dict[str, Any]:
         t = self.cfg.train
-        from gpt2mm.train.sft import tensorboard_writer
+        from gpt2mm.train.sft import budget_bar_total, tensorboard_writer
 
         writer = tensorboard_writer(self.out, t.tensorboard)
         metrics_file = self.out / "metrics.jsonl"
@@ -551,6 +551,7 @@ class PPOTrainer:
                 mininterval=2.0,
             )
         stop_reason = "max_steps"
+        seconds_at_start = self.train_seconds
         while self.step < t.max_steps:
             start = time.perf_counter()
             ro = self.rollout(self._next_prompts())
@@ -575,6 +576,7 @@ class PPOTrainer:
             }
             if bar is not None:
                 bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{seq_kl:.3f}", refresh=False)
+                budget_bar_total(bar, t, self.step, self.train_seconds - seconds_at_start, self.train_seconds)
                 bar.update(1)
             if t.max_minutes is not None and self.train_seconds > 60 * t.max_minutes:
                 stop_reason = "max_minutes"

@@ -648,6 +648,15 @@ def load_resume_checkpoint(run_dir: Path, resume: str | bool) -> tuple[Path, dic
     return path, state, load_file(str(path / "model.safetensors"))
 
 
+def budget_bar_total(bar, t, step: int, seconds_this_session: float, seconds: float) -> None:
+    """Under a time budget (`t.max_minutes`), a progress bar ends at the step the budget is projected to
+    reach at this session's pace (not at a max_steps set high to leave the budget in charge)."""
+    if t.max_minutes is not None and step > bar.initial:
+        per_step = max(1e-9, seconds_this_session) / (step - bar.initial)
+        left = max(0.0, 60 * t.max_minutes - seconds)
+        bar.total = min(t.max_steps, step + round(left / per_step))
+
+
 def tensorboard_writer(run_dir: Path, enabled: bool):
     """A TensorBoard writer into RUN_DIR/tensorboard, or None when off or tensorboard is not installed."""
     if not enabled:
@@ -1042,12 +1051,9 @@ class Run:
                 if bar is not None:
                     rate = window_samples / max(1e-9, time.perf_counter() - window_start)
                     bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:.0f}", refresh=False)
-                    if t.max_minutes is not None:  # a time budget: the bar's end is the step it reaches
-                        seconds_left = max(0.0, 60 * t.max_minutes - self.train_seconds)
-                        per_step = max(1e-9, self.train_seconds - seconds_at_start) / (
-                            self.step - bar.initial
-                        )
-                        bar.total = min(t.max_steps, self.step + round(seconds_left / per_step))
+                    budget_bar_total(
+                        bar, t, self.step, self.train_seconds - seconds_at_start, self.train_seconds
+                    )
                     bar.update(1)
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
                     rate = window_samples / max(1e-9, time.perf_counter() - window_start)
