@@ -114,7 +114,11 @@ def compare(init: Path, single: Path, fsdp: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--workdir", type=Path, help="where the model, world and runs go (default: a temp dir)")
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        help="a new or empty directory for the model, world and runs (default: a temp dir)",
+    )
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=4, help="global batch (2 x half under FSDP)")
     ap.add_argument("--port", type=int, default=29541)
@@ -124,6 +128,8 @@ def main() -> None:
         return make_init(args.make_init)
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="fsdp-seed-"))
+    if work.exists() and any(work.iterdir()):
+        raise SystemExit(f"--workdir {work} is not empty: give a new or empty directory")
     work.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     init, world = work / "seed-init", work / "world"
