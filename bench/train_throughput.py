@@ -436,7 +436,7 @@ def main() -> None:
         if opt.cpu_bf16 and device.type != "cpu":
             continue  # a GPU step is bf16 already
         try:
-            profile_steps = args.profile if not rows else 0
+            profile_steps = 0 if any("profile" in r for r in rows) else args.profile  # the first that runs
             r = bench_ours(args.preset, device, args.seconds, opt, args.batch_size, profile_steps)
         except torch.cuda.OutOfMemoryError as e:
             cap = f"the {opt.memory_cap_gb} GB cap" if opt.memory_cap_gb else "the whole card"

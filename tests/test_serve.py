@@ -490,6 +490,26 @@ def test_model_name_must_be_the_served_one(client):
     assert post_json(client, {**body, "logprobs": False}).status_code == 200
 
 
+def test_the_model_argument_as_given_is_a_served_name_too(engine):
+    """`gpt2mm serve runs/x/best` answers to `best` (the listed id) and to `runs/x/best` (what vLLM serves a
+    path as); with --served-model-name, to that name alone."""
+    import argparse
+
+    from gpt2mm.serve.api import configure, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    settings = settings_from_args(parser.parse_args(["runs/x/best"]))
+    assert (settings.model_name, settings.model_aliases) == ("best", ("runs/x/best",))
+    named = settings_from_args(parser.parse_args(["runs/x/best", "--served-model-name", "mine"]))
+    assert (named.model_name, named.model_aliases) == ("mine", ())
+    body = {"messages": [user("hi")], "max_tokens": 2}
+    with TestClient(create_app(engine, settings)) as c:
+        for model in ("best", "runs/x/best"):
+            assert post_json(c, {**body, "model": model}).status_code == 200
+        assert_openai_error(post_json(c, {**body, "model": "runs/x"}), 404, "model_not_found")
+
+
 def test_web_page_sends_no_model_name():
     """The chat page leaves `model` out, so it works whatever name the server was started with."""
     from importlib.resources import files

@@ -144,6 +144,28 @@ def test_a_new_run_into_an_earlier_runs_folder_is_refused_unless_resumed_or_over
     assert (out / "notes.txt").read_text() == "mine"
 
 
+def test_overwrite_removes_the_earlier_run_only_once_the_new_one_has_started(world, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(world, out, "--train.max_steps", "3", "--train.eval_every", "3")) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    overwrite = ["--train.overwrite", "true"]
+    for extra, message in (
+        (["--data.root", str(tmp_path / "absent")], "no such file"),  # the set-up fails: nothing is lost
+        (["--model.init_from", str(out / "best")], "is part of the earlier run"),  # would delete its start
+    ):
+        with pytest.raises(SystemExit):
+            main([*train_args(world, out, *overwrite), *extra])
+        assert message in capsys.readouterr().err
+        assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # a run stopped before its first checkpoint: nothing to resume, so --resume is not offered
+    (tmp_path / "early").mkdir()
+    (tmp_path / "early" / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
+    with pytest.raises(SystemExit):
+        main(train_args(world, tmp_path / "early"))
+    err = capsys.readouterr().err.splitlines()[-1]  # (the usage line above it names --resume)
+    assert "holds an earlier run (metrics.jsonl): give another" in err and "--resume" not in err
+
+
 @pytest.mark.parametrize(
     "option,value,message",
     [

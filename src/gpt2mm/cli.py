@@ -74,7 +74,7 @@ def _quiet_libraries() -> None:
     # transformers is imported already (by gpt2mm itself) and read the environment then; without this its
     # notices ("CLIPImageProcessor requires torchvision ...") and bars ("Writing model shards") reach every command
     logging.set_verbosity(logging.log_levels.get(os.environ["TRANSFORMERS_VERBOSITY"], logging.ERROR))
-    if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1":
+    if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"].strip().lower() in ("1", "true", "yes", "on"):
         logging.disable_progress_bar()
 
 

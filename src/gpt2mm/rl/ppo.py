@@ -283,11 +283,9 @@ class PPOTrainer:
         self.log = log
         t = cfg.train
         self.out = Path(t.output_dir)
-        from gpt2mm.train.sft import claim_output_dir
+        from gpt2mm.train.sft import claim_output_dir, replace_earlier_run
 
-        replaced = claim_output_dir(self.out, resume, t.overwrite, main=True)
-        if replaced:
-            log(f"train.overwrite: removed the earlier run's {', '.join(replaced)} from {self.out}")
+        earlier = claim_output_dir(self.out, resume, t.overwrite, cfg.model.init_from)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self._seed_everything(t.seed)
 
@@ -351,6 +349,7 @@ class PPOTrainer:
         self.samples_seen = 0
         self.best: float | None = None
         self.history: list[dict[str, Any]] = []
+        replace_earlier_run(self.out, earlier, self.log)
         self.out.mkdir(parents=True, exist_ok=True)
         for stale in self.out.glob("*.tmp"):
             shutil.rmtree(stale)

@@ -10,8 +10,8 @@ Endpoints: `POST /v1/chat/completions` (non-streamed or server-sent events), `GE
 messages map onto the model's Q/A format.
 
 Differences from OpenAI, on purpose: `temperature` defaults to 0 (greedy; `--default-temperature`),
-`model` may be left out (a `model` other than the served name, `--served-model-name`, is a 404
-`model_not_found`, as OpenAI and vLLM answer), and when prompt + `max_tokens` would overflow the context,
+`model` may be left out (a `model` other than the served name, `--served-model-name` or the MODEL
+argument as given, is a 404 `model_not_found`, as OpenAI and vLLM answer), and when prompt + `max_tokens` would overflow the context,
 `max_tokens` is reduced to what fits (`finish_reason` then says "length"); a prompt that alone fills the
 context is a 400. `logprobs` and `top_logprobs` are not implemented: asking for them is a 400
 `unsupported_parameter`, not silently ignored. Every user message needs text (see `gpt2mm.serve.schema`).
@@ -68,6 +68,7 @@ class ServerSettings:
     """Limits and switches of the server (the `gpt2mm serve` flags)."""
 
     model_name: str = "gpt2mm"
+    model_aliases: tuple[str, ...] = ()  # other names a request may give: the MODEL argument as given
     api_key: str | None = None
     max_body_bytes: int = 20 * MB
     max_image_bytes: int = 10 * MB
@@ -304,7 +305,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         except (ValueError, RecursionError) as e:
             raise APIError(400, f"the body is not valid JSON: {e}"[:500], code="invalid_json") from None
         chat = parse_request(data)
-        if chat.model is not None and chat.model != settings.model_name:
+        if chat.model is not None and chat.model not in (settings.model_name, *settings.model_aliases):
             raise APIError(
                 404,
                 f"The model `{chat.model}` does not exist: this server serves `{settings.model_name}` "
@@ -558,6 +559,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     name = args.served_model_name or Path(str(args.model).rstrip("/")).name or str(args.model)
     return ServerSettings(
         model_name=name,
+        model_aliases=() if args.served_model_name else (str(args.model),),
         api_key=args.api_key or None,
         max_body_bytes=args.max_body_bytes,
         max_image_bytes=args.max_image_bytes,
@@ -576,10 +578,9 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpt2mm.eval.run_eval import pick_device
+    from gpt2mm.serve.engine import load_engine
 
     settings = settings_from_args(args)
-    device = pick_device(args.device)
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -587,12 +588,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(
             f"serving needs FastAPI and uvicorn: pip install 'gpt2-multimodal[serve]' ({e})"
         ) from e
-    try:
-        engine = Engine.from_pretrained(args.model, device=device, dtype=args.dtype, compile=args.compile)
-    except UsageError:
-        raise  # already names what could not be loaded (gpt2mm.errors.ModelNotFoundError)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot load the model {args.model}: {e}") from e
+    engine = load_engine(args.model, args.device, args.dtype, args.compile)
     app = create_app(engine, settings)
     print(f"serving {settings.model_name} on http://{args.host}:{args.port}/ (API at /v1/chat/completions)")
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -29,8 +29,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from gpt2mm.data.images import load_image
-    from gpt2mm.eval.run_eval import pick_device
-    from gpt2mm.serve.engine import Engine, SamplingParams
+    from gpt2mm.serve.engine import SamplingParams, load_engine
 
     if not args.question.strip():
         raise UsageError(
@@ -45,13 +44,7 @@ def run(args: argparse.Namespace) -> int:
         image = load_image(args.image) if args.image else None
     except DataError as e:
         raise UsageError(str(e)) from e
-    device = pick_device(args.device)
-    try:
-        engine = Engine.from_pretrained(args.model, device=device, dtype=args.dtype, compile=args.compile)
-    except UsageError:
-        raise  # already names what could not be loaded (gpt2mm.errors.ModelNotFoundError)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot load the model {args.model}: {e}") from e
+    engine = load_engine(args.model, args.device, args.dtype, args.compile)
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
     )

@@ -444,3 +444,18 @@ class _RowTracker(StoppingCriteria):
 
     def decode(self, row: _Row) -> str:
         return self.engine.decode(row.text_ids)
+
+
+def load_engine(model: str, device: str, dtype: str, compile: bool) -> Engine:
+    """The engine `gpt2mm ask` and `gpt2mm serve` answer with: the device checked first, and a model that
+    cannot be loaded a UsageError naming it (exit code 2, no traceback)."""
+    from gpt2mm.errors import UsageError
+    from gpt2mm.eval.run_eval import pick_device
+
+    device = pick_device(device)
+    try:
+        return Engine.from_pretrained(model, device=device, dtype=dtype, compile=compile)
+    except UsageError:
+        raise  # already names what could not be loaded (gpt2mm.errors.ModelNotFoundError)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load the model {model}: {e}") from e

@@ -226,24 +226,39 @@ def earlier_run(out: Path) -> list[str]:
     )
 
 
-def claim_output_dir(out: Path, resume, overwrite: bool, main: bool) -> list[str]:
-    """Before a run writes into `out`: refuse a folder that holds an earlier run unless it is resumed or
-    `overwrite` says to replace it (then the main process removes that run's files: the rest of the folder
-    stays). Returns what was removed."""
+def claim_output_dir(out: Path, resume, overwrite: bool, init_from: str | None = None) -> list[str]:
+    """Checked before any work: a folder that holds an earlier run is refused unless the run resumes it or
+    `overwrite` says to replace it. Returns the earlier run's files, for `replace_earlier_run` to remove once
+    the new run has set itself up (so that a run that fails to start loses nothing); the rest of the folder
+    stays."""
     found = [] if resume else earlier_run(out)
     if not found:
         return []
     if not overwrite:
         shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        resumable = "continue it with --resume, " if list_checkpoints(out) else ""
         raise UsageError(
-            f"train.output_dir {out} holds an earlier run ({shown}): continue it with --resume, give another "
-            "train.output_dir, or replace it with --train.overwrite true"
+            f"train.output_dir {out} holds an earlier run ({shown}): {resumable}give another train.output_dir, "
+            "or replace it with --train.overwrite true"
         )
-    if main:
-        for name in found:
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if init_from:
+        start = Path(init_from).resolve()
+        if any((out / name).resolve() in (start, *start.parents) for name in found):
+            raise UsageError(
+                f"model.init_from {init_from} is part of the earlier run in {out} that --train.overwrite would "
+                "remove: copy it elsewhere first, or give another train.output_dir"
+            )
     return found
+
+
+def replace_earlier_run(out: Path, names: list[str], log) -> None:
+    """Remove what `claim_output_dir` found (with train.overwrite), on the main process, just before the run
+    first writes into `out`."""
+    for name in names:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    if names:
+        log(f"train.overwrite: removed the earlier run's {', '.join(names)} from {out}")
 
 
 # --- model ---------------------------------------------------------------------------------------------------
@@ -836,10 +851,7 @@ class Run:
             shard_on_cpu(self.acc, plugin)
         if not self.acc.is_main_process:  # one process speaks for all (errors still come from each)
             self.log = log = lambda *args, **kwargs: None
-        replaced = claim_output_dir(self.out, resume, t.overwrite, self.acc.is_main_process)
-        if replaced:
-            log(f"train.overwrite: removed the earlier run's {', '.join(replaced)} from {self.out}")
-        self.acc.wait_for_everyone()
+        earlier = claim_output_dir(self.out, resume, t.overwrite, cfg.model.init_from)
         self.fsdp = self.acc.distributed_type == DistributedType.FSDP
         self.world = self.acc.num_processes
         if self.fsdp:
@@ -931,7 +943,9 @@ class Run:
                 import wandb  # noqa: F401  (checked here, before any work; started in train())
             except ImportError:
                 raise UsageError("train.wandb: true needs wandb: pip install wandb") from None
+        self.acc.wait_for_everyone()  # every process has looked at the folder (claim_output_dir) before it changes
         if self.acc.is_main_process:
+            replace_earlier_run(self.out, earlier, self.log)
             self.out.mkdir(parents=True, exist_ok=True)
             for stale in self.out.glob("*.tmp"):
                 shutil.rmtree(stale)
