@@ -12,7 +12,8 @@ The seed's loop, as its write-up and code describe it: batch 1, every sample pad
 vision tower run every step, full (512, vocab) logits with the loss on the answer tokens, plain SGD, fp16
 weights on a GPU (on a CPU, fp32: CPUs have no fast fp16, so this flatters the seed).
 
-Ours is the trainer's step (`gpt2mm train`): its optimizer (`make_optimizer`: fused AdamW), its batching
+Ours is the trainer's step (`gpt2mm train`): its optimizer (fused AdamW, as `make_optimizer` builds it) after
+clipping the gradients' norm to 1 (`train.grad_clip`), its batching
 (`length_grouped_batches`: batches of similar lengths padded to their longest), the model's LM head on the
 labelled positions only, bf16 autocast on a GPU, SDPA attention, the frozen-vision feature cache (seed and
 small presets) and, with `compile`, `model.compile_blocks()` (`train.compile`). Batches are collated before
@@ -57,6 +58,7 @@ class Options:
     amp: bool = True  # bf16 autocast on a GPU (a CPU step stays fp32 unless cpu_bf16)
     cpu_bf16: bool = False  # bf16 autocast on a CPU too (what the demo does where the CPU has native bf16)
     fused_adamw: bool = True
+    grad_clip: float = 1.0  # the trainer's default (train.grad_clip): the gradients' norm clipped every step
     attn: str = "sdpa"
     answer_only_head: bool = True
     padding: str = "grouped"  # grouped (length grouping + dynamic padding) | longest (dynamic only) | 512
@@ -303,6 +305,8 @@ def bench_ours(
         with autocast:
             out = model(**batch, **{key: images_b.float()}, return_logits=not opt.answer_only_head)
         out.loss.backward()
+        if opt.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, opt.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
