@@ -32,9 +32,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda,
   torch.cuda.is_available() and torch.cuda.get_device_name(), 'transformers', transformers.__version__)"
 
-# 1. training, seed preset: the seed's loop, ours + compile at batch 384 (issue 8's goal: 1,082 and 1,120
-#    samples/s on an H100, 2026-11-27; then 3 of its steps profiled: the kernels that take the time, and how
-#    busy the GPU is), at batch 256 and 128, eager, packed. The fast paths taken away one by one (measured
+# 1. training, seed preset: the seed's loop, ours + compile at batch 384 (issue 8's goal: 1,083-1,120
+#    samples/s in three runs on an H100, 2026-11-27; then 3 of its steps profiled: the kernels that take the
+#    time, and how busy the GPU is), at batch 256 and 128, eager, packed. The fast paths taken away one by one (measured
 #    2026-11-27): TRAIN_VARIANTS=ablation. Expandable segments: less of the card lost to fragmentation.
 TRAIN_VARIANTS=${TRAIN_VARIANTS:-"ours + compile (batch 384),ours + compile (batch 256),ours + compile,ours,+ packing (5 questions per sequence) + compile"}
 PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True} \
