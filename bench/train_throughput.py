@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from gpt2mm import MultimodalGPT2Config, MultimodalGPT2ForConditionalGeneration  # noqa: E402
 from gpt2mm.data.collate import length_grouped_batches, shuffled_batches  # noqa: E402
 from gpt2mm.modeling import IGNORE_INDEX  # noqa: E402
+from gpt2mm.train.sft import TrainConfig  # noqa: E402
 
 QUESTIONS_PER_IMAGE = 5
 
@@ -58,7 +59,7 @@ class Options:
     amp: bool = True  # bf16 autocast on a GPU (a CPU step stays fp32 unless cpu_bf16)
     cpu_bf16: bool = False  # bf16 autocast on a CPU too (what the demo does where the CPU has native bf16)
     fused_adamw: bool = True
-    grad_clip: float = 1.0  # the trainer's default (train.grad_clip): the gradients' norm clipped every step
+    grad_clip: float = TrainConfig.grad_clip  # the trainer's default: the gradients' norm clipped every step
     attn: str = "sdpa"
     answer_only_head: bool = True
     padding: str = "grouped"  # grouped (length grouping + dynamic padding) | longest (dynamic only) | 512
