@@ -15,6 +15,10 @@ DEVICE=${DEVICE:-cuda} PRESET=${PRESET:-seed}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
 PARTS=${PARTS:-train generate memory trainer}
+for p in $PARTS; do  # a misspelt part would run nothing, and the lent GPU time would be gone
+    case $p in train | generate | memory | trainer) ;;
+    *) echo "PARTS: unknown part '$p' (choose from: train generate memory trainer)" >&2 && exit 2 ;; esac
+done
 
 part() {  # part NAME LIMIT_S COMMAND...: run it under a time limit, log it, show it without warnings
     local name=$1 limit=$2
