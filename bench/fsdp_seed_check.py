@@ -141,7 +141,7 @@ def main() -> None:
         "--data.synth", "false", "--train.max_steps", str(args.steps), "--train.batch_size", str(args.batch_size),
         "--train.lr", "1e-4", "--train.warmup_steps", "0", "--train.eval_every", "0",
         "--train.save_every", str(args.steps), "--train.keep_last", "1", "--train.progress", "false",
-        "--train.tensorboard", "false", "--train.log_every", "1",
+        "--train.log_with", "[]", "--train.log_every", "1",
     ]  # fmt: skip
     single, fsdp = work / "single", work / "fsdp"
     t_single, rss_single = run([py, *train, "--train.output_dir", str(single)], work / "single.log")

@@ -60,7 +60,7 @@ trainer() {
         $PY -m gpt2mm.cli train configs/tiny-synth.yaml --data.root "$world" --data.synth false \
             --data.val_limit 100 --train.output_dir "${TMPDIR:-/tmp}/gpu-check-$precision" \
             --train.max_steps 300 --train.eval_every 150 --train.save_every 0 --train.precision "$precision" \
-            --train.progress false --train.tensorboard false "${extra[@]}" || return 1
+            --train.progress false --train.log_with "[]" "${extra[@]}" || return 1
     done
 }
 export -f trainer && export PY PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}

@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from gpt2mm import MultimodalGPT2Config, MultimodalGPT2ForConditionalGeneration  # noqa: E402
 from gpt2mm.data.collate import length_grouped_batches, shuffled_batches  # noqa: E402
 from gpt2mm.modeling import IGNORE_INDEX  # noqa: E402
-from gpt2mm.train.sft import TrainConfig  # noqa: E402
+from gpt2mm.train.config import TrainConfig  # noqa: E402
 
 QUESTIONS_PER_IMAGE = 5
 
@@ -254,7 +254,9 @@ def step_flops(cfg, model, batch, vision_ran: bool) -> float:
 def bench_ours(
     preset: str, device, seconds: float, opt: Options, default_batch: int, profile_steps: int = 0
 ) -> dict:
-    from gpt2mm.train.sft import LoraConfig, enable_checkpointing, inject_lora
+    from gpt2mm.train.config import LoraConfig
+    from gpt2mm.train.lora import inject_lora
+    from gpt2mm.train.model import enable_checkpointing
 
     bs = opt.batch_size or default_batch
     cuda = device.type == "cuda"

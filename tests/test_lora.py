@@ -1,4 +1,4 @@
-"""LoRA (peft) in stages 1 and 3: a few CPU steps of the real `Run` on the tiny preset and a tiny world."""
+"""LoRA (peft) in stages 1 and 3: a few CPU steps of the real `SFTTrainer` on the tiny preset and a tiny world."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,16 +16,10 @@ from safetensors.torch import load_file
 from gpt2mm.data.synthetic import write_world
 from gpt2mm.errors import UsageError
 from gpt2mm.train.args import load_config
-from gpt2mm.train.sft import (
-    ADAPTER_FILE,
-    LoraConfig,
-    ModelConfig,
-    Run,
-    SFTConfig,
-    build_model_for_training,
-    lora_layers,
-    merged_state_dict,
-)
+from gpt2mm.train.config import LoraConfig, ModelConfig, SFTConfig
+from gpt2mm.train.lora import ADAPTER_FILE, lora_layers, merged_state_dict
+from gpt2mm.train.model import build_model_for_training
+from gpt2mm.train.sft import SFTTrainer
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "tiny-synth.yaml"
 
@@ -36,7 +31,7 @@ def lora_config(world: Path, out: Path, *extra: str) -> SFTConfig:
         "--train.output_dir", str(out), "--train.batch_size", "4", "--train.max_steps", "4",
         "--train.warmup_steps", "1", "--train.eval_every", "4", "--train.save_every", "2",
         "--train.keep_last", "3", "--train.log_every", "1", "--train.progress", "false",
-        "--train.tensorboard", "false", "--model.lora.r", "4",
+        "--train.log_with", "[]", "--model.lora.r", "4",
         *extra,
     ]  # fmt: skip
     return load_config(SFTConfig, RECIPE, args)
@@ -54,7 +49,7 @@ def trained(world, tmp_path_factory):
     """(run, weights before training, log lines) of one 4-step LoRA run."""
     out = tmp_path_factory.mktemp("lora") / "run"
     lines: list[str] = []
-    run = Run(lora_config(world, out), log=lines.append)
+    run = SFTTrainer(lora_config(world, out), log=lines.append)
     before = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
     run.train()
     return run, before, lines
@@ -122,7 +117,7 @@ def test_resume_ends_with_the_same_weights(trained, tmp_path):
     part.mkdir()
     shutil.copytree(full / "checkpoint-2", part / "checkpoint-2")  # the same run, stopped after step 2
     world = Path(run.cfg.data.root)
-    resumed = Run(lora_config(world, part), resume=True, log=lambda m: None)
+    resumed = SFTTrainer(lora_config(world, part), resume=True, log=lambda m: None)
     assert resumed.step == 2
     resumed.train()
     for file in ("model.safetensors", ADAPTER_FILE):
@@ -135,10 +130,12 @@ def test_resume_refuses_a_checkpoint_of_another_set_up(trained, tmp_path):
     run, _, _ = trained
     world, checkpoint = Path(run.cfg.data.root), Path(run.cfg.train.output_dir) / "checkpoint-2"
     with pytest.raises(UsageError, match="with LoRA"):
-        Run(lora_config(world, tmp_path / "a", "--model.lora.r", "0"), resume=str(checkpoint), log=print)
+        SFTTrainer(
+            lora_config(world, tmp_path / "a", "--model.lora.r", "0"), resume=str(checkpoint), log=print
+        )
     # another seed builds other random base weights: the merged weights no longer fit base + adapters
     with pytest.raises(UsageError, match="base weights changed"):
-        Run(lora_config(world, tmp_path / "b", "--train.seed", "1"), resume=str(checkpoint), log=print)
+        SFTTrainer(lora_config(world, tmp_path / "b", "--train.seed", "1"), resume=str(checkpoint), log=print)
 
 
 def test_missing_peft_is_a_usage_error(monkeypatch):
@@ -153,16 +150,20 @@ def test_bad_target_modules_are_a_usage_error(targets):
         build_model_for_training(ModelConfig(lora=LoraConfig(r=4, target_modules=targets)))
 
 
-# --- Weights & Biases (train.wandb), with a stand-in `wandb` module: wandb itself is not a dependency ------
+# --- Weights & Biases through accelerate's tracker (train.log_with: [wandb]), with a stand-in `wandb` module:
+# wandb itself is not a dependency -------------------------------------------------------------------------
 
 
 class FakeWandb:
-    """Records what the trainer asks of `wandb`: init(...) gives a run whose log/finish are recorded."""
+    """Records what accelerate's WandBTracker asks of `wandb`: init(...) gives a run whose log/finish are
+    recorded; `config.update` stores the run's configuration."""
 
     def __init__(self):
         self.inits: list[dict] = []
         self.logs: list[tuple[dict, int]] = []
+        self.configs: list[dict] = []
         self.finished = 0
+        self.config = SimpleNamespace(update=lambda values, **kwargs: self.configs.append(values))
 
     def init(self, **kwargs):
         self.inits.append(kwargs)
@@ -176,19 +177,24 @@ class FakeWandb:
 
 
 def test_wandb_gets_the_rows_of_metrics_jsonl(world, tmp_path, monkeypatch):
+    import accelerate.tracking
+
     fake = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)
+    available = [*accelerate.tracking._available_trackers, accelerate.tracking.LoggerType.WANDB]
+    monkeypatch.setattr(accelerate.tracking, "_available_trackers", available)
     out = tmp_path / "run"
     extra = ["--model.lora.r", "0", "--train.max_steps", "2", "--train.eval_every", "2"]
-    Run(lora_config(world, out, *extra, "--train.wandb", "true"), log=lambda m: None).train()
+    SFTTrainer(lora_config(world, out, *extra, "--train.log_with", "[wandb]"), log=lambda m: None).train()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 2]  # loss at steps 1 and 2, then val_accuracy
     assert fake.logs == [({k: v for k, v in r.items() if k != "step"}, r["step"]) for r in rows]
-    assert len(fake.inits) == 1 and fake.inits[0]["config"]["train"]["max_steps"] == 2
+    assert len(fake.inits) == 1 and fake.inits[0]["name"] == out.name
+    assert fake.configs[0]["train"]["max_steps"] == 2
     assert fake.finished == 1
 
 
 def test_wandb_missing_is_a_usage_error(world, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
     with pytest.raises(UsageError, match="pip install wandb"):
-        Run(lora_config(world, tmp_path / "run", "--train.wandb", "true"), log=lambda m: None)
+        SFTTrainer(lora_config(world, tmp_path / "run", "--train.log_with", "[wandb]"), log=lambda m: None)

@@ -262,7 +262,7 @@ def ppo_args(world: Path, init: Path, out: Path, *extra: str) -> list[str]:
         "--train.output_dir", str(out), "--train.max_steps", "4", "--train.max_minutes", "none",
         "--rollout.prompts", "8", "--train.minibatch_size", "4", "--train.eval_every", "2",
         "--train.save_every", "2", "--train.keep_last", "3", "--train.progress", "false",
-        "--train.tensorboard", "false", "--train.lr", "1e-3",
+        "--train.log_with", "[]", "--train.lr", "1e-3",
         *extra,
     ]  # fmt: skip
 
@@ -279,7 +279,7 @@ def test_rollout_logprobs_are_the_sampling_distribution(world, init_dir, tmp_pat
             "model": {"init_from": str(init_dir)},
             "data": {"root": str(world)},
             "rollout": {"prompts": 6, "temperature": 0.7},
-            "train": {"output_dir": str(tmp_path / "out"), "eval_every": 0, "tensorboard": False},
+            "train": {"output_dir": str(tmp_path / "out"), "eval_every": 0, "log_with": []},
         },
     )
     trainer = PPOTrainer(cfg, log=lambda m: None)

@@ -36,7 +36,7 @@ def train_args(world: Path, out: Path, *extra: str) -> list[str]:
         "--data.root", str(world), "--data.synth", "false", "--data.val_limit", "12",
         "--train.output_dir", str(out), "--train.batch_size", "8", "--train.max_steps", "6",
         "--train.warmup_steps", "2", "--train.eval_every", "3", "--train.save_every", "3",
-        "--train.log_every", "1", "--train.progress", "false", "--train.tensorboard", "false",
+        "--train.log_every", "1", "--train.progress", "false", "--train.log_with", "[]",
         *extra,
     ]  # fmt: skip
 
@@ -87,16 +87,24 @@ def test_resume_ends_with_the_same_weights(world, tmp_path, extra):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+# `gpt2mm` whose every save sleeps 3 s before its rename, so that the test can kill it mid-save
+SLOW_SAVES = """
+import sys, time
+import gpt2mm.train.checkpoints as checkpoints
+commit = checkpoints.commit_dir
+checkpoints.commit_dir = lambda tmp, final: (time.sleep(3), commit(tmp, final))
+from gpt2mm.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_sigkill_mid_save_resumes_from_last_complete_checkpoint(world, tmp_path):
     args = ["--train.save_every", "2", "--train.eval_every", "0", "--train.keep_last", "5"]
     reference = tmp_path / "reference"
     assert main(train_args(world, reference, *args)) == 0
     out = tmp_path / "run"
-    env = {**os.environ, "GPT2MM_TEST_SAVE_DELAY": "3"}  # each save sleeps before its rename
-    cmd = [sys.executable, "-m", "gpt2mm.cli", *train_args(world, out, *args)]
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
+    cmd = [sys.executable, "-c", SLOW_SAVES, *train_args(world, out, *args)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 180
         # wait for checkpoint-2 to be complete and checkpoint-4 to be half-way (written, not renamed)
@@ -193,7 +201,7 @@ def test_resume_from_a_checkpoint_that_does_not_exist_says_so(world, tmp_path, c
 
 
 def test_a_save_that_fails_leaves_the_checkpoint_before_it_as_it_was(tmp_path):
-    from gpt2mm.train.sft import atomic_dir, list_checkpoints
+    from gpt2mm.train.checkpoints import atomic_dir, list_checkpoints
 
     final = tmp_path / "checkpoint-2"
     final.mkdir()
@@ -250,9 +258,10 @@ def test_stage3_llava_from_stage1_checkpoint_labels_assistant_turns(world, tmp_p
 
 def test_stage3_vqa_mix_adds_the_first_vqa_questions_to_the_conversations(world):
     from gpt2mm.data.llava import load_llava
+    from gpt2mm.data.splits import load_samples
     from gpt2mm.data.vqa import load_vqa
     from gpt2mm.train.args import build
-    from gpt2mm.train.sft import SFTConfig, load_samples
+    from gpt2mm.train.config import SFTConfig
 
     conversations, _ = load_llava(world / "train_llava.json", world / "images")
     questions, _ = load_vqa(
@@ -275,13 +284,14 @@ def test_stage3_vqa_mix_adds_the_first_vqa_questions_to_the_conversations(world)
 def test_conversation_mix_adds_each_conversation_with_its_description_last(world, tmp_path):
     from gpt2mm.data.llava import load_llava
     from gpt2mm.train.args import load_config
-    from gpt2mm.train.sft import Run, SFTConfig
+    from gpt2mm.train.config import SFTConfig
+    from gpt2mm.train.sft import SFTTrainer
 
     conversations, _ = load_llava(world / "train_llava.json", world / "images")
     scenes = {sc["file_name"]: sc for sc in json.loads((world / "scenes" / "train_scenes.json").read_text())}
     args = train_args(world, tmp_path / "run", *CURRICULUM, "--data.pack_questions", "8")[2:]
-    plain = Run(load_config(SFTConfig, RECIPE, args), log=lambda m: None)
-    mixed = Run(
+    plain = SFTTrainer(load_config(SFTConfig, RECIPE, args), log=lambda m: None)
+    mixed = SFTTrainer(
         load_config(SFTConfig, RECIPE, [*args, "--data.conversation_mix", "true"]), log=lambda m: None
     )
     n = len(plain.train_samples)
@@ -334,7 +344,7 @@ def test_feature_cache_training_matches_pixels(world, tmp_path):
 def test_every_recipe_parses(recipe):
     from gpt2mm.rl.ppo import PPORecipe
     from gpt2mm.train.args import load_config
-    from gpt2mm.train.sft import SFTConfig
+    from gpt2mm.train.config import SFTConfig
 
     if "ppo" in recipe.name:  # stage 2's recipes are `gpt2mm ppo`'s
         cfg = load_config(PPORecipe, recipe, [])
@@ -384,10 +394,11 @@ def test_unreadable_image_fails_clearly_or_is_skipped_and_counted(tmp_path, caps
 
 def test_curriculum_starts_with_the_easiest_samples(world, tmp_path):
     from gpt2mm.train.args import load_config
-    from gpt2mm.train.sft import Run, SFTConfig
+    from gpt2mm.train.config import SFTConfig
+    from gpt2mm.train.sft import SFTTrainer
 
     args = train_args(world, tmp_path / "run", *CURRICULUM, "--train.curriculum_steps", "10")[2:]
-    run = Run(load_config(SFTConfig, RECIPE, args), log=lambda m: None)
+    run = SFTTrainer(load_config(SFTConfig, RECIPE, args), log=lambda m: None)
     levels = [e.difficulty for e in run.examples]
     assert min(levels) < max(levels)
     first = run._curriculum_batch()
@@ -523,7 +534,8 @@ def test_gradient_checkpointing_gives_the_gradients_of_a_plain_backward():
     and the same loss and gradients as the model without it (dropout off: the recompute would redraw it)."""
     import warnings
 
-    from gpt2mm.train.sft import ModelConfig, build_model_for_training
+    from gpt2mm.train.config import ModelConfig
+    from gpt2mm.train.model import build_model_for_training
 
     grads, losses_ = {}, {}
     for ckpt in (False, True):
@@ -564,20 +576,21 @@ def test_gradient_checkpointing_gives_the_gradients_of_a_plain_backward():
 def test_gradient_checkpointing_turns_off_the_autocast_weight_cache(world, tmp_path):
     """Under gradient checkpointing, bf16 autocast must not keep a cast copy of every weight for the whole
     forward (that copy is much of the memory checkpointing saves)."""
-    from gpt2mm.train.sft import Run, SFTConfig
+    from gpt2mm.train.config import SFTConfig
+    from gpt2mm.train.sft import SFTTrainer
 
     for ckpt in (False, True):
         cfg = SFTConfig()
         cfg.data.root, cfg.data.synth, cfg.train.output_dir = str(world), False, str(tmp_path / str(ckpt))
-        cfg.train.precision, cfg.train.tensorboard = "bf16", False
+        cfg.train.precision, cfg.train.log_with = "bf16", []
         cfg.model.gradient_checkpointing = ckpt
-        run = Run(cfg, log=lambda *a: None)
+        run = SFTTrainer(cfg, log=lambda *a: None)
         with run.acc.autocast():
             assert torch.is_autocast_enabled("cpu")
             assert torch.is_autocast_cache_enabled() is (not ckpt)
     # accelerate's state is one per process: a later run in it with another precision gets a fresh one
     cfg.train.precision = "fp32"
-    run = Run(cfg, log=lambda *a: None)
+    run = SFTTrainer(cfg, log=lambda *a: None)
     assert run.acc.mixed_precision == "no"
     with run.acc.autocast():
         assert not torch.is_autocast_enabled("cpu")
@@ -603,13 +616,12 @@ def test_attention_implementation_option_trains_the_same_model(world, tmp_path, 
 def test_a_time_budgets_progress_bar_ends_where_the_budget_is_projected_to_end():
     from types import SimpleNamespace
 
-    from gpt2mm.train.sft import budget_bar_total
+    from gpt2mm.train.logging import budget_bar_total
 
     bar = SimpleNamespace(initial=20, total=100_000)  # resumed at step 20 (30 s spent before this session)
-    budget = SimpleNamespace(max_minutes=1.0, max_steps=100_000)
-    budget_bar_total(bar, budget, step=30, seconds_this_session=5.0, seconds=35.0)
+    budget_bar_total(bar, 1.0, 100_000, step=30, seconds_this_session=5.0, seconds=35.0)
     assert bar.total == 30 + 50  # 0.5 s a step, 25 s of the minute left
-    budget_bar_total(bar, SimpleNamespace(max_minutes=1.0, max_steps=60), 30, 5.0, 35.0)
+    budget_bar_total(bar, 1.0, 60, 30, 5.0, 35.0)
     assert bar.total == 60  # max_steps comes first
-    budget_bar_total(bar, SimpleNamespace(max_minutes=None, max_steps=100_000), 30, 5.0, 35.0)
+    budget_bar_total(bar, None, 100_000, 30, 5.0, 35.0)
     assert bar.total == 60  # no time budget: left as it was

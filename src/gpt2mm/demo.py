@@ -115,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
 
     # 2. stage 1 from scratch, within what is left of the budget
     from gpt2mm.train.args import build
-    from gpt2mm.train.sft import Run, SFTConfig
+    from gpt2mm.train.config import SFTConfig
+    from gpt2mm.train.sft import SFTTrainer
 
     eval_reserve = 60.0 * len(stages)  # seconds kept for each stage's test evaluation, examples and plot
     budget_min = max(
@@ -157,12 +158,12 @@ def run(args: argparse.Namespace) -> int:
                 "eval_every": 400,
                 "save_every": 0,
                 "log_every": 25,
-                "tensorboard": False,
+                "log_with": [],
             },
         },
     )
     print(f"[demo] training stage 1 for up to {budget_min:.1f} minutes")
-    run_ = Run(cfg, log=lambda m: print(f"[demo] {m}"))
+    run_ = SFTTrainer(cfg, log=lambda m: print(f"[demo] {m}"))
     train_summary = run_.train()
 
     # 3. the held-out test split, official metric
@@ -194,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
         )
     # 5. stage 3: conversations with long descriptions (the world's LLaVA JSON), from the last stage's model
     if "instruct" in stages:
-        from gpt2mm.train.sft import list_checkpoints
+        from gpt2mm.train.checkpoints import list_checkpoints
 
         init = list_checkpoints(out / ("ppo" if "ppo" in stages else "run"))[-1]
         summary.update(run_instruct(out, world, args.seed, instruct_minutes, init))
@@ -272,7 +273,7 @@ def run_ppo(out: Path, world: Path, seed: int, minutes: float):
     recipe) for `minutes` of training time."""
     from gpt2mm.rl.ppo import PPORecipe, PPOTrainer
     from gpt2mm.train.args import build
-    from gpt2mm.train.sft import list_checkpoints
+    from gpt2mm.train.checkpoints import list_checkpoints
 
     init = list_checkpoints(out / "run")[-1]  # the final stage-1 weights
     cfg = build(
@@ -290,7 +291,7 @@ def run_ppo(out: Path, world: Path, seed: int, minutes: float):
                 "value_lr": 1e-3,
                 "eval_every": 0,
                 "save_every": 0,
-                "tensorboard": False,
+                "log_with": [],
             },
         },
     )
@@ -306,7 +307,8 @@ def run_instruct(out: Path, world: Path, seed: int, minutes: float, init: Path) 
     from gpt2mm.eval.report import description_samples, generate_descriptions, score_descriptions
     from gpt2mm.presets import load_model
     from gpt2mm.train.args import build
-    from gpt2mm.train.sft import Run, SFTConfig
+    from gpt2mm.train.config import SFTConfig
+    from gpt2mm.train.sft import SFTTrainer
 
     fast = fast_settings()  # as stage 1
     d_samples, scenes = description_samples(world, "test", limit=100)
@@ -339,12 +341,12 @@ def run_instruct(out: Path, world: Path, seed: int, minutes: float, init: Path) 
                 "eval_every": 0,
                 "save_every": 0,
                 "log_every": 25,
-                "tensorboard": False,
+                "log_with": [],
             },
         },
     )
     print(f"[demo] stage 3: conversations from {init} for up to {minutes:.1f} minutes")
-    run_ = Run(cfg, log=lambda m: print(f"[demo] {m}"))
+    run_ = SFTTrainer(cfg, log=lambda m: print(f"[demo] {m}"))
     done = run_.train()
     model = run_.acc.unwrap_model(run_.model)
     texts = generate_descriptions(model, run_.processor, d_samples)

@@ -1,4 +1,8 @@
-"""The frozen-vision feature cache: vision-tower outputs computed once per image, memory-mapped from disk.
+"""How an image reaches the model: an image source turns an image path into what the collator stacks, under
+the model input named by its `key`. `PixelStore` gives preprocessed pixels (`pixel_values`); `FeatureCache`
+gives the frozen vision tower's outputs (`vision_hidden_states`), computed once and memory-mapped from disk.
+
+The frozen-vision feature cache: vision-tower outputs computed once per image, memory-mapped from disk.
 
 With the vision tower frozen, its output for an image never changes, and VQA asks about 5 questions per
 image: decoding JPEGs and running CLIP every step is wasted work that starves a fast GPU. The cache lives in
@@ -28,6 +32,28 @@ import torch
 from gpt2mm.errors import DataError
 
 
+class PixelStore:
+    """Image path -> preprocessed pixel values, decoded once (optionally kept in memory)."""
+
+    key = "pixel_values"
+
+    def __init__(self, processor, cache: bool = True, max_pixels: int | None = None):
+        self.processor = processor
+        self.cache: dict[str, torch.Tensor] | None = {} if cache else None
+        self.max_pixels = max_pixels
+
+    def __call__(self, path: str) -> torch.Tensor:
+        if self.cache is not None and path in self.cache:
+            return self.cache[path]
+        from gpt2mm.data.images import load_image
+
+        kwargs = {"max_pixels": self.max_pixels} if self.max_pixels else {}
+        pixels = self.processor.preprocess_images([load_image(path, **kwargs)])[0]
+        if self.cache is not None:
+            self.cache[path] = pixels
+        return pixels
+
+
 def cache_key(model: Any, processor: Any) -> str:
     """A hash of everything that determines the vision features of an image."""
     h = hashlib.sha256()
@@ -47,6 +73,10 @@ def image_identity(path: str | Path) -> str:
 
 
 class FeatureCache:
+    """Image path -> the frozen vision tower's output, from a memory-mapped cache on disk (see the module)."""
+
+    key = "vision_hidden_states"
+
     def __init__(self, root: str | Path, model: Any, processor: Any):
         if not model.vision_frozen:
             raise ValueError("the feature cache needs a frozen vision tower (freeze_vision=True)")

@@ -222,7 +222,7 @@ class RewardModel(nn.Module):
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write the directory under a temporary name, then rename it into place."""
-        from gpt2mm.train.sft import atomic_save_dir
+        from gpt2mm.train.checkpoints import atomic_save_dir
 
         final = Path(path)
         final.parent.mkdir(parents=True, exist_ok=True)

@@ -547,7 +547,9 @@ def train_reward(cfg: RewardTrainConfig, log=print) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging
 
     from gpt2mm.reward.model import RewardModel, is_reward_dir
-    from gpt2mm.train.sft import TrainConfig, atomic_save_dir, lr_lambda, make_optimizer
+    from gpt2mm.train.checkpoints import atomic_save_dir
+    from gpt2mm.train.config import TrainConfig
+    from gpt2mm.train.optim import lr_lambda, make_optimizer
 
     hf_logging.disable_progress_bar()  # ours is the one to watch
     check_out(Path(cfg.out), Path(cfg.base), cfg.overwrite)
@@ -613,7 +615,7 @@ def train_reward(cfg: RewardTrainConfig, log=print) -> dict[str, Any]:
     reward.to(device)
     paths = sorted({e.image for e in train_ex + eval_ex if e.image is not None})
     if cfg.train_vision:
-        from gpt2mm.train.sft import PixelStore
+        from gpt2mm.data.features import PixelStore
 
         image_source, image_key = PixelStore(processor, cache=True), "pixel_values"
     else:

@@ -40,6 +40,7 @@ from torch import nn
 from gpt2mm.errors import UsageError
 from gpt2mm.modeling import position_ids_from_mask
 from gpt2mm.rl import core
+from gpt2mm.train.config import TRACKERS_HELP
 
 # --- configuration ---------------------------------------------------------------------------------------
 
@@ -119,7 +120,7 @@ class PPOTrainConfig:
     save_every: int = 50
     keep_last: int = 2
     log_every: int = 1
-    tensorboard: bool = True
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"], metadata={"help": TRACKERS_HELP})
     progress: bool = True
 
 
@@ -151,9 +152,9 @@ class PPORecipe:
             )
         if r.temperature <= 0:
             raise ValueError(f"rollout.temperature must be > 0, got {r.temperature}")
-        from gpt2mm.train.sft import check_counts
+        from gpt2mm.train.config import RunConfig
 
-        check_counts(t)
+        RunConfig.check(t, precisions=("fp32", "bf16"))
         parse_reward(self.reward)
 
 
@@ -275,15 +276,15 @@ class PPOTrainer:
     def __init__(self, cfg: PPORecipe, resume: str | bool | None = None, log=print):
         from transformers.utils import logging as hf_logging
 
+        from gpt2mm.data.features import PixelStore
         from gpt2mm.presets import load_model
-        from gpt2mm.train.sft import PixelStore
 
         hf_logging.disable_progress_bar()  # ours is the one to watch
         self.cfg = cfg
         self.log = log
         t = cfg.train
         self.out = Path(t.output_dir)
-        from gpt2mm.train.sft import claim_output_dir, replace_earlier_run
+        from gpt2mm.train.checkpoints import claim_output_dir, replace_earlier_run
 
         earlier = claim_output_dir(self.out, resume, t.overwrite, cfg.model.init_from)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -336,7 +337,7 @@ class PPOTrainer:
         self.optimizer = torch.optim.AdamW(
             groups, lr=t.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=t.weight_decay, fused=fused
         )
-        from gpt2mm.train.sft import lr_lambda
+        from gpt2mm.train.optim import lr_lambda
 
         self.train_seconds = 0.0
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -359,8 +360,8 @@ class PPOTrainer:
     # --- data ---
 
     def _load(self, split: str) -> list:
+        from gpt2mm.data.splits import resolve
         from gpt2mm.data.vqa import load_vqa
-        from gpt2mm.train.sft import resolve
 
         d = self.cfg.data
         q, a, im = (
@@ -529,9 +530,9 @@ class PPOTrainer:
 
     def train(self) -> dict[str, Any]:
         t = self.cfg.train
-        from gpt2mm.train.sft import budget_bar_total, tensorboard_writer
+        from gpt2mm.train.logging import budget_bar_total
 
-        writer = tensorboard_writer(self.out, t.tensorboard)
+        writer = None
         metrics_file = self.out / "metrics.jsonl"
         if self.step == 0 and self.val_samples:
             acc = self.evaluate()
@@ -575,7 +576,14 @@ class PPOTrainer:
             }
             if bar is not None:
                 bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{seq_kl:.3f}", refresh=False)
-                budget_bar_total(bar, t, self.step, self.train_seconds - seconds_at_start, self.train_seconds)
+                budget_bar_total(
+                    bar,
+                    t.max_minutes,
+                    t.max_steps,
+                    self.step,
+                    self.train_seconds - seconds_at_start,
+                    self.train_seconds,
+                )
                 bar.update(1)
             if t.max_minutes is not None and self.train_seconds > 60 * t.max_minutes:
                 stop_reason = "max_minutes"
@@ -660,7 +668,7 @@ class PPOTrainer:
     def _save(self, best: bool = False) -> None:
         from safetensors.torch import save_file
 
-        from gpt2mm.train.sft import atomic_save_dir, prune_checkpoints, rng_state
+        from gpt2mm.train.checkpoints import atomic_save_dir, prune_checkpoints, rng_state
 
         name = "best" if best else f"checkpoint-{self.step}"
         state = {
@@ -696,7 +704,7 @@ class PPOTrainer:
     def _resume(self, resume: str | bool) -> None:
         from safetensors.torch import load_file
 
-        from gpt2mm.train.sft import load_resume_checkpoint, set_rng_state
+        from gpt2mm.train.checkpoints import load_resume_checkpoint, set_rng_state
 
         path, state, weights = load_resume_checkpoint(self.out, resume)
         if state["config"]["train"]["algo"] != self.cfg.train.algo:

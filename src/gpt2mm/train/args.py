@@ -176,3 +176,24 @@ def describe(cls: type, prefix: str = "") -> list[str]:
         help_ = f.metadata.get("help", "")
         lines.append(f"  --{prefix}{f.name} (default {default!r}) {help_}".rstrip())
     return lines
+
+
+def add_recipe_arguments(parser, command: str, cls: type) -> None:
+    """A recipe command's arguments: the recipe and its overrides (taken by `load_recipe` from the left-over
+    arguments, so that an override's value, "--x.y 3", is never mistaken for the recipe), and `--resume`."""
+    import argparse
+
+    parser.usage = f"gpt2mm {command} [RECIPE.yaml] [--section.key value ...] [--resume [CHECKPOINT]]"
+    parser.add_argument(
+        "--resume", nargs="?", const=True, default=None, help="continue the last (or given) checkpoint"
+    )
+    parser.epilog = "options (override as --section.key value):\n" + "\n".join(describe(cls))
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
+def load_recipe(cls: type[T], extra: list[str]) -> T:
+    """The config from `[RECIPE.yaml] --section.key value ...` (the left-over command-line arguments)."""
+    recipe = None
+    if extra and not extra[0].startswith("--"):
+        recipe, extra = extra[0], extra[1:]
+    return load_config(cls, recipe, extra)

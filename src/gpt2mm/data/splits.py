@@ -1,0 +1,131 @@
+"""The samples a recipe's `data:` section names: its training and validation splits (VQA files or LLaVA
+conversations, mixed as the recipe says), packing several questions about one image into one sample, and the
+difficulty a curriculum sorts by."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gpt2mm.errors import UsageError
+
+if TYPE_CHECKING:
+    from gpt2mm.train.config import DataConfig
+
+
+def resolve(root: str, path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else Path(root) / p
+
+
+def load_samples(cfg: DataConfig, split: str) -> tuple[list, str]:
+    """Training or validation samples of the recipe's format; returns (samples, load report summary)."""
+    if split == "train" and cfg.format == "llava":
+        samples, summary = load_conversations(cfg)
+        if cfg.vqa_mix:  # LLaVA-1.5's remedy for forgetting short answers: VQA samples in the same stream
+            vqa, vqa_summary = load_vqa_split(cfg, "train", None if cfg.vqa_mix == -1 else cfg.vqa_mix)
+            samples, summary = samples + vqa, f"{summary}; mixed in {vqa_summary}"
+        return samples, summary
+    return load_vqa_split(cfg, split, cfg.limit if split == "train" else cfg.val_limit)
+
+
+def load_conversations(cfg: DataConfig, first_exchange_last: bool = False) -> tuple[list, str]:
+    """The LLaVA training conversations; `first_exchange_last` moves each one's first exchange (user turn and
+    reply) to its end."""
+    from gpt2mm.data.llava import load_llava
+
+    samples, report = load_llava(
+        resolve(cfg.root, cfg.llava_train), resolve(cfg.root, cfg.llava_images), skip_bad=cfg.skip_bad
+    )
+    samples = samples[: cfg.limit] if cfg.limit else samples
+    if first_exchange_last:
+        for s in samples:
+            s.turns = s.turns[2:] + s.turns[:2]
+    return samples, report.summary()
+
+
+def load_vqa_split(cfg: DataConfig, split: str, limit: int | None) -> tuple[list, str]:
+    from gpt2mm.data.vqa import load_vqa
+
+    q, a, im = (
+        (cfg.train_questions, cfg.train_annotations, cfg.train_images)
+        if split == "train"
+        else (
+            cfg.val_questions,
+            cfg.val_annotations,
+            cfg.val_images,
+        )
+    )
+    samples, report = load_vqa(
+        resolve(cfg.root, q),
+        resolve(cfg.root, a),
+        resolve(cfg.root, im),
+        answer_mode=cfg.answer_mode,
+        limit=limit,
+        skip_bad=cfg.skip_bad,
+        seed=0,
+    )
+    return samples, report.summary()
+
+
+def set_difficulty(samples: list, cfg: DataConfig, split: str) -> None:
+    """Difficulty for a curriculum: `objects` reads the synthetic world's scene records."""
+    if cfg.difficulty != "objects":
+        raise UsageError(f"data.difficulty must be 'objects' (the synthetic world), got {cfg.difficulty!r}")
+    path = resolve(cfg.root, f"scenes/{split}_scenes.json")
+    if not path.is_file():
+        raise UsageError(f"data.difficulty: objects needs the synthetic world's {path}")
+    scenes = json.loads(path.read_text())
+    by_id = {scene["image_id"]: len(scene["objects"]) for scene in scenes}
+    by_file = {scene["file_name"]: len(scene["objects"]) for scene in scenes}  # LLaVA records: no image id
+    for s in samples:
+        s.difficulty = (
+            by_id.get(s.image_id) if s.image_id is not None else by_file.get(Path(s.image or "").name)
+        )
+
+
+def pack_by_image(samples: list, k: int, seed: int) -> list:
+    """Questions about the same image as multi-turn samples of up to `k` Q/A pairs (the image is encoded
+    once for k answers). The prompt format is the conversation format, whose first turn is stage 1's."""
+    from gpt2mm.data.samples import Sample
+
+    by_image: dict[Any, list] = {}
+    for s in samples:
+        by_image.setdefault(s.image, []).append(s)
+    rng = random.Random(seed)
+    packed = []
+    for image, group in by_image.items():
+        if image is None:
+            packed += group
+            continue
+        rng.shuffle(group)
+        for start in range(0, len(group), k):
+            chunk = group[start : start + k]
+            turns = [t for s in chunk for t in s.turns]
+            packed.append(
+                Sample(
+                    id="+".join(s.id for s in chunk),
+                    image=image,
+                    turns=turns,
+                    image_id=chunk[0].image_id,
+                    difficulty=chunk[0].difficulty,
+                )
+            )
+    return packed
+
+
+def ensure_synthetic_world(root: Path, synth_args: dict, log=print) -> None:
+    """Render the synthetic world into `root` unless it is there; a folder holding other files is refused."""
+    if (root / "world.json").is_file():
+        return
+    if root.exists() and any(root.iterdir()):
+        raise UsageError(
+            f"data.root {root} holds files but no synthetic world (world.json); "
+            "for your own data set data.synth: false"
+        )
+    from gpt2mm.data.synthetic import write_world
+
+    log(f"rendering the synthetic world into {root}")
+    write_world(root, **synth_args)

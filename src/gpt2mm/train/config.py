@@ -1,0 +1,195 @@
+"""The recipe's dataclasses. `RunConfig` and `VQADataConfig` hold what every stage shares (the output folder,
+step counts, schedule, evaluation, checkpoints, trackers; the VQA files); SFT (stages 1 and 3), PPO (stage 2)
+and the reward trainer extend them. `gpt2mm.train.args` builds them from YAML and `--section.key value`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+TRACKERS_HELP = "metrics trackers through accelerate: tensorboard, wandb, mlflow, ... ([] for none)"
+
+
+@dataclass
+class RunConfig:
+    """What every training run has: where it writes, how long it runs, its schedule, evaluation and saving."""
+
+    output_dir: str = "runs/tiny-synth"
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "replace an earlier run in output_dir (its checkpoints, best, metrics) without --resume"
+        },
+    )
+    seed: int = 0
+    max_steps: int = 1000
+    max_minutes: float | None = field(default=None, metadata={"help": "stop after this much training time"})
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    warmup_steps: int = 50
+    schedule: str = field(default="cosine", metadata={"help": "cosine | linear | constant"})
+    min_lr_ratio: float = 0.0
+    precision: str = field(default="fp32", metadata={"help": "fp32 | bf16 | fp16"})
+    eval_every: int = 200
+    eval_batch_size: int = 128
+    save_every: int = 500
+    keep_last: int = 2
+    early_stopping_patience: int = field(default=0, metadata={"help": "evals without improvement (0: off)"})
+    log_every: int = 10
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"], metadata={"help": TRACKERS_HELP})
+    progress: bool = True
+
+    def check(self, precisions: tuple[str, ...] = ("fp32", "bf16", "fp16")) -> None:
+        """Step counts, intervals, rates and choices that make sense (ValueError naming the option)."""
+        if self.precision not in precisions:
+            choices = f"{', '.join(precisions[:-1])} or {precisions[-1]}"
+            raise ValueError(f"train.precision must be {choices}, got {self.precision!r}")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"train.schedule must be cosine, linear or constant, got {self.schedule!r}")
+        for name in ("max_steps", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("eval_every", "save_every", "keep_last", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be 0 or more, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"train.lr must be positive, got {self.lr}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"train.max_minutes must be positive (or left out), got {self.max_minutes}")
+
+
+@dataclass
+class VQADataConfig:
+    """Official VQA v2-format files (questions, annotations, an image folder) for training and validation."""
+
+    root: str = field(default="data/synth", metadata={"help": "relative paths resolve against it"})
+    train_questions: str = "train_questions.json"
+    train_annotations: str = "train_annotations.json"
+    train_images: str = "images/train"
+    val_questions: str = "val_questions.json"
+    val_annotations: str = "val_annotations.json"
+    val_images: str = "images/val"
+    limit: int | None = field(default=None, metadata={"help": "first N training questions (seed: 100000)"})
+    val_limit: int = 500
+    skip_bad: bool = False
+    cache_pixels: bool = field(default=True, metadata={"help": "keep preprocessed images in memory"})
+    feature_cache: str | None = field(
+        default=None, metadata={"help": "dir of the frozen-vision feature cache (frozen tower only)"}
+    )
+
+
+# --- stages 1 and 3 (SFT) ----------------------------------------------------------------------------------
+
+
+@dataclass
+class LoraConfig:
+    r: int = field(default=0, metadata={"help": "LoRA rank on the language model (0: off; needs peft)"})
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])
+
+
+@dataclass
+class ModelConfig:
+    preset: str = field(default="tiny", metadata={"help": "tiny | small | seed"})
+    init_from: str | None = field(default=None, metadata={"help": "a gpt2mm model dir (e.g. a stage-1 run)"})
+    pretrained: bool | None = field(default=None, metadata={"help": "load the preset's backbones"})
+    overrides: dict = field(default_factory=dict, metadata={"help": "MultimodalGPT2Config fields"})
+    freeze_lm: bool = field(default=False, metadata={"help": "train the projector (and vision) only"})
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "eager | sdpa | flash_attention_2 ... (transformers'; default: the model's, sdpa)"},
+    )
+    gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class DataConfig(VQADataConfig):
+    format: str = field(default="vqa", metadata={"help": "vqa | llava"})
+    synth: bool = field(
+        default=True, metadata={"help": "render the synthetic world into root if it is absent"}
+    )
+    synth_args: dict = field(
+        default_factory=dict, metadata={"help": "gpt2mm.data.synthetic.write_world args"}
+    )
+    llava_train: str = "train_llava.json"
+    llava_images: str = "images"
+    conversation_mix: bool = field(
+        default=False,
+        metadata={
+            "help": "format vqa: also train on the LLaVA conversations of llava_train (after packing), each with "
+            "its first exchange moved to its end: the synthetic world's detailed description after its questions"
+        },
+    )
+    vqa_mix: int = field(
+        default=0,
+        metadata={
+            "help": "format llava: also train on the first N VQA questions (train_questions etc.), so that "
+            "stage 3 keeps stage 1's short answers (-1: all of them)"
+        },
+    )
+    answer_mode: str = field(default="multiple_choice", metadata={"help": "multiple_choice | sample"})
+    max_length: int = 256
+    pack_questions: int = field(
+        default=1, metadata={"help": "train on up to N questions about one image as one multi-turn sample"}
+    )
+    difficulty: str | None = field(
+        default=None,
+        metadata={"help": "objects: a synthetic sample's difficulty is its scene's object count"},
+    )
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    batch_size: int = field(default=64, metadata={"help": "samples per optimizer step, all processes"})
+    grad_accum: int = 1
+    projector_lr: float | None = None
+    vision_lr: float | None = None
+    length_grouping: bool = True
+    curriculum_steps: int = field(
+        default=0,
+        metadata={"help": "widen batches from the easiest samples to all over N steps (data.difficulty)"},
+    )
+    compile: bool = field(
+        default=False,
+        metadata={"help": "torch.compile each transformer block (pays on a GPU; compiling takes ~20 s)"},
+    )
+    fsdp: bool = field(
+        default=False,
+        metadata={
+            "help": "with several processes, shard parameters, gradients and optimizer state with FSDP2 "
+            "(what accelerate launch --use_fsdp --fsdp_version 2 also selects)"
+        },
+    )
+
+
+@dataclass
+class SFTConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        t, d = self.train, self.data
+        t.check()
+        if t.batch_size < 1 or t.grad_accum < 1 or t.batch_size % t.grad_accum:
+            raise ValueError(
+                f"train.batch_size {t.batch_size} must be a positive multiple of grad_accum {t.grad_accum}"
+            )
+        from gpt2mm.config import PRESETS
+
+        if self.model.preset not in PRESETS:
+            raise ValueError(f"model.preset must be one of {', '.join(PRESETS)}, got {self.model.preset!r}")
+        if d.format not in ("vqa", "llava"):
+            raise ValueError(f"data.format must be vqa or llava, got {d.format!r}")
+        if d.conversation_mix and d.format != "vqa":
+            raise ValueError(
+                "data.conversation_mix adds conversations to VQA questions: it needs format: vqa"
+            )
+        if d.vqa_mix and d.format != "llava":
+            raise ValueError(
+                "data.vqa_mix mixes VQA questions into LLaVA conversations: it needs format: llava"
+            )
+        if d.vqa_mix < -1:
+            raise ValueError(f"data.vqa_mix must be a number of questions, or -1 for all; got {d.vqa_mix}")

@@ -1,0 +1,172 @@
+"""The loop every stage's trainer inherits: steps until `max_steps` or the time budget, metrics rows, periodic
+evaluation that keeps `best`, early stopping, periodic checkpoints, and the counters a checkpoint holds for an
+exact `--resume`.
+
+A stage subclasses `Trainer` and provides `train_step()` (one update: returns its metrics row and the samples
+it took), `evaluate()` (validation accuracy, percent) and `write_model(dir)`; SFT overrides `save` for FSDP."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from gpt2mm.train.checkpoints import rng_state, save_checkpoint, set_rng_state
+from gpt2mm.train.logging import MetricsLog, ProgressBar, time_is_up
+
+
+class Trainer:
+    """State and loop shared by the stages. Subclasses set up `cfg` (with a `train` section), `out`, `optimizer`,
+    `scheduler`, then call `init_run`."""
+
+    # the counters a checkpoint holds (trainer_state.pt); a subclass adds its own data position
+    COUNTERS: tuple[str, ...] = ("step", "samples_seen", "train_seconds", "best", "evals_without_gain")
+    desc = "train"  # the progress bar's label
+    step_name = "step"  # how the log names one update
+    samples_name = "samples_seen"  # the counter's name in metrics rows and the summary
+    rate_name: str | None = None  # a logged throughput over the logging window (samples per second)
+
+    def init_run(self, cfg: Any, out: Path, log=print, main: bool = True) -> None:
+        self.cfg, self.out, self.log, self.main = cfg, out, log, main
+        self.step = 0
+        self.samples_seen = 0
+        self.train_seconds = 0.0
+        self.best: float | None = None
+        self.evals_without_gain = 0
+        self.metrics: MetricsLog | None = None
+        self.history: list[dict[str, Any]] = []
+
+    # --- what a stage provides ---
+
+    def train_step(self) -> tuple[dict[str, Any], int]:
+        raise NotImplementedError
+
+    def evaluate(self) -> float:
+        raise NotImplementedError
+
+    def write_model(self, out: Path) -> None:
+        raise NotImplementedError
+
+    def extra_state(self) -> dict[str, Any]:
+        """What a checkpoint holds besides the counters, optimizer, schedule, RNG and config."""
+        return {}
+
+    def postfix(self, row: dict[str, Any]) -> dict[str, str]:
+        """The progress bar's figures for a step's row."""
+        return {"loss": f"{row['loss']:.4f}"} if "loss" in row else {}
+
+    def on_train_begin(self) -> None:
+        """Called once before the first step of `train` (PPO: the starting model's validation accuracy)."""
+
+    def summary(self, stop_reason: str) -> dict[str, Any]:
+        return {
+            "steps": self.step,
+            self.samples_name: self.samples_seen,
+            "train_seconds": round(self.train_seconds, 2),
+            "best_val_accuracy": self.best,
+            "stop_reason": stop_reason,
+        }
+
+    def has_validation(self) -> bool:
+        return True
+
+    # --- the loop ---
+
+    def train(self) -> dict[str, Any]:
+        t = self.cfg.train
+        self.metrics = MetricsLog(
+            self.out, t.log_with, asdict(self.cfg), enabled=self.main, digits=self.digits
+        )
+        self.on_train_begin()
+        bar = ProgressBar(t.progress and self.main, self.desc, self.step, t.max_steps, t.max_minutes)
+        stop_reason = "max_steps"
+        seconds_at_start = self.train_seconds
+        window_samples, window_start = 0, time.perf_counter()
+        while self.step < t.max_steps:
+            start = time.perf_counter()
+            row, samples = self.train_step()
+            self.step += 1
+            self.samples_seen += samples
+            self.train_seconds += time.perf_counter() - start
+            window_samples += samples
+            if self.rate_name:
+                row[self.rate_name] = window_samples / max(1e-9, time.perf_counter() - window_start)
+            bar.update(
+                self.step, self.train_seconds - seconds_at_start, self.train_seconds, **self.postfix(row)
+            )
+            if time_is_up(t.max_minutes, self.train_seconds):
+                stop_reason = "max_minutes"
+            if self._after_step(row, last=stop_reason != "max_steps" or self.step == t.max_steps):
+                stop_reason = "early_stopping"
+            if self.step % t.log_every == 0 or stop_reason != "max_steps" or self.step == t.max_steps:
+                window_samples, window_start = 0, time.perf_counter()
+            if stop_reason != "max_steps":
+                break
+        bar.close()
+        self.save()
+        self.metrics.close()
+        summary = self.summary(stop_reason)
+        self.log(f"done: {json.dumps(summary)}")
+        return summary
+
+    def _after_step(self, row: dict[str, Any], last: bool) -> bool:
+        """Log, evaluate (keeping `best`) and save as the intervals say; True when early stopping ends the run."""
+        t = self.cfg.train
+        if self.step % t.log_every == 0 or last:
+            self.record(row)
+        stop = False
+        if t.eval_every and self.has_validation() and (self.step % t.eval_every == 0 or last):
+            stop = self.evaluate_and_keep_best()
+        if t.save_every and self.step % t.save_every == 0:
+            self.save()
+        return stop
+
+    def evaluate_and_keep_best(self) -> bool:
+        """Validation accuracy on record; a new best saved as `best`. True when early stopping's patience ran out."""
+        acc = self.evaluate()
+        self.record({"val_accuracy": acc})
+        if self.best is None or acc > self.best:
+            self.best = acc
+            self.evals_without_gain = 0
+            self.save(best=True)
+        else:
+            self.evals_without_gain += 1
+        patience = getattr(self.cfg.train, "early_stopping_patience", 0)
+        return bool(patience and self.evals_without_gain >= patience)
+
+    digits: int | None = None  # round the metrics' float values (None: as they are)
+
+    def record(self, values: dict[str, Any]) -> None:
+        counters = {self.samples_name: self.samples_seen, "train_seconds": round(self.train_seconds, 3)}
+        row = self.metrics.record(self.step, counters, values) if self.metrics else None
+        if row is not None:
+            self.history.append(row)
+        if "val_accuracy" in values and self.main:
+            self.log(f"{self.step_name} {self.step}: val accuracy {values['val_accuracy']:.2f}%")
+
+    # --- checkpoints ---
+
+    def checkpoint_state(self, optimizer_state: dict | None = None) -> dict[str, Any]:
+        """trainer_state.pt: the counters, optimizer, schedule, RNG, config and the stage's extras."""
+        return {
+            **{key: getattr(self, key) for key in self.COUNTERS},
+            "optimizer": self.optimizer.state_dict() if optimizer_state is None else optimizer_state,
+            "scheduler": self.scheduler.state_dict(),
+            **self.extra_state(),
+            "rng": rng_state(),
+            "config": asdict(self.cfg),
+        }
+
+    def save(self, best: bool = False) -> None:
+        """`best` (weights only) or `checkpoint-STEP`, written atomically; older checkpoints pruned."""
+        state = None if best else self.checkpoint_state()
+        save_checkpoint(self.out, self.step, self.write_model, state, self.cfg.train.keep_last)
+
+    def restore_counters(self, path: Path, state: dict[str, Any]) -> None:
+        """The counters and RNG of a checkpoint (a counter an older checkpoint lacks keeps its start value)."""
+        for key in self.COUNTERS:
+            setattr(self, key, state.get(key, getattr(self, key)))
+        set_rng_state(state["rng"])
+        self.log(f"resumed from {path} at {self.step_name} {self.step}")
