@@ -625,3 +625,32 @@ def test_a_time_budgets_progress_bar_ends_where_the_budget_is_projected_to_end()
     assert bar.total == 60  # max_steps comes first
     budget_bar_total(bar, None, 100_000, 30, 5.0, 35.0)
     assert bar.total == 60  # no time budget: left as it was
+
+
+def test_stage1_trains_from_the_seeds_csv_and_from_a_hugging_face_dataset_folder(world, tmp_path):
+    """data.format csv and hf reach `gpt2mm train`: the same questions in the three formats give the same
+    training examples, and a run from each writes a checkpoint."""
+    import csv
+
+    datasets = pytest.importorskip("datasets")
+    from gpt2mm.data.splits import load_samples
+    from gpt2mm.train.args import build
+    from gpt2mm.train.config import SFTConfig
+
+    vqa, _ = load_samples(build(SFTConfig, {"data": {"root": str(world)}}).data, "train")
+    rows = [(s.image, f"Q: {s.turns[0].text} A: {s.turns[1].text}") for s in vqa]
+    with open(tmp_path / "train.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    columns = {"image": [r[0] for r in rows], "question": [s.turns[0].text for s in vqa]}
+    columns["answer"] = [s.turns[1].text for s in vqa]
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(columns)}).save_to_disk(str(tmp_path / "hf"))
+    for fmt in ("csv", "hf"):
+        data = {"root": str(tmp_path), "format": fmt, "hf_dataset": "hf", "hf_val_split": None}
+        samples, _ = load_samples(build(SFTConfig, {"data": data}).data, "train")
+        assert [(s.image, s.turns) for s in samples] == [(s.image, s.turns) for s in vqa]
+        out = tmp_path / f"run-{fmt}"
+        args = train_args(
+            world, out, "--data.root", str(tmp_path), "--data.format", fmt, "--train.max_steps", "2"
+        )
+        args += ["--data.hf_dataset", "hf", "--data.hf_val_split", "none", "--train.eval_every", "0"]
+        assert main(args) == 0 and (out / "checkpoint-2" / "model.safetensors").is_file()

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from gpt2mm.errors import UsageError
 
 if TYPE_CHECKING:
-    from gpt2mm.train.config import DataConfig
+    from gpt2mm.train.config import DataConfig, VQADataConfig
 
 
 def resolve(root: str, path: str) -> Path:
@@ -20,15 +20,58 @@ def resolve(root: str, path: str) -> Path:
     return p if p.is_absolute() else Path(root) / p
 
 
+def has_split(cfg: DataConfig, split: str) -> bool:
+    """Whether the recipe's data has `split` (train or val) on disk."""
+    if cfg.format == "hf":
+        return split == "train" or cfg.hf_val_split is not None
+    if cfg.format == "csv":
+        return resolve(cfg.root, cfg.csv_train if split == "train" else cfg.csv_val).is_file()
+    if split == "train" and cfg.format == "llava":
+        return resolve(cfg.root, cfg.llava_train).is_file()
+    return resolve(cfg.root, cfg.train_questions if split == "train" else cfg.val_questions).is_file()
+
+
 def load_samples(cfg: DataConfig, split: str) -> tuple[list, str]:
     """Training or validation samples of the recipe's format; returns (samples, load report summary)."""
+    limit = cfg.limit if split == "train" else cfg.val_limit
+    if cfg.format in ("hf", "csv"):
+        samples, report = (
+            load_hf_split(cfg, split, limit) if cfg.format == "hf" else load_csv_split(cfg, split, limit)
+        )
+        return samples, report.summary()
     if split == "train" and cfg.format == "llava":
         samples, summary = load_conversations(cfg)
         if cfg.vqa_mix:  # LLaVA-1.5's remedy for forgetting short answers: VQA samples in the same stream
             vqa, vqa_summary = load_vqa_split(cfg, "train", None if cfg.vqa_mix == -1 else cfg.vqa_mix)
             samples, summary = samples + vqa, f"{summary}; mixed in {vqa_summary}"
         return samples, summary
-    return load_vqa_split(cfg, split, cfg.limit if split == "train" else cfg.val_limit)
+    return load_vqa_split(cfg, split, limit)
+
+
+def load_hf_split(cfg: DataConfig, split: str, limit: int | None):
+    """A split of a Hugging Face dataset folder (datasets.save_to_disk), its columns mapped by `hf_columns`."""
+    from gpt2mm.data.sources import load_hf
+
+    return load_hf(
+        resolve(cfg.root, cfg.hf_dataset),
+        columns=cfg.hf_columns or None,
+        split=cfg.hf_train_split if split == "train" else cfg.hf_val_split,
+        image_cache=resolve(cfg.root, cfg.hf_image_cache),
+        image_root=cfg.root,
+        limit=limit,
+        skip_bad=cfg.skip_bad,
+    )
+
+
+def load_csv_split(cfg: DataConfig, split: str, limit: int | None):
+    """The seed's CSV of `split` (rows of image path, "Q: ... A: ..."; images relative to the CSV's folder)."""
+    from gpt2mm.data.sources import load_csv
+
+    return load_csv(
+        resolve(cfg.root, cfg.csv_train if split == "train" else cfg.csv_val),
+        limit=limit,
+        skip_bad=cfg.skip_bad,
+    )
 
 
 def load_conversations(cfg: DataConfig, first_exchange_last: bool = False) -> tuple[list, str]:
@@ -46,7 +89,9 @@ def load_conversations(cfg: DataConfig, first_exchange_last: bool = False) -> tu
     return samples, report.summary()
 
 
-def load_vqa_split(cfg: DataConfig, split: str, limit: int | None) -> tuple[list, str]:
+def load_vqa_split(cfg: VQADataConfig, split: str, limit: int | None) -> tuple[list, str]:
+    """The official-format VQA files of `split` (train or val) under `cfg.root`; `cfg.answer_mode`, where the
+    config has it, picks each question's training answer (default: VQA's multiple-choice answer)."""
     from gpt2mm.data.vqa import load_vqa
 
     q, a, im = (
@@ -62,7 +107,7 @@ def load_vqa_split(cfg: DataConfig, split: str, limit: int | None) -> tuple[list
         resolve(cfg.root, q),
         resolve(cfg.root, a),
         resolve(cfg.root, im),
-        answer_mode=cfg.answer_mode,
+        answer_mode=getattr(cfg, "answer_mode", "multiple_choice"),
         limit=limit,
         skip_bad=cfg.skip_bad,
         seed=0,

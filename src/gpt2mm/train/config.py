@@ -106,7 +106,10 @@ class ModelConfig:
 
 @dataclass
 class DataConfig(VQADataConfig):
-    format: str = field(default="vqa", metadata={"help": "vqa | llava"})
+    format: str = field(
+        default="vqa",
+        metadata={"help": "vqa (official files) | llava (JSON) | hf (a datasets folder) | csv (the seed's)"},
+    )
     synth: bool = field(
         default=True, metadata={"help": "render the synthetic world into root if it is absent"}
     )
@@ -115,6 +118,23 @@ class DataConfig(VQADataConfig):
     )
     llava_train: str = "train_llava.json"
     llava_images: str = "images"
+    hf_dataset: str | None = field(
+        default=None, metadata={"help": "format hf: a datasets.save_to_disk folder (relative to root)"}
+    )
+    hf_train_split: str = "train"
+    hf_val_split: str | None = field(
+        default="validation", metadata={"help": "format hf (None: no validation)"}
+    )
+    hf_columns: dict = field(
+        default_factory=dict, metadata={"help": "format hf: field -> column (gpt2mm.data.sources.HF_FIELDS)"}
+    )
+    hf_image_cache: str = field(
+        default="hf_images", metadata={"help": "format hf: where image data held in the dataset is written"}
+    )
+    csv_train: str = field(
+        default="train.csv", metadata={"help": "format csv: rows of image, 'Q: ... A: ...'"}
+    )
+    csv_val: str = "val.csv"
     conversation_mix: bool = field(
         default=False,
         metadata={
@@ -181,8 +201,10 @@ class SFTConfig:
 
         if self.model.preset not in PRESETS:
             raise ValueError(f"model.preset must be one of {', '.join(PRESETS)}, got {self.model.preset!r}")
-        if d.format not in ("vqa", "llava"):
-            raise ValueError(f"data.format must be vqa or llava, got {d.format!r}")
+        if d.format not in ("vqa", "llava", "hf", "csv"):
+            raise ValueError(f"data.format must be vqa, llava, hf or csv, got {d.format!r}")
+        if d.format == "hf" and not d.hf_dataset:
+            raise ValueError("data.format hf needs data.hf_dataset (a datasets.save_to_disk folder)")
         if d.conversation_mix and d.format != "vqa":
             raise ValueError(
                 "data.conversation_mix adds conversations to VQA questions: it needs format: vqa"

@@ -106,10 +106,10 @@ class SFTTrainer(Trainer):
         from gpt2mm.data.collate import Collator, encode_samples
         from gpt2mm.data.features import PixelStore
         from gpt2mm.data.splits import (
+            has_split,
             load_conversations,
             load_samples,
             pack_by_image,
-            resolve,
             set_difficulty,
         )
 
@@ -130,7 +130,7 @@ class SFTTrainer(Trainer):
             raise UsageError(f"no training examples: {enc_report.summary()}")
         self.log(f"train data: {train_report}; {enc_report.summary()}")
         self.val_samples = []
-        if t.eval_every > 0 and resolve(d.root, d.val_questions).exists():
+        if t.eval_every > 0 and has_split(d, "val"):
             self.val_samples, val_report = load_samples(d, "val")
             self.log(f"val data: {val_report}")
         self.pixels = PixelStore(self.processor, cache=d.cache_pixels)
