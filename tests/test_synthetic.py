@@ -15,6 +15,7 @@ from PIL import Image
 
 from gpt2mm.cli import main
 from gpt2mm.data import synthetic as syn
+from gpt2mm.errors import UsageError
 
 # Written independently of the module: cell names by (row, col) and the relation test.
 ROW_NAMES = ["top", "middle", "bottom"]
@@ -335,5 +336,5 @@ def test_cli_refuses_user_data_and_bad_arguments(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             main(["synth", str(tmp_path / "new"), "--train", "2", *bad])
         assert e.value.code == 2
-    with pytest.raises(syn.UsageError):
+    with pytest.raises(UsageError):
         syn.parse_holdout("red")

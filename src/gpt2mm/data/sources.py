@@ -17,6 +17,7 @@ import csv
 import io
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -82,6 +83,127 @@ def _cache_image(data: bytes, folder: Path, index: int) -> Path:
     return path
 
 
+def _open_dataset(dataset: Any, split: str | None, hf: Any) -> tuple[datasets.Dataset, str]:
+    """The dataset object (loaded from disk when given a folder, its `split` of a `DatasetDict`) and the name
+    reports give it. `hf` is the imported `datasets` package."""
+    if isinstance(dataset, hf.Dataset):
+        files = dataset.cache_files
+        return dataset, files[0]["filename"] if files else f"in-memory dataset {dataset._fingerprint}"
+    try:
+        loaded = hf.load_from_disk(str(dataset))
+    except FileNotFoundError as e:
+        raise DataError(f"{dataset}: not a dataset saved with save_to_disk ({e})") from e
+    if isinstance(loaded, hf.DatasetDict):
+        if split not in loaded:
+            raise DataError(f"{dataset}: a DatasetDict; pass split= one of {', '.join(loaded)}")
+        loaded = loaded[split]
+    return loaded, str(dataset)
+
+
+def _check_columns(columns: dict[str, str] | None, names: list[str], source: str) -> dict[str, str]:
+    """The column mapping (the default one when None), refused when it names unknown fields or columns, or
+    maps neither conversations nor question + answer."""
+    if columns is None:
+        columns = _default_columns(names)
+    unknown = sorted(set(columns) - set(HF_FIELDS))
+    if unknown:
+        raise UsageError(
+            f"unknown fields in the column mapping: {', '.join(unknown)} (known: {', '.join(HF_FIELDS)})"
+        )
+    missing = sorted(c for c in columns.values() if c not in names)
+    if missing:
+        raise DataError(f"{source}: no column {', '.join(map(repr, missing))} (columns: {', '.join(names)})")
+    if "conversations" not in columns and not {"question", "answer"} <= set(columns):
+        raise UsageError(f"{source}: map either 'conversations' or both 'question' and 'answer' to columns")
+    return columns
+
+
+def _image_path(
+    image: Any, i: int, cache_dir: Path | None, image_root: str | os.PathLike | None, source: str
+) -> Path | None:
+    """A row's image as a path: its data written to the cache, or its path (under `image_root` when given);
+    None for a text-only row. `ValueError` when it is neither; `UsageError` for data without a cache."""
+    if isinstance(image, dict) and image.get("bytes") is not None:
+        if cache_dir is None:
+            raise UsageError(f"{source}: the dataset holds image data; pass image_cache= (a folder)")
+        return _cache_image(image["bytes"], cache_dir, i)
+    if isinstance(image, dict | str):
+        p = image.get("path") if isinstance(image, dict) else image
+        if not isinstance(p, str) or not p:
+            raise ValueError("image has neither bytes nor a path")
+        return Path(image_root) / p if image_root is not None else Path(p)
+    if image is not None:
+        raise ValueError(f"image column holds {type(image).__name__}, not a path or image data")
+    return None
+
+
+def _row_turns(
+    get: Callable[[str], Any], conversational: bool, has_image: bool, report: LoadReport
+) -> list[Turn]:
+    """A row's turns: its LLaVA conversation, or its question and answer; `ValueError` saying what is wrong."""
+    if conversational:
+        turns, dropped = parse_conversation(get("conversations"), has_image=has_image)
+        if dropped:
+            report.notes["system turns dropped"] += dropped
+        return turns
+    question, answer = get("question"), get("answer")
+    if not isinstance(question, str) or not isinstance(answer, str):
+        raise ValueError("question and answer must be strings")
+    question, answer = strip_image_placeholder(question), answer.strip()
+    if not answer or (not question and not has_image) or IMAGE_PLACEHOLDER in answer:
+        raise ValueError("empty question or answer, or <image> in the answer")
+    return [Turn("user", question), Turn("assistant", answer)]
+
+
+def _row_sample(
+    row: dict,
+    i: int,
+    columns: dict[str, str],
+    source: str,
+    cache_dir: Path | None,
+    image_root: str | os.PathLike | None,
+    check_images: bool,
+    report: LoadReport,
+) -> Sample | None:
+    """Row `i` as a sample (its id not yet made unique), or None once `report` has refused it (bad image,
+    bad schema, missing image)."""
+    where = f"{source}: row {i}"
+
+    def get(field: str) -> Any:
+        return row[columns[field]] if field in columns else None
+
+    try:
+        path = _image_path(get("image"), i, cache_dir, image_root, source)
+    except ValueError as e:
+        if isinstance(e, UsageError):
+            raise
+        report.bad("bad image", f"{where}: {e}")
+        return None
+    try:
+        turns = _row_turns(get, "conversations" in columns, path is not None, report)
+        answers = _answers(get("answers"))
+        qid = get("question_id")
+        if qid is not None and not (isinstance(qid, int) and not isinstance(qid, bool)):
+            raise ValueError(f"question_id must be an integer, not {qid!r}")
+    except ValueError as e:
+        report.bad("bad schema", f"{where}: {e}")
+        return None
+    if path is not None and check_images and not path.is_file():
+        report.bad("missing image", f"{where}: image {path} not found")
+        return None
+    rid = get("id")
+    return Sample(
+        id=str(rid if rid is not None else qid if qid is not None else i),
+        image=None if path is None else str(path),
+        turns=turns,
+        answers=answers,
+        question_id=qid,
+        image_id=get("image_id"),
+        answer_type=get("answer_type"),
+        question_type=get("question_type"),
+    )
+
+
 def load_hf(
     dataset: datasets.Dataset | str | os.PathLike,
     columns: dict[str, str] | None = None,
@@ -108,35 +230,9 @@ def load_hf(
             "loading a Hugging Face dataset needs the datasets package (pip install datasets)"
         ) from e
 
-    if not isinstance(dataset, datasets.Dataset):
-        try:
-            loaded = datasets.load_from_disk(str(dataset))
-        except FileNotFoundError as e:
-            raise DataError(f"{dataset}: not a dataset saved with save_to_disk ({e})") from e
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise DataError(f"{dataset}: a DatasetDict; pass split= one of {', '.join(loaded)}")
-            loaded = loaded[split]
-        source = str(dataset)
-        dataset = loaded
-    else:
-        files = dataset.cache_files
-        source = files[0]["filename"] if files else f"in-memory dataset {dataset._fingerprint}"
+    dataset, source = _open_dataset(dataset, split, datasets)
     report = LoadReport(source, skip_bad=skip_bad)
-    names = list(dataset.column_names)
-    if columns is None:
-        columns = _default_columns(names)
-    unknown = sorted(set(columns) - set(HF_FIELDS))
-    if unknown:
-        raise UsageError(
-            f"unknown fields in the column mapping: {', '.join(unknown)} (known: {', '.join(HF_FIELDS)})"
-        )
-    missing = sorted(c for c in columns.values() if c not in names)
-    if missing:
-        raise DataError(f"{source}: no column {', '.join(map(repr, missing))} (columns: {', '.join(names)})")
-    if "conversations" not in columns and not {"question", "answer"} <= set(columns):
-        raise UsageError(f"{source}: map either 'conversations' or both 'question' and 'answer' to columns")
-
+    columns = _check_columns(columns, list(dataset.column_names), source)
     fingerprint = dataset._fingerprint  # before select/cast, which change it
     dataset = dataset.select_columns(sorted(set(columns.values())))
     image_col = columns.get("image")
@@ -149,71 +245,14 @@ def load_hf(
     for i, row in enumerate(dataset):
         if limit is not None and len(samples) >= limit:
             break
-        where = f"{source}: row {i}"
-
-        def get(field: str, row: dict = row) -> Any:
-            return row[columns[field]] if field in columns else None
-
-        try:
-            image = get("image")
-            path: Path | None = None
-            if isinstance(image, dict) and image.get("bytes") is not None:
-                if cache_dir is None:
-                    raise UsageError(f"{source}: the dataset holds image data; pass image_cache= (a folder)")
-                path = _cache_image(image["bytes"], cache_dir, i)
-            elif isinstance(image, dict | str):
-                p = image.get("path") if isinstance(image, dict) else image
-                if not isinstance(p, str) or not p:
-                    raise ValueError("image has neither bytes nor a path")
-                path = Path(image_root) / p if image_root is not None else Path(p)
-            elif image is not None:
-                raise ValueError(f"image column holds {type(image).__name__}, not a path or image data")
-        except ValueError as e:
-            if isinstance(e, UsageError):
-                raise
-            report.bad("bad image", f"{where}: {e}")
+        sample = _row_sample(row, i, columns, source, cache_dir, image_root, check_images, report)
+        if sample is None:
             continue
-        try:
-            if "conversations" in columns:
-                turns, dropped = parse_conversation(get("conversations"), has_image=path is not None)
-                if dropped:
-                    report.notes["system turns dropped"] += dropped
-            else:
-                question, answer = get("question"), get("answer")
-                if not isinstance(question, str) or not isinstance(answer, str):
-                    raise ValueError("question and answer must be strings")
-                question, answer = strip_image_placeholder(question), answer.strip()
-                if not answer or (not question and path is None) or IMAGE_PLACEHOLDER in answer:
-                    raise ValueError("empty question or answer, or <image> in the answer")
-                turns = [Turn("user", question), Turn("assistant", answer)]
-            answers = _answers(get("answers"))
-            qid = get("question_id")
-            if qid is not None and not (isinstance(qid, int) and not isinstance(qid, bool)):
-                raise ValueError(f"question_id must be an integer, not {qid!r}")
-        except ValueError as e:
-            report.bad("bad schema", f"{where}: {e}")
-            continue
-        if path is not None and check_images and not path.is_file():
-            report.bad("missing image", f"{where}: image {path} not found")
-            continue
-        rid = get("id")
-        sid = str(rid if rid is not None else qid if qid is not None else i)
-        if sid in seen:
-            sid = f"{sid}#{i}"
+        if sample.id in seen:
+            sample.id = f"{sample.id}#{i}"
             report.notes["duplicate ids renamed"] += 1
-        seen.add(sid)
-        samples.append(
-            Sample(
-                id=sid,
-                image=None if path is None else str(path),
-                turns=turns,
-                answers=answers,
-                question_id=qid,
-                image_id=get("image_id"),
-                answer_type=get("answer_type"),
-                question_type=get("question_type"),
-            )
-        )
+        seen.add(sample.id)
+        samples.append(sample)
     report.loaded = len(samples)
     return samples, report
 

@@ -43,6 +43,149 @@ def pick_answer(answers: list[str], question_id: int, seed: int) -> str:
     return answers[int.from_bytes(digest[:8], "big") % len(answers)]
 
 
+def _read_files(
+    questions: str | os.PathLike, annotations: str | os.PathLike, data_subtype: str | None
+) -> tuple[list[Any], dict[int, dict], str]:
+    """The questions list, the annotations by question id and the COCO subtype; `DataError` on a wrong file."""
+    qdata = read_json(questions)
+    if not isinstance(qdata, dict) or not isinstance(qdata.get("questions"), list):
+        raise DataError(
+            f"{questions}: expected a JSON object with a 'questions' list (VQA v2 questions file)"
+        )
+    adata = read_json(annotations)
+    if not isinstance(adata, dict) or not isinstance(adata.get("annotations"), list):
+        raise DataError(
+            f"{annotations}: expected a JSON object with an 'annotations' list (VQA v2 annotations file)"
+        )
+    subtype = data_subtype or qdata.get("data_subtype")
+    if not isinstance(subtype, str) or not subtype:
+        raise DataError(
+            f"{questions}: no 'data_subtype' key (e.g. 'train2014'); pass data_subtype= to name the images"
+        )
+    by_qid: dict[int, dict] = {}
+    for ann in adata["annotations"]:
+        if isinstance(ann, dict) and _is_int(ann.get("question_id")):
+            by_qid[ann["question_id"]] = ann  # malformed annotations surface as "no annotation" later
+    return qdata["questions"], by_qid, subtype
+
+
+class _CocoImages:
+    """Image id -> path of its `.jpg` (else `.png`) in a folder, or None when missing; each id looked up once.
+
+    Without `check_images` there is no file system access per image: the extension is that of the first
+    image found, `.jpg` when none is.
+    """
+
+    def __init__(self, folder: Path, subtype: str, check_images: bool) -> None:
+        self.folder, self.subtype, self.check_images = folder, subtype, check_images
+        self.paths: dict[Any, str | None] = {}
+        self.fixed_ext: str | None = None
+
+    def __call__(self, image_id: int) -> str | None:
+        if image_id in self.paths:
+            return self.paths[image_id]
+        jpg = self.folder / coco_image_name(image_id, self.subtype, ".jpg")
+        if self.check_images or self.fixed_ext is None:
+            png = jpg.with_suffix(".png")
+            found = jpg if jpg.is_file() else png if png.is_file() else None
+            if not self.check_images:
+                self.fixed_ext = found.suffix if found is not None else ".jpg"
+                found = jpg.with_suffix(self.fixed_ext)
+        else:
+            found = jpg.with_suffix(self.fixed_ext)
+        self.paths[image_id] = None if found is None else str(found)
+        return self.paths[image_id]
+
+
+def _annotation_of(
+    q: Any,
+    i: int,
+    questions: str | os.PathLike,
+    annotations: str | os.PathLike,
+    by_qid: dict[int, dict],
+    seen: set[int],
+    report: LoadReport,
+) -> dict | None:
+    """The annotation of question record `i`, or None once `report` has refused the record (bad schema,
+    duplicate id, no annotation, an annotation of another image)."""
+    where = f"{questions}: question {i}"
+    if not (
+        isinstance(q, dict)
+        and _is_int(q.get("question_id"))
+        and _is_int(q.get("image_id"))
+        and isinstance(q.get("question"), str)
+    ):
+        report.bad("bad schema", f"{where}: expected {{image_id: int, question: str, question_id: int}}")
+        return None
+    qid = q["question_id"]
+    where = f"{questions}: question_id {qid}"
+    if qid in seen:
+        report.bad("duplicate id", f"{where}: duplicate question id")
+        return None
+    seen.add(qid)
+    ann = by_qid.get(qid)
+    if ann is None:
+        report.bad("no annotation", f"{where}: no annotation in {annotations}")
+        return None
+    answers = ann.get("answers")
+    if not (
+        isinstance(ann.get("multiple_choice_answer"), str)
+        and isinstance(answers, list)
+        and answers
+        and all(isinstance(a, dict) and isinstance(a.get("answer"), str) for a in answers)
+    ):
+        report.bad(
+            "bad schema",
+            f"{annotations}: annotation of question_id {qid}: expected multiple_choice_answer: str and "
+            "answers: [{answer: str, ...}]",
+        )
+        return None
+    if ann.get("image_id", q["image_id"]) != q["image_id"]:
+        report.bad("bad schema", f"{where}: image_id {q['image_id']} but {ann['image_id']} in {annotations}")
+        return None
+    return ann
+
+
+def _sample(
+    q: dict,
+    ann: dict,
+    questions: str | os.PathLike,
+    answer_mode: str,
+    seed: int,
+    images: _CocoImages,
+    report: LoadReport,
+) -> Sample | None:
+    """The sample of a checked question and its annotation, or None once `report` has refused it (an empty
+    question or answer, a missing image)."""
+    qid = q["question_id"]
+    where = f"{questions}: question_id {qid}"
+    human = [a["answer"].strip() for a in ann["answers"]]
+    if answer_mode == "sample":
+        nonempty = [a for a in human if a]
+        target = pick_answer(nonempty, qid, seed) if nonempty else ""
+    else:
+        target = ann["multiple_choice_answer"].strip()
+    question = strip_image_placeholder(q["question"])
+    if not question or not target:
+        report.bad("bad schema", f"{where}: empty question or answer")
+        return None
+    path = images(q["image_id"])
+    if path is None:
+        name = coco_image_name(q["image_id"], images.subtype, ".jpg")
+        report.bad("missing image", f"{where}: image {images.folder / name} (or .png) not found")
+        return None
+    return Sample(
+        id=str(qid),
+        image=path,
+        turns=[Turn("user", question), Turn("assistant", target)],
+        answers=human,
+        question_id=qid,
+        image_id=q["image_id"],
+        answer_type=ann.get("answer_type"),
+        question_type=ann.get("question_type"),
+    )
+
+
 def load_vqa(
     questions: str | os.PathLike,
     annotations: str | os.PathLike,
@@ -68,114 +211,18 @@ def load_vqa(
     if answer_mode not in ANSWER_MODES:
         raise UsageError(f"answer_mode must be one of {', '.join(ANSWER_MODES)}, not {answer_mode!r}")
     report = LoadReport(str(questions), skip_bad=skip_bad)
-    qdata = read_json(questions)
-    if not isinstance(qdata, dict) or not isinstance(qdata.get("questions"), list):
-        raise DataError(
-            f"{questions}: expected a JSON object with a 'questions' list (VQA v2 questions file)"
-        )
-    adata = read_json(annotations)
-    if not isinstance(adata, dict) or not isinstance(adata.get("annotations"), list):
-        raise DataError(
-            f"{annotations}: expected a JSON object with an 'annotations' list (VQA v2 annotations file)"
-        )
-    subtype = data_subtype or qdata.get("data_subtype")
-    if not isinstance(subtype, str) or not subtype:
-        raise DataError(
-            f"{questions}: no 'data_subtype' key (e.g. 'train2014'); pass data_subtype= to name the images"
-        )
-    by_qid: dict[int, dict] = {}
-    for ann in adata["annotations"]:
-        if isinstance(ann, dict) and _is_int(ann.get("question_id")):
-            by_qid[ann["question_id"]] = ann  # malformed annotations surface as "no annotation" below
-
-    folder = Path(images)
-    image_paths: dict[Any, str | None] = {}  # image id -> path (None: missing), each image checked once
-    fixed_ext: str | None = None
-
-    def image_path(image_id: int) -> str | None:
-        nonlocal fixed_ext
-        if image_id in image_paths:
-            return image_paths[image_id]
-        jpg = folder / coco_image_name(image_id, subtype, ".jpg")
-        if check_images or fixed_ext is None:
-            png = jpg.with_suffix(".png")
-            found = jpg if jpg.is_file() else png if png.is_file() else None
-            if not check_images:
-                fixed_ext = found.suffix if found is not None else ".jpg"
-                found = jpg.with_suffix(fixed_ext)
-        else:
-            found = jpg.with_suffix(fixed_ext)
-        image_paths[image_id] = None if found is None else str(found)
-        return image_paths[image_id]
-
+    records, by_qid, subtype = _read_files(questions, annotations, data_subtype)
+    find_image = _CocoImages(Path(images), subtype, check_images)
     samples: list[Sample] = []
     seen: set[int] = set()
-    for i, q in enumerate(qdata["questions"]):
+    for i, q in enumerate(records):
         if limit is not None and len(samples) >= limit:
             break
-        where = f"{questions}: question {i}"
-        if not (
-            isinstance(q, dict)
-            and _is_int(q.get("question_id"))
-            and _is_int(q.get("image_id"))
-            and isinstance(q.get("question"), str)
-        ):
-            report.bad("bad schema", f"{where}: expected {{image_id: int, question: str, question_id: int}}")
-            continue
-        qid = q["question_id"]
-        where = f"{questions}: question_id {qid}"
-        if qid in seen:
-            report.bad("duplicate id", f"{where}: duplicate question id")
-            continue
-        seen.add(qid)
-        ann = by_qid.get(qid)
+        ann = _annotation_of(q, i, questions, annotations, by_qid, seen, report)
         if ann is None:
-            report.bad("no annotation", f"{where}: no annotation in {annotations}")
             continue
-        answers = ann.get("answers")
-        if not (
-            isinstance(ann.get("multiple_choice_answer"), str)
-            and isinstance(answers, list)
-            and answers
-            and all(isinstance(a, dict) and isinstance(a.get("answer"), str) for a in answers)
-        ):
-            report.bad(
-                "bad schema",
-                f"{annotations}: annotation of question_id {qid}: expected multiple_choice_answer: str and "
-                "answers: [{answer: str, ...}]",
-            )
-            continue
-        if ann.get("image_id", q["image_id"]) != q["image_id"]:
-            report.bad(
-                "bad schema", f"{where}: image_id {q['image_id']} but {ann['image_id']} in {annotations}"
-            )
-            continue
-        human = [a["answer"].strip() for a in answers]
-        if answer_mode == "sample":
-            nonempty = [a for a in human if a]
-            target = pick_answer(nonempty, qid, seed) if nonempty else ""
-        else:
-            target = ann["multiple_choice_answer"].strip()
-        question = strip_image_placeholder(q["question"])
-        if not question or not target:
-            report.bad("bad schema", f"{where}: empty question or answer")
-            continue
-        path = image_path(q["image_id"])
-        if path is None:
-            name = coco_image_name(q["image_id"], subtype, ".jpg")
-            report.bad("missing image", f"{where}: image {folder / name} (or .png) not found")
-            continue
-        samples.append(
-            Sample(
-                id=str(qid),
-                image=path,
-                turns=[Turn("user", question), Turn("assistant", target)],
-                answers=human,
-                question_id=qid,
-                image_id=q["image_id"],
-                answer_type=ann.get("answer_type"),
-                question_type=ann.get("question_type"),
-            )
-        )
+        sample = _sample(q, ann, questions, answer_mode, seed, find_image, report)
+        if sample is not None:
+            samples.append(sample)
     report.loaded = len(samples)
     return samples, report
