@@ -180,7 +180,7 @@ class SFTConfig:
                 f"train.batch_size {t.batch_size} must be a positive multiple of grad_accum {t.grad_accum}"
             )
         check_counts(t)
-        from gpt2mm.config import PRESETS
+        from gpt2mm.presets import PRESETS
 
         if self.model.preset not in PRESETS:
             raise ValueError(f"model.preset must be one of {', '.join(PRESETS)}, got {self.model.preset!r}")
@@ -266,7 +266,7 @@ def replace_earlier_run(out: Path, names: list[str], log) -> None:
 
 def build_model_for_training(cfg: ModelConfig):
     """The model + processor a recipe asks for, with the freezing / LoRA / checkpointing options applied."""
-    from gpt2mm.presets import build_model, load_model
+    from gpt2mm.loading import build_model, load_model
 
     if cfg.init_from:
         model, processor = load_model(cfg.init_from)
