@@ -39,7 +39,7 @@ def make_init(path: Path) -> None:
     import torch
 
     from gpt2mm import MultimodalGPT2Config, MultimodalGPT2ForConditionalGeneration, MultimodalGPT2Processor
-    from gpt2mm.modeling import default_image_processor
+    from gpt2mm.processing import default_image_processor
     from gpt2mm.tokenizer import build_tiny_tokenizer
 
     cfg = MultimodalGPT2Config.from_preset("seed", image_token_id=1)

@@ -44,8 +44,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from gpt2mm import MultimodalGPT2Config, MultimodalGPT2ForConditionalGeneration  # noqa: E402
+from gpt2mm.config import IGNORE_INDEX  # noqa: E402
 from gpt2mm.data.collate import length_grouped_batches, shuffled_batches  # noqa: E402
-from gpt2mm.modeling import IGNORE_INDEX  # noqa: E402
 from gpt2mm.train.config import TrainConfig  # noqa: E402
 
 QUESTIONS_PER_IMAGE = 5

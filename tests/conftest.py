@@ -64,12 +64,10 @@ def backbone_dirs(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def tiny_pair(backbone_dirs):
     """(model, processor) from the real `from_backbones` path, in eval mode."""
-    from gpt2mm import MultimodalGPT2ForConditionalGeneration
+    from gpt2mm.loading import from_backbones
 
     torch.manual_seed(0)
-    model, processor = MultimodalGPT2ForConditionalGeneration.from_backbones(
-        *backbone_dirs, projector_num_heads=4, projector_ffn_dim=64
-    )
+    model, processor = from_backbones(*backbone_dirs, projector_num_heads=4, projector_ffn_dim=64)
     return model.eval(), processor
 
 

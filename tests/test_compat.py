@@ -32,7 +32,7 @@ def world(tmp_path_factory) -> Path:
 
 
 def test_an_earlier_codes_checkpoint_loads_as_a_model():
-    from gpt2mm.presets import load_model  # gpt2mm.loading once merged
+    from gpt2mm.loading import load_model
 
     model, processor = load_model(OLD / "checkpoint-2")
     saved = load_file(str(OLD / "checkpoint-2" / "model.safetensors"))

@@ -91,7 +91,7 @@ def test_merge_matches_peft_and_leaves_the_live_model_alone(trained):
 
 @pytest.mark.parametrize("name", ["checkpoint-4", "best"])
 def test_checkpoint_loads_as_a_plain_model_with_the_live_logits(trained, name):
-    from gpt2mm.presets import load_model
+    from gpt2mm.loading import load_model
 
     run, _, _ = trained
     path = Path(run.cfg.train.output_dir) / name

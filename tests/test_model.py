@@ -10,7 +10,8 @@ from transformers import AutoConfig, AutoModel, AutoProcessor, GPT2LMHeadModel
 
 from conftest import make_image
 from gpt2mm import MultimodalGPT2Config, MultimodalGPT2ForConditionalGeneration, MultimodalGPT2Processor
-from gpt2mm.modeling import IGNORE_INDEX
+from gpt2mm.config import IGNORE_INDEX
+from gpt2mm.loading import from_backbones
 
 
 def reference_gpt2(model: MultimodalGPT2ForConditionalGeneration) -> GPT2LMHeadModel:
@@ -99,7 +100,7 @@ def test_image_tokens_anywhere_and_several_images_per_sample(tiny_pair):
 
 
 def test_replace_fusion_puts_features_in_place_of_embeddings(backbone_dirs):
-    model, processor = MultimodalGPT2ForConditionalGeneration.from_backbones(
+    model, processor = from_backbones(
         *backbone_dirs, fusion="replace", projector_num_heads=4, projector_ffn_dim=64
     )
     model.eval()
@@ -471,3 +472,25 @@ def test_what_cannot_be_loaded_is_one_clear_error(tmp_path, capsys):
     assert e.value.code == 2 and "Traceback" not in err
     assert "preset 'seed': its backbones openai/clip-vit-base-patch32 and openai-community/gpt2-large" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_hidden_states_are_what_the_lm_head_reads(tiny_pair):
+    """The public hidden-states method: the LM head on it gives forward's logits (right padding, where
+    forward's default positions equal those from the mask), and left padding gives the unpadded rows."""
+    model, processor = tiny_pair
+    questions = ["What color is the big circle on the left?", "How many?"]
+    images = [make_image(30), make_image(31)]
+    with torch.no_grad():
+        enc = batch(processor, questions, images, padding_side="right")
+        hidden = model.hidden_states(enc["input_ids"], enc["attention_mask"], enc["pixel_values"])
+        logits = model(**enc).logits
+        mask = enc["attention_mask"].bool()
+        torch.testing.assert_close(model.lm_head(hidden)[mask], logits[mask], rtol=1e-5, atol=1e-5)
+        left = batch(processor, questions, images, padding_side="left")
+        vision = model.get_vision_hidden_states(left["pixel_values"])
+        padded = model.hidden_states(left["input_ids"], left["attention_mask"], vision_hidden_states=vision)
+        for i in range(2):
+            single = batch(processor, [questions[i]], [images[i]])
+            alone = model.hidden_states(single["input_ids"], single["attention_mask"], single["pixel_values"])
+            n = alone.shape[1]
+            torch.testing.assert_close(padded[i, -n:], alone[0], rtol=1e-5, atol=1e-5)

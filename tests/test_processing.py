@@ -13,7 +13,7 @@ from gpt2mm import (
     build_model,
 )
 from gpt2mm.cli import main
-from gpt2mm.modeling import IGNORE_INDEX
+from gpt2mm.config import IGNORE_INDEX
 from gpt2mm.tokenizer import build_tiny_tokenizer
 
 
@@ -89,3 +89,52 @@ def test_init_command_writes_a_loadable_model(tmp_path, capsys):
     with pytest.raises(SystemExit):  # never writes over what is there
         main(["init", "--preset", "tiny", str(out)])
     assert "not an empty directory" in capsys.readouterr().err
+
+
+def test_training_and_serving_encode_a_multi_image_conversation_alike(tiny_processor):
+    """One prompt format: the processor's training encoding of a conversation (several turns, several
+    images per turn) starts with exactly the ids the serving engine feeds the model for its prompt."""
+    from gpt2mm.serve.engine import Engine
+
+    p = tiny_processor
+    model = MultimodalGPT2ForConditionalGeneration(MultimodalGPT2Config.from_preset("tiny"))
+    engine = Engine(model, p, device="cpu")
+    turns = [
+        ("user", "What is in these two?", 2),
+        ("assistant", "two circles", 0),
+        ("user", " And in this one? ", 1),
+        ("assistant", "a red square", 0),
+        ("user", "How many shapes in all?", 0),
+    ]
+    train = p.encode_turns([*turns, ("assistant", "3", 0)])
+    prompt = engine.prepare(turns, [make_image(i) for i in range(3)])
+    assert prompt.num_images == 3
+    assert prompt.input_ids == engine.encode_turns(turns) == p.encode_turns(turns)["input_ids"]
+    n = len(prompt.input_ids)
+    assert train["input_ids"][:n] == prompt.input_ids
+    assert prompt.input_ids.count(p.image_token_id) == 3 * p.num_image_tokens
+    answer = p._tokens(" 3") + [p.tokenizer.eos_token_id]
+    assert train["input_ids"][n:] == train["labels"][n:] == answer
+    kept = [t for t, lab in zip(train["input_ids"][:n], train["labels"][:n]) if lab != IGNORE_INDEX]
+    eos = p.tokenizer.eos_token_id
+    assert kept == p._tokens(" two circles") + [eos] + p._tokens(" a red square") + [eos]
+    # the image only in the first turn: encode_conversation (training) and the engine (serving) agree
+    first_only = [("user", "What color?", 1), ("assistant", "red", 0), ("user", "Why?", 0)]
+    assert engine.encode_turns(first_only) == p.encode_conversation([t[:2] for t in first_only])["input_ids"]
+    # a prompt to answer must end with a question, and a question needs text; training data need not
+    with pytest.raises(ValueError, match="end with a user turn"):
+        engine.encode_turns(turns[:2])
+    with pytest.raises(ValueError, match="turn 2: the question is empty"):
+        engine.encode_turns([*turns[:2], ("user", "  ", 1)])
+    with pytest.raises(ValueError, match="assistant turns cannot hold images"):
+        p.encode_turns([("user", "Hi", 0), ("assistant", "hello", 1)])
+
+
+def test_stop_strings_are_shared_by_postprocessing_and_serving(tiny_processor):
+    from gpt2mm.processing import STOP_STRINGS
+    from gpt2mm.serve.engine import Choice, GenerationRequest, Prompt, SamplingParams, _Row
+
+    request = GenerationRequest(Prompt([0]), SamplingParams(stop=("zz",)))
+    assert _Row(request, Choice(0), 4, ("zz",)).stops == (*STOP_STRINGS, "zz")
+    for stop in STOP_STRINGS:
+        assert tiny_processor.postprocess_answer(f" red{stop}more") == "red"

@@ -244,7 +244,7 @@ def world(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def init_dir(tmp_path_factory) -> Path:
-    from gpt2mm.presets import build_model
+    from gpt2mm.loading import build_model
 
     torch.manual_seed(0)
     model, processor = build_model("tiny", vision_feature_layer=0)
@@ -334,7 +334,7 @@ def test_ppo_trains_the_policy_keeps_vision_and_reference_and_resumes_exactly(
     for prefix in ("projector.", "language_model.h.0."):
         assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix)), prefix
     # a checkpoint is a plain model for eval / ask / serve, with the value head beside it
-    from gpt2mm.presets import load_model
+    from gpt2mm.loading import load_model
 
     model, _ = load_model(full / "checkpoint-4")
     assert torch.equal(model.projector.linear.weight, after["projector.linear.weight"])

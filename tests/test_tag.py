@@ -464,7 +464,7 @@ def test_reward_model_orders_items_least_sure_first(tmp_path, world, monkeypatch
 
 def test_tag_command_answers_with_the_model_and_resumes(tmp_path, world, model_dir, monkeypatch, capsys):
     from gpt2mm.eval.evaluate import answer_questions
-    from gpt2mm.presets import load_model
+    from gpt2mm.loading import load_model
 
     served = []
     monkeypatch.setattr(
@@ -501,7 +501,7 @@ def test_tag_command_answers_with_the_model_and_resumes(tmp_path, world, model_d
     assert db_tags(db) == {(2, "alice"): "incorrect"}
 
     # Nothing new: the model is not even loaded.
-    monkeypatch.setattr("gpt2mm.presets.load_model", lambda *a, **k: pytest.fail("model loaded on resume"))
+    monkeypatch.setattr("gpt2mm.loading.load_model", lambda *a, **k: pytest.fail("model loaded on resume"))
     assert run_cli([*argv, "--limit", "4"]) == 0
     assert "4 items (nothing new)" in capsys.readouterr().out
 

@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from gpt2mm.cli import main
+from gpt2mm.config import IGNORE_INDEX
 from gpt2mm.data.collate import encode_samples
 from gpt2mm.data.synthetic import DESCRIBE_PROMPT, write_world
-from gpt2mm.modeling import IGNORE_INDEX
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "tiny-synth.yaml"
 
@@ -46,12 +46,10 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_stage1_smoke_moves_trainable_keeps_frozen_and_writes_checkpoints(world, tmp_path, backbone_dirs):
-    from gpt2mm import MultimodalGPT2ForConditionalGeneration
+    from gpt2mm.loading import from_backbones
 
     # start from a model with a frozen vision tower (the seed's set-up), saved like a stage-0 checkpoint
-    model, processor = MultimodalGPT2ForConditionalGeneration.from_backbones(
-        *backbone_dirs, projector_num_heads=4, projector_ffn_dim=64
-    )
+    model, processor = from_backbones(*backbone_dirs, projector_num_heads=4, projector_ffn_dim=64)
     init = tmp_path / "init"
     model.save_pretrained(init)
     processor.save_pretrained(init)

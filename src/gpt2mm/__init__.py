@@ -8,9 +8,10 @@ Importing the package registers the model with `transformers.AutoConfig` / `Auto
 `AutoModelForImageTextToText` / `AutoProcessor`.
 """
 
-from gpt2mm.config import PRESETS, MultimodalGPT2Config
+from gpt2mm.config import MultimodalGPT2Config
+from gpt2mm.loading import build_model, from_backbones, load_model
 from gpt2mm.modeling import MultimodalGPT2ForConditionalGeneration
-from gpt2mm.presets import build_model, load_model
+from gpt2mm.presets import PRESETS
 from gpt2mm.processing import MultimodalGPT2Processor
 
 __version__ = "0.1.0"
@@ -20,5 +21,6 @@ __all__ = [
     "MultimodalGPT2ForConditionalGeneration",
     "MultimodalGPT2Processor",
     "build_model",
+    "from_backbones",
     "load_model",
 ]

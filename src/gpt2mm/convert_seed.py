@@ -135,8 +135,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoConfig, AutoTokenizer, CLIPImageProcessor
 
-    from gpt2mm.modeling import default_image_processor
-    from gpt2mm.processing import MultimodalGPT2Processor
+    from gpt2mm.processing import MultimodalGPT2Processor, default_image_processor
     from gpt2mm.tokenizer import add_image_token
 
     out: Path = args.out_dir

@@ -305,7 +305,7 @@ def run_instruct(out: Path, world: Path, seed: int, minutes: float, init: Path) 
     the assistant turns, for `minutes` of training time. Scores the descriptions of test images (object
     precision / recall / F1 against the scene records) before and after, and the VQA test accuracy after."""
     from gpt2mm.eval.report import description_samples, generate_descriptions, score_descriptions
-    from gpt2mm.presets import load_model
+    from gpt2mm.loading import load_model
     from gpt2mm.train.args import build
     from gpt2mm.train.config import SFTConfig
     from gpt2mm.train.sft import SFTTrainer

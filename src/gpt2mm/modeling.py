@@ -13,7 +13,6 @@ Read top to bottom, it follows the architecture figure:
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -26,15 +25,12 @@ from transformers import (
     CLIPVisionModel,
     GenerationConfig,
     GenerationMixin,
-    GPT2LMHeadModel,
     GPT2Model,
     PreTrainedModel,
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from gpt2mm.config import MultimodalGPT2Config
-
-IGNORE_INDEX = -100
+from gpt2mm.config import IGNORE_INDEX, MultimodalGPT2Config
 
 
 class MultimodalProjector(nn.Module):
@@ -257,6 +253,31 @@ class MultimodalGPT2ForConditionalGeneration(MultimodalGPT2PreTrainedModel, Gene
             return embeds + torch.zeros_like(embeds).masked_scatter(image_mask.unsqueeze(-1), features)
         return embeds.masked_scatter(image_mask.unsqueeze(-1), features)
 
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        vision_hidden_states: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """GPT-2's final hidden states (B, T, C) for a prompt with its images, without the LM head or a cache:
+        what a scalar head (reward, value) or an LM head on chosen positions reads.
+
+        Position ids come from the mask as `generate` gives them (left or right padding alike) unless
+        `position_ids` are given; a float `attention_mask` is an additive bias, e.g. (B, 1, T, T) for
+        packed prefix trees, which then need their own `position_ids`.
+        """
+        embeds = self._embed(input_ids, pixel_values, vision_hidden_states, cache=None)  # (B, T, C)
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
+        if attention_mask.is_floating_point():
+            attention_mask = attention_mask.to(embeds.dtype)
+        out = self.language_model(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        )
+        return out.last_hidden_state  # (B, T, C)
+
     # --- forward -----------------------------------------------------------------------------------------
 
     def forward(
@@ -377,61 +398,6 @@ class MultimodalGPT2ForConditionalGeneration(MultimodalGPT2PreTrainedModel, Gene
         kw.update(images)
         return input_ids, kw
 
-    # --- building from pretrained backbones ----------------------------------------------------------------
-
-    @classmethod
-    def from_backbones(
-        cls,
-        vision: str | os.PathLike,
-        text: str | os.PathLike,
-        tokenizer: Any | None = None,
-        **overrides: Any,
-    ) -> tuple[MultimodalGPT2ForConditionalGeneration, Any]:
-        """Build the model from a pretrained CLIP (vision tower only) and a pretrained GPT-2.
-
-        `vision` / `text` are hub ids or local directories. `<image>` is added to the GPT-2 tokenizer (or
-        to `tokenizer`), the embeddings are resized, and every pretrained weight is copied with an explicit
-        check that the key sets and shapes match. Returns `(model, processor)`.
-        """
-        from transformers import AutoTokenizer, CLIPImageProcessor
-
-        from gpt2mm.processing import MultimodalGPT2Processor
-        from gpt2mm.tokenizer import add_image_token
-
-        clip = CLIPVisionModel.from_pretrained(vision)
-        gpt2 = GPT2LMHeadModel.from_pretrained(text)
-        tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(text)
-        image_token = overrides.get("image_token", "<image>")
-        image_token_id = add_image_token(tokenizer, image_token)
-        vocab_size = max(len(tokenizer), gpt2.config.vocab_size)
-        gpt2.resize_token_embeddings(vocab_size, mean_resizing=True)
-
-        text_config = gpt2.config.to_dict()
-        text_config["vocab_size"] = vocab_size
-        text_config["pad_token_id"] = tokenizer.pad_token_id
-        config = MultimodalGPT2Config(
-            vision_config=clip.config.to_dict(),
-            text_config=text_config,
-            image_token_id=image_token_id,
-            **overrides,
-        )
-        model = cls(config)
-        copy_state(clip, model.vision_tower, "vision tower")
-        copy_state(gpt2.transformer, model.language_model, "GPT-2")
-        model.tie_weights()
-        assert torch.equal(model.lm_head.weight, gpt2.lm_head.weight), "LM head not tied to the embeddings"
-        try:
-            image_processor = CLIPImageProcessor.from_pretrained(vision)
-        except OSError:
-            image_processor = default_image_processor(config)
-        processor = MultimodalGPT2Processor(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            num_image_tokens=config.num_image_tokens,
-            image_token=config.image_token,
-        )
-        return model, processor
-
 
 def right_padded(attention_mask: torch.Tensor, labels: torch.Tensor) -> bool:
     """Whether each row is its tokens then padding (no token after a pad) and no pad has a label."""
@@ -445,26 +411,6 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """The position ids `generate` gives a padded batch: 0, 1, 2, ... over each row's real tokens, 0 on
     padding, so a left-padded row reads as an unpadded one. (B, T) -> (B, T)."""
     return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-
-
-def copy_state(src: nn.Module, dst: nn.Module, what: str) -> None:
-    """Copy a pretrained module's weights, asserting that keys and shapes match one to one (nanoGPT style)."""
-    s, d = src.state_dict(), dst.state_dict()
-    missing, unexpected = sorted(set(d) - set(s)), sorted(set(s) - set(d))
-    if missing or unexpected:
-        raise ValueError(f"{what}: state dicts differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for key, value in s.items():
-        if value.shape != d[key].shape:
-            raise ValueError(f"{what}: {key} has shape {tuple(value.shape)}, expected {tuple(d[key].shape)}")
-    dst.load_state_dict(s, strict=True)
-
-
-def default_image_processor(config: MultimodalGPT2Config):
-    """A CLIP image processor sized for the vision tower (CLIP's normalisation statistics)."""
-    from transformers import CLIPImageProcessor
-
-    size = config.vision_config.image_size
-    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
 # --- the loss ------------------------------------------------------------------------------------------------

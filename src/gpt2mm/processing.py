@@ -1,12 +1,17 @@
-"""MultimodalGPT2Processor: tokenizer + CLIP image processor + the seed's prompt format.
+"""MultimodalGPT2Processor: tokenizer + CLIP image processor + THE prompt format.
 
-The prompt format is the seed's, `Q: <image> {question} A: {answer}<|endoftext|>`, where the single
-`<image>` placeholder is expanded to `num_image_tokens` tokens (the transformers convention for LLaVA-style
+The prompt format is the seed's, `Q: <image> {question} A: {answer}<|endoftext|>`, where each `<image>`
+placeholder is expanded to `num_image_tokens` tokens (the transformers convention for LLaVA-style
 processors). Training labels are -100 everywhere except the answer tokens and the end-of-text token (the
 seed's answer-only loss). Conversations (stage 3) chain the same format turn after turn, so stage 1 and
 stage 3 share it:
 
     Q: <image> {user 1} A: {assistant 1}<|endoftext|>Q: {user 2} A: {assistant 2}<|endoftext|>
+
+`MultimodalGPT2Processor.encode_turns` is the one encoder of that format: training (`encode_conversation`,
+`encode_example`), serving (`gpt2mm.serve.engine.Engine.encode_turns`), PPO's rollout prompts and the reward
+model's inputs all go through it, so their ids agree token for token. `STOP_STRINGS` are what end an answer
+besides end-of-text, for `postprocess_answer` and the serving engine alike.
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ import torch
 from transformers import ProcessorMixin
 from transformers.feature_extraction_utils import BatchFeature
 
-from gpt2mm.modeling import IGNORE_INDEX
+from gpt2mm.config import IGNORE_INDEX, MultimodalGPT2Config
 
 USER_PREFIX = "Q:"
 ASSISTANT_PREFIX = " A:"
+# What ends an answer besides end-of-text: the model starting a new turn, or a blank line.
+STOP_STRINGS = (f"\n{USER_PREFIX}", f" {USER_PREFIX} ", "\n\n")
 
 
 class MultimodalGPT2Processor(ProcessorMixin):
@@ -106,10 +113,45 @@ class MultimodalGPT2Processor(ProcessorMixin):
 
     # --- the seed's prompt format and its labels --------------------------------------------------------
 
-    def format_prompt(self, question: str, with_image: bool = True) -> str:
-        """`Q: <image> {question} A:`: what the model sees before it answers."""
-        image = f" {self.image_token}" if with_image else ""
-        return f"{USER_PREFIX}{image} {question.strip()}{ASSISTANT_PREFIX}"
+    def format_prompt(self, question: str, with_image: bool = True, num_images: int | None = None) -> str:
+        """`Q: <image> {question} A:`: what the model sees before it answers; `num_images` placeholders
+        (default: one if `with_image`), each expanded later by `expand_image_tokens`."""
+        n = int(with_image) if num_images is None else num_images
+        return f"{USER_PREFIX}{f' {self.image_token}' * n} {question.strip()}{ASSISTANT_PREFIX}"
+
+    def encode_turns(
+        self, turns: Sequence[tuple[str, str, int]], generation_prompt: bool = False
+    ) -> dict[str, list[int]]:
+        """THE encoding: (role, text, number of images) turns, user first, alternating -> `input_ids` and
+        `labels` (-100 except on the assistant turns' tokens and their end-of-text).
+
+        A user turn with k images gets k `<image>` runs after `Q:`, in the order of the images. Each part is
+        tokenized on its own, so the label boundaries are exact and a prompt's tokens are the same whether
+        it is encoded alone (to be answered) or with its answer (to be trained on).
+        `generation_prompt`: the conversation is a prompt to answer, so it must end with a user turn and
+        every question needs text (a `ValueError` otherwise: `Q: <image> A:` asks nothing).
+        """
+        ids: list[int] = []
+        labels: list[int] = []
+        for i, (role, text, n_images) in enumerate(turns):
+            expected = "user" if i % 2 == 0 else "assistant"
+            if role != expected:
+                raise ValueError(f"turn {i} has role {role!r}; turns alternate user/assistant, user first")
+            if role == "user":
+                if generation_prompt and not text.strip():
+                    raise ValueError(f"turn {i}: the question is empty")
+                part = self._tokens(self.expand_image_tokens(self.format_prompt(text, num_images=n_images)))
+                ids += part
+                labels += [IGNORE_INDEX] * len(part)
+            else:
+                if n_images:
+                    raise ValueError(f"turn {i}: assistant turns cannot hold images")
+                part = self._tokens(" " + text.strip()) + [self.tokenizer.eos_token_id]
+                ids += part
+                labels += part
+        if generation_prompt and (not turns or turns[-1][0] != "user"):
+            raise ValueError("the conversation must end with a user turn")
+        return {"input_ids": ids, "labels": labels}
 
     def encode_example(self, question: str, answer: str, with_image: bool = True) -> dict[str, list[int]]:
         """One VQA sample: `input_ids` and `labels` (-100 except on the answer tokens and end-of-text)."""
@@ -118,35 +160,17 @@ class MultimodalGPT2Processor(ProcessorMixin):
     def encode_conversation(
         self, turns: Sequence[tuple[str, str]], with_image: bool = True
     ) -> dict[str, list[int]]:
-        """Alternating (role, text) turns, user first -> `input_ids` and `labels` on the assistant turns only.
-
-        The image placeholder goes in the first user turn. Each part is tokenized on its own, so the label
-        boundaries are exact and the prompt tokens equal those that `format_prompt` gives at inference.
-        """
-        ids: list[int] = []
-        labels: list[int] = []
-        eos = self.tokenizer.eos_token_id
-        for i, (role, text) in enumerate(turns):
-            expected = "user" if i % 2 == 0 else "assistant"
-            if role != expected:
-                raise ValueError(f"turn {i} has role {role!r}; turns alternate user/assistant, user first")
-            if role == "user":
-                prompt = self.format_prompt(text, with_image=with_image and i == 0)
-                part = self._tokens(self.expand_image_tokens(prompt))
-                ids += part
-                labels += [IGNORE_INDEX] * len(part)
-            else:
-                part = self._tokens(" " + text.strip()) + [eos]
-                ids += part
-                labels += part
-        return {"input_ids": ids, "labels": labels}
+        """Alternating (role, text) turns, user first -> `input_ids` and `labels` on the assistant turns only
+        (`encode_turns`, with the image, if any, in the first user turn)."""
+        n_images = [int(with_image and i == 0) for i in range(len(turns))]
+        return self.encode_turns([(role, text, n) for (role, text), n in zip(turns, n_images)])
 
     def _tokens(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def postprocess_answer(self, text: str) -> str:
         """A generated continuation -> the answer: up to end-of-text or the next `Q:`, trimmed."""
-        for stop in (self.tokenizer.eos_token, f"\n{USER_PREFIX}", f" {USER_PREFIX} ", "\n\n"):
+        for stop in (self.tokenizer.eos_token, *STOP_STRINGS):
             if stop and stop in text:
                 text = text.split(stop, 1)[0]
         return text.strip()
@@ -163,10 +187,16 @@ def _flatten_images(images: Any) -> list[Any]:
     return [images]
 
 
+def default_image_processor(config: MultimodalGPT2Config):
+    """A CLIP image processor sized for the vision tower (CLIP's normalisation statistics)."""
+    from transformers import CLIPImageProcessor
+
+    size = config.vision_config.image_size
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
 def _register() -> None:
     from transformers import AutoProcessor
-
-    from gpt2mm.config import MultimodalGPT2Config
 
     AutoProcessor.register(MultimodalGPT2Config, MultimodalGPT2Processor, exist_ok=True)
 

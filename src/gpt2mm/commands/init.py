@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gpt2mm.config import PRESETS
 from gpt2mm.errors import UsageError
+from gpt2mm.presets import PRESETS
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +23,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from gpt2mm.presets import build_model
+    from gpt2mm.loading import build_model
 
     out: Path = args.out_dir
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

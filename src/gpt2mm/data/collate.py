@@ -16,7 +16,7 @@ import torch
 
 if TYPE_CHECKING:
     from gpt2mm.data.samples import Sample
-from gpt2mm.modeling import IGNORE_INDEX
+from gpt2mm.config import IGNORE_INDEX
 
 
 @dataclass

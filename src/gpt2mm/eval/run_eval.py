@@ -95,7 +95,7 @@ def check_model_path(name_or_path: str | Path) -> None:
 def load_for_eval(name_or_path: str | Path, device: str) -> tuple[Any, Any]:
     """(model, processor) in eval mode on `device`; a path that is no model becomes a `UsageError`
     (exit code 2) instead of a loader traceback."""
-    from gpt2mm.presets import load_model
+    from gpt2mm.loading import load_model
 
     check_model_path(name_or_path)
     try:

@@ -1,8 +1,8 @@
 """RewardModel: the multimodal model with a scalar head that predicts P(answer is correct).
 
     Q: <image> {question} A: {answer}<|endoftext|>       the stage-1 prompt + answer (`encode_example`)
-      -> token embeddings, image features fused in        (B, T, C)      `model._embed`, as in generation
-      -> GPT-2 (position ids from the attention mask)    (B, T, C)      left or right padding alike
+      -> token embeddings, image features fused in        (B, T, C)      as in generation
+      -> GPT-2 (position ids from the attention mask)    (B, T, C)      `model.hidden_states`; any padding side
       -> hidden state of the last real token              (B, C)         the end-of-text after the answer
       -> Linear(C, 1)                                     (B,)           the logit of P(correct)
       [+ lm_scale * log P_LM(answer + end-of-text | image, question)]    with `lm_prior=True`
@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gpt2mm.modeling import IGNORE_INDEX, position_ids_from_mask
+from gpt2mm.config import IGNORE_INDEX
 
 REWARD_CONFIG = "reward_config.json"
 REWARD_HEAD = "reward_head.safetensors"
@@ -116,7 +116,7 @@ class RewardModel(nn.Module):
     @classmethod
     def from_base(cls, path: str | os.PathLike, lm_prior: bool = False) -> RewardModel:
         """A fresh head on a gpt2mm model directory (a stage-1 checkpoint), with its processor."""
-        from gpt2mm.presets import load_model
+        from gpt2mm.loading import load_model
 
         model, processor = load_model(path)
         return cls(model, processor, lm_prior=lm_prior)
@@ -135,13 +135,7 @@ class RewardModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         vision_hidden_states: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        embeds = self.model._embed(input_ids, pixel_values, vision_hidden_states, cache=None)  # (B, T, C)
-        hidden = self.model.language_model(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False,
-        ).last_hidden_state  # (B, T, C)
+        hidden = self.model.hidden_states(input_ids, attention_mask, pixel_values, vision_hidden_states)
         b, t = input_ids.shape
         last = last_token_index(attention_mask)  # (B,)
         pooled = hidden[torch.arange(b, device=hidden.device), last]  # (B, C)
@@ -172,13 +166,10 @@ class RewardModel(nn.Module):
         the same numbers as `forward` on each answer alone, with each shared prefix (the image, a question
         asked with several answers) computed once. Needs the eager or SDPA attention (a 4D mask).
         `return_parts` (lm_prior only): (head logits, answer log-likelihoods) instead of their sum."""
-        embeds = self.model._embed(input_ids, pixel_values, vision_hidden_states, cache=None)  # (B, T, C)
-        hidden = self.model.language_model(
-            inputs_embeds=embeds,
-            attention_mask=attention_bias.to(embeds.dtype),  # (B, 1, T, T): 0 on a node's ancestors, -inf off
-            position_ids=position_ids,
-            use_cache=False,
-        ).last_hidden_state  # (B, T, C)
+        # attention_bias (B, 1, T, T): 0 on a node's ancestors, -inf off them
+        hidden = self.model.hidden_states(
+            input_ids, attention_bias, pixel_values, vision_hidden_states, position_ids=position_ids
+        )  # (B, T, C)
         flat = hidden.reshape(-1, hidden.shape[-1])  # (B * T, C)
         logits = self.head(flat[read_index]).squeeze(-1).float()  # (N,)
         if not self.lm_prior:
@@ -232,7 +223,7 @@ class RewardModel(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike) -> RewardModel:
         from safetensors.torch import load_file
 
-        from gpt2mm.presets import load_model
+        from gpt2mm.loading import load_model
 
         path = Path(path)
         if not is_reward_dir(path):

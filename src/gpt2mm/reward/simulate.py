@@ -285,7 +285,7 @@ def model_answers_for(
     """A model's greedy answers to the split's questions, and the questions' human answers (for the metric)."""
     from gpt2mm.data.vqa import load_vqa
     from gpt2mm.eval.evaluate import answer_questions
-    from gpt2mm.presets import load_model
+    from gpt2mm.loading import load_model
 
     world = Path(world)
     try:

@@ -38,7 +38,6 @@ import torch
 from torch import nn
 
 from gpt2mm.errors import UsageError
-from gpt2mm.modeling import position_ids_from_mask
 from gpt2mm.rl import core
 from gpt2mm.train.config import TRACKERS_HELP
 
@@ -227,13 +226,7 @@ def answer_logits(
     """Logits (B, N, V) predicting the N answer tokens that follow a `prompt_len`-token (left-padded) prompt,
     as `generate` sampled them (divided by the temperature, `<image>` masked); and the value head's estimate
     (B, N) at the same positions (the state before each answer token)."""
-    embeds = model._embed(input_ids, None, vision_hidden_states, cache=None)
-    hidden = model.language_model(
-        inputs_embeds=embeds,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    ).last_hidden_state
+    hidden = model.hidden_states(input_ids, attention_mask, vision_hidden_states=vision_hidden_states)
     h = hidden[:, prompt_len - 1 : -1]  # (B, N, C)
     logits = model.lm_head(h).float() / temperature
     logits[..., model.config.image_token_id] = float("-inf")
@@ -277,7 +270,7 @@ class PPOTrainer:
         from transformers.utils import logging as hf_logging
 
         from gpt2mm.data.features import PixelStore
-        from gpt2mm.presets import load_model
+        from gpt2mm.loading import load_model
 
         hf_logging.disable_progress_bar()  # ours is the one to watch
         self.cfg = cfg
@@ -408,10 +401,11 @@ class PPOTrainer:
         r = self.cfg.rollout
         samples = [s for s in prompts for _ in range(r.samples_per_prompt)]
         tok = self.processor.tokenizer
-        texts = [
-            self.processor.expand_image_tokens(self.processor.format_prompt(s.turns[0].text)) for s in samples
+        prompts_ids = [
+            self.processor.encode_turns([("user", s.turns[0].text, 1)], generation_prompt=True)["input_ids"]
+            for s in samples
         ]
-        enc = tok(texts, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
+        enc = tok.pad({"input_ids": prompts_ids}, padding=True, padding_side="left", return_tensors="pt")
         ids, am = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
         if self.features is not None:
             vision = torch.stack([self.features(s.image) for s in prompts]).to(self.device)

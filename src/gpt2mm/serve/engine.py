@@ -24,10 +24,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from gpt2mm.processing import ASSISTANT_PREFIX, USER_PREFIX
-
-# What ends an answer besides end-of-text: the model starting a new turn (see postprocess_answer).
-MODEL_STOPS = (f"\n{USER_PREFIX}", f" {USER_PREFIX} ", "\n\n")
+from gpt2mm.processing import STOP_STRINGS
 
 
 @dataclass(frozen=True)
@@ -143,7 +140,7 @@ class Engine:
         compile: bool = False,
     ) -> Engine:
         """Load a model directory or hub id (`gpt2mm.load_model`) for inference."""
-        from gpt2mm.presets import load_model
+        from gpt2mm.loading import load_model
 
         model, processor = load_model(name_or_path, dtype=_DTYPES[dtype])
         return cls(model, processor, device=device, compile=compile)
@@ -159,34 +156,11 @@ class Engine:
     # --- prompts ------------------------------------------------------------------------------------------
 
     def encode_turns(self, turns: Sequence[tuple[str, str, int]]) -> list[int]:
-        """(role, text, number of images) turns, user first, alternating, ending with a user turn -> ids.
-        Every user turn needs text (`ValueError`: the question is empty).
-
-        Equals `processor.encode_conversation(...)["input_ids"]` when the only image is in the first turn;
-        a user turn with k images gets k `<image>` runs after `Q:`, in the order of `pixel_values`.
-        """
-        ids: list[int] = []
-        for i, (role, text, n_images) in enumerate(turns):
-            expected = "user" if i % 2 == 0 else "assistant"
-            if role != expected:
-                raise ValueError(f"turn {i} has role {role!r}; turns alternate user/assistant, user first")
-            if role == "user":
-                if not text.strip():  # the model was trained on questions; `Q: <image> A:` asks nothing
-                    raise ValueError(f"turn {i}: the question is empty")
-                images = f" {self.image_token}" * n_images
-                prompt = f"{USER_PREFIX}{images} {text.strip()}{ASSISTANT_PREFIX}"
-                ids += self._tokens(self.processor.expand_image_tokens(prompt))
-            else:
-                if n_images:
-                    raise ValueError(f"turn {i}: assistant turns cannot hold images")
-                ids += self._tokens(" " + text.strip()) + [self.eos_token_id]
-        if not turns or turns[-1][0] != "user":
-            raise ValueError("the conversation must end with a user turn")
-        return ids
-
-    def _tokens(self, text: str) -> list[int]:
+        """(role, text, number of images) turns, user first, alternating, ending with a user turn -> ids:
+        `processor.encode_turns` as a prompt to answer (a `ValueError` for an empty question), so serving
+        feeds the model exactly the tokens training gave it."""
         with self._tokenizer_lock:
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return self.processor.encode_turns(turns, generation_prompt=True)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:
         with self._tokenizer_lock:
@@ -372,7 +346,7 @@ class _Row:
         self.request = request
         self.choice = choice
         self.limit = limit
-        self.stops = MODEL_STOPS + stops
+        self.stops = STOP_STRINGS + stops
         self.text_ids: list[int] = []  # generated ids without the end-of-text token
         self.sent = ""  # what on_delta was given so far
 

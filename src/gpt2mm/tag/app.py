@@ -490,7 +490,7 @@ def answerer(model_path: str, device: str | None, batch_size: int) -> Callable[[
         import torch
 
         from gpt2mm.eval.evaluate import answer_questions
-        from gpt2mm.presets import load_model
+        from gpt2mm.loading import load_model
 
         if not loaded:
             try:

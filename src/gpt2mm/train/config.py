@@ -197,7 +197,7 @@ class SFTConfig:
             raise ValueError(
                 f"train.batch_size {t.batch_size} must be a positive multiple of grad_accum {t.grad_accum}"
             )
-        from gpt2mm.config import PRESETS
+        from gpt2mm.presets import PRESETS
 
         if self.model.preset not in PRESETS:
             raise ValueError(f"model.preset must be one of {', '.join(PRESETS)}, got {self.model.preset!r}")

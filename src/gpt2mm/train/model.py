@@ -9,7 +9,7 @@ from gpt2mm.train.config import ModelConfig
 
 def build_model_for_training(cfg: ModelConfig):
     """The model + processor a recipe asks for, with the freezing / LoRA / checkpointing options applied."""
-    from gpt2mm.presets import build_model, load_model
+    from gpt2mm.loading import build_model, load_model
 
     if cfg.init_from:
         model, processor = load_model(cfg.init_from)
