@@ -1,4 +1,5 @@
-"""`gpt2mm serve MODEL`: an OpenAI-compatible HTTP API and a web page, with dynamic batching.
+"""`gpt2mm serve MODEL` (the command: `gpt2mm.commands.serve`): an OpenAI-compatible HTTP API and a web
+page, with dynamic batching.
 
     gpt2mm serve ./my-model --port 8000 [--api-key KEY]
     curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' -d '{"messages": [{"role":
