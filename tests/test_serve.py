@@ -495,7 +495,7 @@ def test_the_model_argument_as_given_is_a_served_name_too(engine):
     path as); with --served-model-name, to that name alone."""
     import argparse
 
-    from gpt2mm.serve.api import configure, settings_from_args
+    from gpt2mm.commands.serve import configure, settings_from_args
 
     parser = argparse.ArgumentParser()
     configure(parser)

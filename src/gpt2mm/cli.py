@@ -18,19 +18,22 @@ from gpt2mm.errors import DataError, UsageError
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "init": ("gpt2mm.commands.init", "write a ready-to-load random model + processor from a preset"),
-    "convert-seed": ("gpt2mm.convert_seed", "convert a state dict saved by the seed's code"),
+    "convert-seed": ("gpt2mm.commands.convert_seed", "convert a state dict saved by the seed's code"),
     "train": ("gpt2mm.commands.train", "stages 1 and 3: answer-only fine-tuning from a YAML recipe"),
     "ppo": ("gpt2mm.rl.ppo", "stage 2: PPO (or RLOO / GRPO) on answer correctness"),
-    "tag": ("gpt2mm.tag.app", "a web page to tag model answers correct / incorrect; `tag export`"),
+    "tag": ("gpt2mm.commands.tag", "a web page to tag model answers correct / incorrect; `tag export`"),
     "reward": ("gpt2mm.reward.train", "`reward train`: a reward model predicting P(correct) from tags"),
-    "plot": ("gpt2mm.train.plot", "plot a run's loss and accuracy curves to a PNG"),
+    "plot": ("gpt2mm.commands.plot", "plot a run's loss and accuracy curves to a PNG"),
     "demo": ("gpt2mm.demo", "the offline demo: synthetic world, tiny model, train, evaluate, summary"),
     "synth": ("gpt2mm.commands.synth", "render the synthetic shapes world (VQA v2 + LLaVA formats)"),
-    "vqa-score": ("gpt2mm.eval.score", "score VQA results with the official VQA v2 accuracy"),
-    "eval": ("gpt2mm.eval.run_eval", "answer a VQA v2 split with a model and score it (official accuracy)"),
-    "report": ("gpt2mm.eval.report", "compare checkpoints on VQA accuracy and description F1 in one table"),
-    "ask": ("gpt2mm.serve.ask", "answer a question about an image on the command line"),
-    "serve": ("gpt2mm.serve.api", "serve an OpenAI-compatible chat API and a web page, with batching"),
+    "vqa-score": ("gpt2mm.commands.vqa_score", "score VQA results with the official VQA v2 accuracy"),
+    "eval": ("gpt2mm.commands.eval", "answer a VQA v2 split with a model and score it (official accuracy)"),
+    "report": (
+        "gpt2mm.commands.report",
+        "compare checkpoints on VQA accuracy and description F1 in one table",
+    ),
+    "ask": ("gpt2mm.commands.ask", "answer a question about an image on the command line"),
+    "serve": ("gpt2mm.commands.serve", "serve an OpenAI-compatible chat API and a web page, with batching"),
 }
 
 

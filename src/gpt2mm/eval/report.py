@@ -1,28 +1,15 @@
-"""`gpt2mm report`: one table comparing checkpoints (e.g. after stages 1, 2 and 3) on the same data.
+"""The pieces of `gpt2mm report` (the command is `gpt2mm.commands.report`): which model a RUN_OR_MODEL
+argument means, row labels, free descriptions of a synthetic world's images and their scores, one row of
+scores per checkpoint, and the table as Markdown and as a bar chart.
 
-    gpt2mm report runs/stage1 runs/stage2 runs/stage3 --questions test_questions.json \\
-        --annotations test_annotations.json --images images/test [--limit N] \\
-        [--world data/synth --split test] [--out report.md --png report.png] [--json report.json]
-
-Each argument is a training RUN directory (holding `best/` and/or `checkpoint-N/` model directories: its
-`best/` is used when present, else its last checkpoint), a saved MODEL directory (used as is) or a hub id.
-Rows are labelled by the argument's own name (`stage2`), so the table reads as the list typed.
-
-Columns: the official VQA accuracy (overall and per answer type, the `evaluate` numbers `gpt2mm eval` and
-`gpt2mm vqa-score` print for the same answers) and, with `--world` (a synthetic world written by
-`gpt2mm synth`), the mean precision / recall / F1 of a free description of each image of the split
-(prompt `DESCRIBE_PROMPT`, greedy, scored by `score_description` against the scene records). Both matter:
-a later stage that improves descriptions but breaks short answers (or the reverse) shows up in one table.
-`--limit N` caps both the questions (the first N) and the described images (the first N scenes).
-`--skip-bad` skips (and counts) questions the loader refuses and those about an unreadable image, as
-`gpt2mm eval --skip-bad` does, and leaves unreadable images out of the descriptions; the caption says how
-many were skipped. `--out`, `--png` and `--json` may not name an input file (nor each other).
+A row holds the official VQA accuracy (the `evaluate` numbers `gpt2mm eval` and `gpt2mm vqa-score` print
+for the same answers) and, given a world, the mean precision / recall / F1 of a description of each image
+(prompt `DESCRIBE_PROMPT`, greedy, scored by `score_description` against the scene records): a later stage
+that improves descriptions but breaks short answers (or the reverse) shows up in one table.
 """
 
 from __future__ import annotations
 
-import argparse
-import gc
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,49 +18,11 @@ from typing import Any
 from gpt2mm.errors import UsageError
 from gpt2mm.eval.run_eval import (
     answer_and_score,
-    check_outputs,
-    load_for_eval,
-    load_questions_and_samples,
-    pick_device,
-    skipped_reasons,
     unreadable_images,
 )
-from gpt2mm.eval.vqa_files import write_json
 
 DESCRIBE_MAX_NEW_TOKENS = 96
 DESCRIPTION_KEYS = ("precision", "recall", "f1")
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    """Checkpoints to compare, the VQA split, the optional synthetic world, and the outputs."""
-    parser.add_argument(
-        "models", nargs="+", metavar="RUN_OR_MODEL", help="training run dirs, model dirs or hub ids"
-    )
-    parser.add_argument("--questions", required=True, type=Path, help="official VQA v2 questions JSON")
-    parser.add_argument("--annotations", required=True, type=Path, help="official VQA v2 annotations JSON")
-    parser.add_argument("--images", required=True, type=Path, help="the split's image folder")
-    parser.add_argument(
-        "--limit", type=int, default=None, help="first N questions (and first N images with --world)"
-    )
-    parser.add_argument("--world", type=Path, default=None, help="a synthetic world: add description F1")
-    parser.add_argument("--split", default="test", help="the world's split to describe (default test)")
-    parser.add_argument("--batch-size", type=int, default=64, help="questions per generation batch")
-    parser.add_argument("--max-new-tokens", type=int, default=8, help="longest VQA answer, in tokens")
-    parser.add_argument(
-        "--describe-max-new-tokens",
-        type=int,
-        default=DESCRIBE_MAX_NEW_TOKENS,
-        help=f"longest description, in tokens (default {DESCRIBE_MAX_NEW_TOKENS})",
-    )
-    parser.add_argument("--out", type=Path, default=None, help="write the Markdown table here")
-    parser.add_argument("--png", type=Path, default=None, help="write a bar chart here (needs matplotlib)")
-    parser.add_argument(
-        "--json", dest="json_out", type=Path, default=None, metavar="OUT", help="write all numbers here"
-    )
-    parser.add_argument(
-        "--skip-bad", action="store_true", help="skip (and count) questions the loader refuses"
-    )
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 
 def _step(p: Path) -> int:
@@ -286,70 +235,3 @@ def evaluate_checkpoint(
         row["description"] = score_descriptions(texts, scenes)
         row["description_examples"] = texts[:3]
     return row
-
-
-def run(args: argparse.Namespace) -> int:
-    """Resolve every checkpoint first (a typo fails before any generation), then evaluate each in turn."""
-    if args.batch_size < 1 or args.max_new_tokens < 1 or args.describe_max_new_tokens < 1:
-        raise UsageError("--batch-size and the --*max-new-tokens must be at least 1")
-    if args.png is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise UsageError("--png needs matplotlib: pip install 'gpt2-multimodal[plot]'") from None
-    check_outputs(
-        [("--out", args.out), ("--png", args.png), ("--json", args.json_out)],
-        [("--questions", args.questions), ("--annotations", args.annotations)],
-    )
-    targets = [resolve_checkpoint(m) for m in args.models]
-    labels = labels_for(args.models)
-    device = pick_device(args.device)
-    samples, questions, annotations, load_report = load_questions_and_samples(
-        args.questions, args.annotations, args.images, limit=args.limit, skip_bad=args.skip_bad, progress=True
-    )
-    print(load_report.summary())
-    if load_report.examples:
-        print(f"  e.g. {load_report.examples[0]}")
-    describe = None
-    if args.world is not None:
-        describe = description_samples(args.world, args.split, args.limit, skip_bad=args.skip_bad)
-
-    rows = []
-    for label, target in zip(labels, targets):
-        print(f"== {label}: {target}")
-        model, processor = load_for_eval(target, device)
-        row = evaluate_checkpoint(
-            model,
-            processor,
-            (samples, questions, annotations),
-            describe,
-            args.batch_size,
-            args.max_new_tokens,
-            args.describe_max_new_tokens,
-        )
-        rows.append({"label": label, "model": str(target), **row})
-        del model, processor
-        gc.collect()
-
-    caption = f"VQA accuracy (%) on {args.questions.name}: {len(samples)} questions"
-    if load_report.num_skipped:
-        caption += f" ({load_report.num_skipped} skipped: {skipped_reasons(load_report)})"
-    if describe is not None:
-        caption += f"; descriptions (%) of {len(describe[1])} {args.split} images of {args.world.name}"
-    table = format_markdown(rows, caption)
-    print()
-    print(table, end="")
-    if args.out is not None:
-        try:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(table, encoding="utf-8")
-        except OSError as e:
-            raise UsageError(f"--out {args.out}: cannot write ({e})") from None
-        print(f"wrote {args.out}")
-    if args.png is not None:
-        write_png(rows, args.png, title=caption)
-        print(f"wrote {args.png}")
-    if args.json_out is not None:
-        write_json(args.json_out, rows, "--json")
-        print(f"wrote {args.json_out}")
-    return 0

@@ -1,29 +1,16 @@
-"""`gpt2mm eval`: answer a VQA v2 split with a model and score the answers with the official metric.
+"""The pieces of `gpt2mm eval` (and of `gpt2mm report`, which shares them): load a model for
+evaluation, load a VQA v2 split restricted to the questions answered, answer and score with the official
+metric, and refuse outputs that would overwrite an input. The command itself is `gpt2mm.commands.eval`.
 
-    gpt2mm eval runs/stage3/best --questions val_questions.json --annotations val_annotations.json \\
-        --images val2014/ [--limit 1000] [--batch-size 64] [--max-new-tokens 8] \\
-        [--out results.json] [--json scores.json] [--skip-bad] [--device cuda]
-
-The model (a saved directory or a hub id) answers each question greedily, in batches with left padding
-(`gpt2mm.eval.evaluate.answer_questions`, the code path of training-time evaluation). Each answer is
-post-processed as `MultimodalGPT2Processor.postprocess_answer` documents: the generated text is cut at the
-first end-of-text token (or a new `Q:` turn, or a blank line) and stripped; nothing else is changed, since
-the official metric does its own normalization (punctuation, number words, articles, case).
-
-The answers are written in the official results format (`[{"question_id", "answer"}]`, `--out`) and scored
-by the very `evaluate` function of `gpt2mm vqa-score`, so the two commands print the same numbers for the
-same results. With `--limit N` (the first N questions of the file) or `--skip-bad` (questions the loader
-refuses are counted and skipped), the official questions and annotations are restricted to the answered
-question ids, so the official coverage check (the results answer exactly the question set) still holds.
-`--skip-bad` decodes every image once before answering (as `gpt2mm train --data.skip_bad true` does): the
-questions about an unreadable image are skipped and counted too, and the scores are over the rest. The
-report is vqa-score's, followed by the throughput (questions per second of generation) and, when questions
-were skipped, how many. `--out` and `--json` may not name an input file (nor each other).
+Answers are greedy, in batches with left padding (`gpt2mm.eval.evaluate.answer_questions`, the code path
+of training-time evaluation), and are scored by the very `evaluate` function of `gpt2mm vqa-score`, so the
+commands print the same numbers for the same results. When only some questions are answered (`--limit`,
+`--skip-bad`), the official questions and annotations are restricted to the answered question ids, so the
+official coverage check (the results answer exactly the question set) still holds.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from collections.abc import Sequence
@@ -31,55 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from gpt2mm.errors import DataError, UsageError
-from gpt2mm.eval.vqa_files import write_json
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    """The model, the three official inputs, and where to write results and scores."""
-    parser.add_argument("model", help="a saved model directory (config.json + processor) or a hub id")
-    parser.add_argument("--questions", required=True, type=Path, help="official VQA v2 questions JSON")
-    parser.add_argument("--annotations", required=True, type=Path, help="official VQA v2 annotations JSON")
-    parser.add_argument("--images", required=True, type=Path, help="the split's image folder")
-    parser.add_argument("--limit", type=int, default=None, help="answer only the first N questions")
-    parser.add_argument("--batch-size", type=int, default=64, help="questions per generation batch")
-    parser.add_argument("--max-new-tokens", type=int, default=8, help="longest answer, in tokens")
-    parser.add_argument(
-        "--out", type=Path, default=None, help='write the answers here: [{"question_id", "answer"}, ...]'
-    )
-    parser.add_argument(
-        "--json", dest="json_out", type=Path, default=None, metavar="OUT", help="write the scores here"
-    )
-    parser.add_argument(
-        "--skip-bad", action="store_true", help="skip (and count) questions the loader refuses"
-    )
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-
-
-def pick_device(device: str | None) -> str:
-    """The requested device, else cuda when there is one: evaluation on CPU is slow but must work. A name
-    torch does not know, or a device this machine lacks, is a `UsageError` naming `--device` (one check for
-    `eval`, `report`, `ask` and `serve`)."""
-    import torch
-
-    if not device:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise UsageError(
-            f"--device {device}: not a device name (expected cpu, cuda, cuda:N or mps)"
-        ) from None
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {device}: CUDA is not available on this machine")
-        count = torch.cuda.device_count()
-        if parsed.index is not None and parsed.index >= count:
-            raise UsageError(
-                f"--device {device}: this machine has {count} CUDA device(s): cuda:0 to cuda:{count - 1}"
-            )
-    if parsed.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {device}: MPS is not available on this machine")
-    return device
 
 
 def check_model_path(name_or_path: str | Path) -> None:
@@ -265,68 +203,6 @@ def answer_and_score(
     except DataError as e:
         raise UsageError(str(e)) from None
     return results, scores, seconds
-
-
-def run(args: argparse.Namespace) -> int:
-    """Load, answer, write the results, score with vqa-score's `evaluate`, print vqa-score's report."""
-    from gpt2mm.eval.score import format_report
-
-    if args.batch_size < 1 or args.max_new_tokens < 1:
-        raise UsageError("--batch-size and --max-new-tokens must be at least 1")
-    check_outputs(
-        [("--out", args.out), ("--json", args.json_out)],
-        [("--questions", args.questions), ("--annotations", args.annotations)],
-    )
-    device = pick_device(args.device)
-    check_model_path(args.model)
-    samples, questions, annotations, report = load_questions_and_samples(
-        args.questions,
-        args.annotations,
-        args.images,
-        limit=args.limit,
-        skip_bad=args.skip_bad,
-        progress=True,
-    )
-    print(report.summary())
-    if report.examples:
-        print(f"  e.g. {report.examples[0]}")
-    model, processor = load_for_eval(args.model, device)
-    results_name = str(args.out) if args.out is not None else "results"
-    results, scores, seconds = answer_and_score(
-        model,
-        processor,
-        samples,
-        questions,
-        annotations,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        progress=True,
-        names=(str(args.questions), str(args.annotations), results_name),
-    )
-    if args.out is not None:
-        write_json(args.out, results, "--out")
-    n = len(results)
-    qps = n / seconds if seconds > 0 else float("inf")
-    print(format_report(scores, annotations))
-    print(f"\nthroughput: {n} questions in {seconds:.1f}s = {qps:.1f} questions/s ({device})")
-    if report.num_skipped:
-        print(skipped_line(report, n))
-    if args.out is not None:
-        print(f"wrote {args.out}")
-    if args.json_out is not None:
-        meta = {
-            "model": str(args.model),
-            "questions": n,
-            "seconds": seconds,
-            "questions_per_second": qps,
-            "device": device,
-            "batch_size": args.batch_size,
-            "max_new_tokens": args.max_new_tokens,
-            "skipped": dict(report.skipped),
-        }
-        write_json(args.json_out, {**scores, "eval": meta}, "--json")
-        print(f"wrote {args.json_out}")
-    return 0
 
 
 def skipped_line(report: Any, scored: int) -> str:

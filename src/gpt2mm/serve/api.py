@@ -1,4 +1,5 @@
-"""`gpt2mm serve MODEL`: an OpenAI-compatible HTTP API and a web page, with dynamic batching.
+"""`gpt2mm serve MODEL` (the command: `gpt2mm.commands.serve`): an OpenAI-compatible HTTP API and a web
+page, with dynamic batching.
 
     gpt2mm serve ./my-model --port 8000 [--api-key KEY]
     curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' -d '{"messages": [{"role":
@@ -27,13 +28,11 @@ is 503 with `Retry-After`.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import binascii
 import json
 import logging
-import os
 import posixpath
 import secrets
 import time
@@ -44,14 +43,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-from gpt2mm.errors import DataError, UsageError
+from gpt2mm.errors import DataError
 from gpt2mm.serve.batching import Batcher, QueueFull
-from gpt2mm.serve.engine import Engine, GenerationRequest, SamplingParams, add_engine_arguments
+from gpt2mm.serve.engine import Engine, GenerationRequest, SamplingParams
 
-try:  # optional: `pip install 'gpt2-multimodal[serve]'` (run() says so when they are missing)
+try:  # optional: `pip install 'gpt2-multimodal[serve]'` (`gpt2mm serve` says so when they are missing)
     from fastapi import FastAPI, Request
+    from fastapi.responses import HTMLResponse, JSONResponse
 except ImportError:  # pragma: no cover
-    FastAPI = Request = None  # type: ignore[assignment,misc]
+    FastAPI = Request = HTMLResponse = JSONResponse = None  # type: ignore[assignment,misc]
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -211,14 +211,11 @@ def _local_path(url: str, allowed: Sequence[Path]) -> Path | None:
 
 
 def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAPI:
-    """The FastAPI app: routes, error handlers and the batcher (its worker starts with the first request)."""
+    """The FastAPI app: routes, error handlers and the batcher (its worker starts with the first request).
+
+    The handlers are the module's functions below; they find the engine, the settings and the batcher on
+    `app.state`, so one app's state never leaks into another's."""
     from contextlib import asynccontextmanager
-
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
-    from gpt2mm.serve.schema import APIError, error_body, messages_to_turns, parse_request
 
     settings = settings or ServerSettings()
     batcher = Batcher(
@@ -238,222 +235,291 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     app.state.engine = engine
     app.state.batcher = batcher
     app.state.settings = settings
+    add_error_handlers(app)
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/", index, methods=["GET"], response_class=HTMLResponse)
+    app.add_api_route("/v1/models", models, methods=["GET"])
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    return app
 
-    def error_response(e: APIError) -> JSONResponse:
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error as an OpenAI-shaped body (`gpt2mm.serve.schema.error_body`), never a bare 500 page:
+    ours (`APIError`), routing (404, 405), request validation (400) and anything unexpected (500, logged)."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from gpt2mm.serve.schema import APIError, error_body
+
+    async def api_error(request: Request, e: APIError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, e: APIError) -> JSONResponse:
-        return error_response(e)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         return JSONResponse(
             error_body(str(e.detail), kind), status_code=e.status_code, headers=getattr(e, "headers", None)
         )
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
         return JSONResponse(error_body("invalid request", "invalid_request_error"), status_code=400)
 
-    @app.exception_handler(Exception)
-    async def _server_error(request: Request, e: Exception) -> JSONResponse:
+    async def server_error(request: Request, e: Exception) -> JSONResponse:
         log.exception("unexpected error")
         return JSONResponse(error_body("internal server error", "server_error"), status_code=500)
 
-    def check_auth(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(
-            token.strip().encode(), settings.api_key.encode()
-        ):
-            raise APIError(
-                401,
-                "missing or incorrect API key: send `Authorization: Bearer KEY`",
-                type="authentication_error",
-                code="invalid_api_key",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, server_error)
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": settings.model_name, "queue": batcher.queue_size}
 
-    @app.get("/", response_class=HTMLResponse)
-    async def index() -> HTMLResponse:
-        from importlib.resources import files
+def check_auth(request: Request, settings: ServerSettings) -> None:
+    """With `--api-key`, a 401 unless the request sends `Authorization: Bearer KEY` (compared in constant
+    time)."""
+    from gpt2mm.serve.schema import APIError
 
-        return HTMLResponse((files("gpt2mm.serve") / "web" / "index.html").read_text(encoding="utf-8"))
-
-    @app.get("/v1/models")
-    async def models(request: Request) -> dict[str, Any]:
-        check_auth(request)
-        return {
-            "object": "list",
-            "data": [{"id": settings.model_name, "object": "model", "created": 0, "owned_by": "gpt2mm"}],
-        }
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Any:
-        check_auth(request)
-        body = await read_body(request, settings.max_body_bytes)
-        try:
-            data = json.loads(body, parse_constant=_reject_constant)
-        except (ValueError, RecursionError) as e:
-            raise APIError(400, f"the body is not valid JSON: {e}"[:500], code="invalid_json") from None
-        chat = parse_request(data)
-        if chat.model is not None and chat.model not in (settings.model_name, *settings.model_aliases):
-            raise APIError(
-                404,
-                f"The model `{chat.model}` does not exist: this server serves `{settings.model_name}` "
-                "(send it as `model`, or leave `model` out)",
-                param="model",
-                code="model_not_found",
-            )
-        gen = await asyncio.to_thread(build_request, chat)
-        prompt_tokens = len(gen.prompt.input_ids)
-        events: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-
-        def put(event: tuple[Any, ...]) -> None:
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the loop is gone: the client went away with it
-                gen.cancelled.set()
-
-        if chat.stream:
-            gen.on_delta = lambda i, text: put(("delta", i, text))
-        gen.on_done = lambda r: put(("done",))
-        try:
-            batcher.submit(gen)
-        except QueueFull:
-            raise APIError(
-                503,
-                "the server is busy: too many requests are waiting; retry shortly",
-                type="server_error",
-                code="queue_full",
-                headers={"Retry-After": str(settings.retry_after_s)},
-            ) from None
-        meta = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=settings.model_name)
-        if chat.stream:
-            include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-            return StreamingResponse(
-                stream_events(gen, events, meta, prompt_tokens, include_usage),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
-        try:
-            await events.get()
-        finally:
-            gen.cancelled.set()  # a no-op when finished; stops the rows when the client went away
-        if gen.error is not None:
-            log.error("generation failed: %r", gen.error)
-            raise APIError(500, "generation failed", type="server_error")
-        return {
-            **meta,
-            "object": "chat.completion",
-            "choices": [
-                {
-                    "index": c.index,
-                    "message": {"role": "assistant", "content": c.text},
-                    "logprobs": None,
-                    "finish_reason": c.finish_reason,
-                }
-                for c in gen.choices
-            ],
-            "usage": usage(prompt_tokens, gen.completion_tokens),
-            "system_fingerprint": None,
-        }
-
-    def build_request(chat: ChatRequest) -> GenerationRequest:
-        """Validated request -> prompt ids, pixel values, sampling settings (runs in a thread: it decodes
-        images and tokenizes)."""
-        turns, urls = messages_to_turns(chat.messages)
-        if len(urls) > settings.max_images:
-            raise APIError(
-                400,
-                f"{len(urls)} images in the request; this server takes at most {settings.max_images}",
-                param="messages",
-                code="too_many_images",
-            )
-        max_n = min(settings.max_n, settings.max_batch_size)  # the n choices of a request share a batch
-        if chat.n > max_n:
-            raise APIError(400, f"n must be at most {max_n}", param="n", code="invalid_value")
-        wanted = chat.max_completion_tokens or chat.max_tokens or settings.default_max_tokens
-        if wanted > settings.max_tokens_limit:
-            raise APIError(
-                400,
-                f"max_tokens must be at most {settings.max_tokens_limit}",
-                param="max_tokens",
-                code="invalid_value",
-            )
-        stops = chat.stop_strings()
-        # Cheap bound before tokenizing a huge text: no token holds 32 characters.
-        chars = sum(len(t) for _, t, _ in turns)
-        if chars > 32 * engine.context_length:
-            raise_too_long(None)
-        images = [load_image_url(url, settings, param) for url, param in urls]
-        prompt = engine.prepare(turns, images)
-        if len(prompt.input_ids) >= engine.context_length:
-            raise_too_long(len(prompt.input_ids))
-        temperature = settings.default_temperature if chat.temperature is None else chat.temperature
-        params = SamplingParams(
-            max_new_tokens=wanted,
-            temperature=float(temperature),
-            top_p=1.0 if chat.top_p is None else float(chat.top_p),
-            n=chat.n,
-            stop=stops,
-            seed=chat.seed,
-        )
-        return GenerationRequest(prompt, params)
-
-    def raise_too_long(n_tokens: int | None) -> None:
-        size = f"{n_tokens} tokens" if n_tokens is not None else "too long"
+    if settings.api_key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(
+        token.strip().encode(), settings.api_key.encode()
+    ):
         raise APIError(
-            400,
-            f"the prompt is {size}; the model's context is {engine.context_length} tokens including the answer"
-            f" (each image takes {engine.num_image_tokens})",
-            param="messages",
-            code="context_length_exceeded",
+            401,
+            "missing or incorrect API key: send `Authorization: Bearer KEY`",
+            type="authentication_error",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
         )
 
-    async def stream_events(
-        gen: GenerationRequest,
-        events: asyncio.Queue[tuple[Any, ...]],
-        meta: dict[str, Any],
-        prompt_tokens: int,
-        include_usage: bool,
-    ) -> AsyncIterator[str]:
-        def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-            payload = {**meta, "object": "chat.completion.chunk", "choices": choices, **extra}
-            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
-        def choice(i: int, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-            return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+# --- the routes ---------------------------------------------------------------------------------------------
 
+
+async def health(request: Request) -> dict[str, Any]:
+    """`GET /health`: up, which model, how many requests wait (no key needed: for load balancers)."""
+    state = request.app.state
+    return {"status": "ok", "model": state.settings.model_name, "queue": state.batcher.queue_size}
+
+
+async def index() -> HTMLResponse:
+    """`GET /`: the chat page, which calls `/v1/chat/completions` like any client."""
+    from importlib.resources import files
+
+    return HTMLResponse((files("gpt2mm.serve") / "web" / "index.html").read_text(encoding="utf-8"))
+
+
+async def models(request: Request) -> dict[str, Any]:
+    """`GET /v1/models`: the one served model, as OpenAI lists models."""
+    settings = request.app.state.settings
+    check_auth(request, settings)
+    return {
+        "object": "list",
+        "data": [{"id": settings.model_name, "object": "model", "created": 0, "owned_by": "gpt2mm"}],
+    }
+
+
+async def chat_completions(request: Request) -> Any:
+    """`POST /v1/chat/completions`: check, prepare the prompt (in a thread), queue it for the batcher, then
+    answer with the whole completion or stream it as server-sent events."""
+    from fastapi.responses import StreamingResponse
+
+    from gpt2mm.serve.schema import APIError
+
+    state = request.app.state
+    settings: ServerSettings = state.settings
+    check_auth(request, settings)
+    chat = await read_chat(request, settings)
+    gen = await asyncio.to_thread(build_request, chat, state.engine, settings)
+    prompt_tokens = len(gen.prompt.input_ids)
+    events = submit(gen, state.batcher, settings, stream=chat.stream)
+    meta = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=settings.model_name)
+    if chat.stream:
+        include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+        return StreamingResponse(
+            stream_events(gen, events, meta, prompt_tokens, include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    try:
+        await events.get()
+    finally:
+        gen.cancelled.set()  # a no-op when finished; stops the rows when the client went away
+    if gen.error is not None:
+        log.error("generation failed: %r", gen.error)
+        raise APIError(500, "generation failed", type="server_error")
+    return completion(meta, gen, prompt_tokens)
+
+
+async def read_chat(request: Request, settings: ServerSettings) -> ChatRequest:
+    """The body as a validated `ChatRequest` for the served model: 413 over the size limit, 400 for bad JSON
+    or fields, 404 `model_not_found` for another model's name."""
+    from gpt2mm.serve.schema import APIError, parse_request
+
+    body = await read_body(request, settings.max_body_bytes)
+    try:
+        data = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:
+        raise APIError(400, f"the body is not valid JSON: {e}"[:500], code="invalid_json") from None
+    chat = parse_request(data)
+    if chat.model is not None and chat.model not in (settings.model_name, *settings.model_aliases):
+        raise APIError(
+            404,
+            f"The model `{chat.model}` does not exist: this server serves `{settings.model_name}` "
+            "(send it as `model`, or leave `model` out)",
+            param="model",
+            code="model_not_found",
+        )
+    return chat
+
+
+def submit(
+    gen: GenerationRequest, batcher: Batcher, settings: ServerSettings, stream: bool
+) -> asyncio.Queue[tuple[Any, ...]]:
+    """Queue `gen` for the batcher; its deltas (when streamed) and its end arrive on the returned queue, on
+    this event loop. A full queue is a 503 with `Retry-After`."""
+    from gpt2mm.serve.schema import APIError
+
+    events: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+
+    def put(event: tuple[Any, ...]) -> None:
         try:
-            yield chunk([choice(i, {"role": "assistant", "content": ""}) for i in range(gen.params.n)])
-            while True:
-                event = await events.get()
-                if event[0] == "delta":
-                    yield chunk([choice(event[1], {"content": event[2]})])
-                    continue
-                break
-            if gen.error is not None:
-                log.error("generation failed: %r", gen.error)
-                yield f"data: {json.dumps(error_body('generation failed', 'server_error'))}\n\n"
-            else:
-                yield chunk([choice(c.index, {}, c.finish_reason) for c in gen.choices])
-                if include_usage:
-                    yield chunk([], usage=usage(prompt_tokens, gen.completion_tokens))
-            yield "data: [DONE]\n\n"
-        finally:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:  # the loop is gone: the client went away with it
             gen.cancelled.set()
 
-    return app
+    if stream:
+        gen.on_delta = lambda i, text: put(("delta", i, text))
+    gen.on_done = lambda r: put(("done",))
+    try:
+        batcher.submit(gen)
+    except QueueFull:
+        raise APIError(
+            503,
+            "the server is busy: too many requests are waiting; retry shortly",
+            type="server_error",
+            code="queue_full",
+            headers={"Retry-After": str(settings.retry_after_s)},
+        ) from None
+    return events
+
+
+def completion(meta: dict[str, Any], gen: GenerationRequest, prompt_tokens: int) -> dict[str, Any]:
+    """A finished request as an OpenAI `chat.completion` object."""
+    return {
+        **meta,
+        "object": "chat.completion",
+        "choices": [
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": None,
+                "finish_reason": c.finish_reason,
+            }
+            for c in gen.choices
+        ],
+        "usage": usage(prompt_tokens, gen.completion_tokens),
+        "system_fingerprint": None,
+    }
+
+
+def build_request(chat: ChatRequest, engine: Engine, settings: ServerSettings) -> GenerationRequest:
+    """Validated request -> prompt ids, pixel values, sampling settings (runs in a thread: it decodes
+    images and tokenizes)."""
+    from gpt2mm.serve.schema import APIError, messages_to_turns
+
+    turns, urls = messages_to_turns(chat.messages)
+    if len(urls) > settings.max_images:
+        raise APIError(
+            400,
+            f"{len(urls)} images in the request; this server takes at most {settings.max_images}",
+            param="messages",
+            code="too_many_images",
+        )
+    max_n = min(settings.max_n, settings.max_batch_size)  # the n choices of a request share a batch
+    if chat.n > max_n:
+        raise APIError(400, f"n must be at most {max_n}", param="n", code="invalid_value")
+    wanted = chat.max_completion_tokens or chat.max_tokens or settings.default_max_tokens
+    if wanted > settings.max_tokens_limit:
+        raise APIError(
+            400,
+            f"max_tokens must be at most {settings.max_tokens_limit}",
+            param="max_tokens",
+            code="invalid_value",
+        )
+    stops = chat.stop_strings()
+    # Cheap bound before tokenizing a huge text: no token holds 32 characters.
+    chars = sum(len(t) for _, t, _ in turns)
+    if chars > 32 * engine.context_length:
+        raise_too_long(engine, None)
+    images = [load_image_url(url, settings, param) for url, param in urls]
+    prompt = engine.prepare(turns, images)
+    if len(prompt.input_ids) >= engine.context_length:
+        raise_too_long(engine, len(prompt.input_ids))
+    temperature = settings.default_temperature if chat.temperature is None else chat.temperature
+    params = SamplingParams(
+        max_new_tokens=wanted,
+        temperature=float(temperature),
+        top_p=1.0 if chat.top_p is None else float(chat.top_p),
+        n=chat.n,
+        stop=stops,
+        seed=chat.seed,
+    )
+    return GenerationRequest(prompt, params)
+
+
+def raise_too_long(engine: Engine, n_tokens: int | None) -> None:
+    """The 400 `context_length_exceeded` for a prompt that leaves no room for an answer."""
+    from gpt2mm.serve.schema import APIError
+
+    size = f"{n_tokens} tokens" if n_tokens is not None else "too long"
+    raise APIError(
+        400,
+        f"the prompt is {size}; the model's context is {engine.context_length} tokens including the answer"
+        f" (each image takes {engine.num_image_tokens})",
+        param="messages",
+        code="context_length_exceeded",
+    )
+
+
+async def stream_events(
+    gen: GenerationRequest,
+    events: asyncio.Queue[tuple[Any, ...]],
+    meta: dict[str, Any],
+    prompt_tokens: int,
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    """The server-sent events of a streamed request: the role, each delta, the finish reasons, the usage
+    when asked for, `[DONE]`; the request is cancelled when the client goes away."""
+    from gpt2mm.serve.schema import error_body
+
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+        payload = {**meta, "object": "chat.completion.chunk", "choices": choices, **extra}
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    def choice(i: int, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    try:
+        yield chunk([choice(i, {"role": "assistant", "content": ""}) for i in range(gen.params.n)])
+        while True:
+            event = await events.get()
+            if event[0] == "delta":
+                yield chunk([choice(event[1], {"content": event[2]})])
+                continue
+            break
+        if gen.error is not None:
+            log.error("generation failed: %r", gen.error)
+            yield f"data: {json.dumps(error_body('generation failed', 'server_error'))}\n\n"
+        else:
+            yield chunk([choice(c.index, {}, c.finish_reason) for c in gen.choices])
+            if include_usage:
+                yield chunk([], usage=usage(prompt_tokens, gen.completion_tokens))
+        yield "data: [DONE]\n\n"
+    finally:
+        gen.cancelled.set()
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -486,110 +552,3 @@ async def read_body(request: Any, limit: int) -> bytes:
         if len(body) > limit:
             raise too_large
     return bytes(body)
-
-
-# --- the command --------------------------------------------------------------------------------------------
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    d = ServerSettings()
-    parser.add_argument("model", help="model directory or hub id")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
-    parser.add_argument("--port", type=port_number, default=8000, help="TCP port, 1-65535 (default 8000)")
-    parser.add_argument(
-        "--api-key",
-        default=os.environ.get("GPT2MM_API_KEY"),
-        help="require `Authorization: Bearer KEY` on /v1 (default: $GPT2MM_API_KEY, else no key)",
-    )
-    parser.add_argument("--served-model-name", help="the model id in responses (default: the MODEL name)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    add_engine_arguments(parser)
-    parser.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="rows per generate")
-    parser.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms, help="wait to fill a batch")
-    parser.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting requests before 503")
-    parser.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
-    parser.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes)
-    parser.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels)
-    parser.add_argument("--max-images", type=int, default=d.max_images, help="images per request")
-    parser.add_argument("--max-tokens", type=int, default=d.max_tokens_limit, help="largest max_tokens")
-    parser.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
-    parser.add_argument("--default-temperature", type=float, default=d.default_temperature)
-    parser.add_argument("--max-n", type=int, default=d.max_n, help="largest n (choices per request)")
-    parser.add_argument(
-        "--allow-image-urls",
-        nargs="+",
-        default=[],
-        metavar="PREFIX",
-        help="fetch http(s) image URLs under these prefixes (e.g. https://images.example.com/public/)",
-    )
-    parser.add_argument(
-        "--allow-local-images", nargs="+", default=[], metavar="DIR", help="read file:// images inside DIRs"
-    )
-    parser.add_argument("--log-level", default="info")
-
-
-def port_number(text: str) -> int:
-    """`--port`: a TCP port, refused at argument parsing (exit code 2) when out of range."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1-65535)") from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{port} is not a port number (1-65535)")
-    return port
-
-
-def settings_from_args(args: argparse.Namespace) -> ServerSettings:
-    """Flags -> settings, refusing nonsense limits and allow-list entries."""
-    for name in ("max_batch_size", "max_queue", "max_body_bytes", "max_image_bytes", "max_image_pixels"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.max_images < 0 or args.max_n < 1 or args.max_tokens < 1 or args.default_max_tokens < 1:
-        raise UsageError("--max-images must be >= 0; --max-n, --max-tokens, --default-max-tokens >= 1")
-    for prefix in args.allow_image_urls:
-        u = urlsplit(prefix)
-        if u.scheme not in ("http", "https") or not u.hostname:
-            raise UsageError(f"--allow-image-urls {prefix}: give http(s)://host/path/ prefixes")
-    dirs = []
-    for d in args.allow_local_images:
-        path = Path(d).resolve()
-        if not path.is_dir():
-            raise UsageError(f"--allow-local-images {d}: not a directory")
-        dirs.append(path)
-    name = args.served_model_name or Path(str(args.model).rstrip("/")).name or str(args.model)
-    return ServerSettings(
-        model_name=name,
-        model_aliases=() if args.served_model_name else (str(args.model),),
-        api_key=args.api_key or None,
-        max_body_bytes=args.max_body_bytes,
-        max_image_bytes=args.max_image_bytes,
-        max_image_pixels=args.max_image_pixels,
-        max_images=args.max_images,
-        default_max_tokens=args.default_max_tokens,
-        max_tokens_limit=args.max_tokens,
-        default_temperature=args.default_temperature,
-        max_n=args.max_n,
-        max_batch_size=args.max_batch_size,
-        batch_wait_ms=args.batch_wait_ms,
-        max_queue=args.max_queue,
-        allow_image_urls=tuple(args.allow_image_urls),
-        allow_local_images=tuple(dirs),
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    from gpt2mm.serve.engine import load_engine
-
-    settings = settings_from_args(args)
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn
-    except ImportError as e:
-        raise UsageError(
-            f"serving needs FastAPI and uvicorn: pip install 'gpt2-multimodal[serve]' ({e})"
-        ) from e
-    engine = load_engine(args.model, args.device, args.dtype, args.compile)
-    app = create_app(engine, settings)
-    print(f"serving {settings.model_name} on http://{args.host}:{args.port}/ (API at /v1/chat/completions)")
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-    return 0

@@ -423,8 +423,8 @@ class _RowTracker(StoppingCriteria):
 def load_engine(model: str, device: str, dtype: str, compile: bool) -> Engine:
     """The engine `gpt2mm ask` and `gpt2mm serve` answer with: the device checked first, and a model that
     cannot be loaded a UsageError naming it (exit code 2, no traceback)."""
+    from gpt2mm.devices import pick_device
     from gpt2mm.errors import UsageError
-    from gpt2mm.eval.run_eval import pick_device
 
     device = pick_device(device)
     try:

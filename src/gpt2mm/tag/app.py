@@ -1,4 +1,5 @@
-"""`gpt2mm tag`: a web page for people to judge a model's answers Correct / Incorrect / Skip.
+"""The tagging app of `gpt2mm tag` (the command: `gpt2mm.commands.tag`): a web page for people to judge a
+model's answers Correct / Incorrect / Skip.
 
     gpt2mm tag --model CKPT --questions val_questions.json --images images/val \\
         [--annotations val_annotations.json] [--db tags.sqlite] [--port 7861] [--reward-model DIR]
@@ -27,7 +28,6 @@ network), and a tagger holds one item at a time (a reload shows the same item ag
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -39,13 +39,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gpt2mm.devices import pick_device
 from gpt2mm.errors import DataError, UsageError
 from gpt2mm.tag import store
 
-try:  # optional: `pip install 'gpt2-multimodal[serve]'` (run() says so when they are missing)
+try:  # optional: `pip install 'gpt2-multimodal[serve]'` (`gpt2mm tag` says so when they are missing)
     from fastapi import FastAPI, Request
+    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 except ImportError:  # pragma: no cover
-    FastAPI = Request = None  # type: ignore[assignment,misc]
+    FastAPI = Request = FileResponse = HTMLResponse = JSONResponse = None  # type: ignore[assignment,misc]
 
 if TYPE_CHECKING:
     from gpt2mm.data.samples import Sample
@@ -208,204 +210,187 @@ def item_json(item: store.Item) -> dict[str, Any]:
 
 
 def create_app(db_path: str | Path, settings: TagSettings | None = None) -> FastAPI:
-    """The FastAPI app over a tag database (items loaded beforehand: see `sync_items`)."""
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
+    """The FastAPI app over a tag database (items loaded beforehand: see `sync_items`).
 
+    The handlers are the module's functions below; they find the settings and the database path on
+    `app.state`."""
     settings = settings or TagSettings()
     db_path = Path(db_path)
     store.open_db(db_path).close()  # the schema and WAL mode, once; requests then use plain connections
     app = FastAPI(title="gpt2mm tag", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings = settings
+    app.state.db_path = db_path
+    add_error_handlers(app)
+    app.add_api_route("/", index, methods=["GET"], response_class=HTMLResponse)
+    app.add_api_route("/api/next", api_next, methods=["GET"])
+    app.add_api_route("/api/tag", api_tag, methods=["POST"])
+    app.add_api_route("/api/undo", api_undo, methods=["POST"])
+    app.add_api_route("/api/release", api_release, methods=["POST"])
+    app.add_api_route("/api/stats", api_stats, methods=["GET"])
+    app.add_api_route("/images/{item_id}", image, methods=["GET"])
+    return app
 
-    def error(status: int, message: str, type: str = "invalid_request_error") -> JSONResponse:
-        return JSONResponse({"error": {"message": message, "type": type}}, status_code=status)
 
-    @app.exception_handler(TagError)
-    async def _tag_error(request: Request, e: TagError) -> JSONResponse:
-        return error(e.status, e.message, e.type)
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error as `{"error": {"message", "type"}}`: ours (`TagError`), routing (404, 405), request
+    validation (400) and anything unexpected (500, logged)."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    async def tag_error(request: Request, e: TagError) -> JSONResponse:
+        return error_response(e.status, e.message, e.type)
+
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return error(e.status_code, str(e.detail), kind)
+        return error_response(e.status_code, str(e.detail), kind)
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
-        return error(400, "invalid request")
+    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        return error_response(400, "invalid request")
 
-    @app.exception_handler(Exception)
-    async def _server_error(request: Request, e: Exception) -> JSONResponse:
+    async def server_error(request: Request, e: Exception) -> JSONResponse:
         log.exception("unexpected error")
-        return error(500, "internal server error", "server_error")
+        return error_response(500, "internal server error", "server_error")
 
-    def with_db(fn: Callable[..., Any], *args: Any) -> Any:
-        conn = store.connect(db_path)  # one connection per request: sqlite3 objects are not shared
+    app.add_exception_handler(TagError, tag_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, server_error)
+
+
+def error_response(status: int, message: str, type: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type}}, status_code=status)
+
+
+async def db(request: Request, fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(conn, *args)` in a thread, on a connection of its own to the app's database (sqlite3 objects
+    are not shared between threads)."""
+
+    def with_db() -> Any:
+        conn = store.connect(request.app.state.db_path)
         try:
             return fn(conn, *args)
         finally:
             conn.close()
 
-    async def db(fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.to_thread(with_db, fn, *args)
+    return await asyncio.to_thread(with_db)
 
-    async def json_body(request: Request) -> dict[str, Any]:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+
+async def json_body(request: Request) -> dict[str, Any]:
+    """The body as a JSON object: 413 over `MAX_BODY_BYTES` (declared or sent), 400 when not an object."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise TagError(413, f"the request body is over the limit of {MAX_BODY_BYTES} bytes")
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > MAX_BODY_BYTES:
             raise TagError(413, f"the request body is over the limit of {MAX_BODY_BYTES} bytes")
-        body = bytearray()
-        async for piece in request.stream():
-            body += piece
-            if len(body) > MAX_BODY_BYTES:
-                raise TagError(413, f"the request body is over the limit of {MAX_BODY_BYTES} bytes")
-        try:
-            data = json.loads(body)
-        except (ValueError, RecursionError):
-            raise TagError(400, "the body is not valid JSON") from None
-        if not isinstance(data, dict):
-            raise TagError(400, "the body must be a JSON object")
-        return data
-
-    def next_for(conn: Any, tagger: str) -> dict[str, Any]:
-        now = time.time()
-        item = store.claim_next(conn, tagger, now, settings.claim_s, least_sure=settings.least_sure)
-        return {
-            "item": None if item is None else item_json(item),
-            "claimed_until": None if item is None else now + settings.claim_s,
-            "stats": store.tag_stats(conn, tagger),
-        }
-
-    def tag_and_count(conn: Any, item_id: int, tagger: str, label: str) -> dict[str, Any]:
-        try:
-            store.tag_item(conn, item_id, tagger, label)
-        except LookupError:
-            raise TagError(404, f"item_id: no item {item_id} in this database", "not_found_error") from None
-        return {"item_id": item_id, "tagger": tagger, "label": label, "stats": store.tag_stats(conn, tagger)}
-
-    def undo_for(conn: Any, tagger: str) -> dict[str, Any]:
-        item = store.undo_last(conn, tagger, time.time(), settings.claim_s)
-        if item is None:
-            raise TagError(404, f"tagger {tagger!r} has no tag to undo", "not_found_error")
-        return {"item": item_json(item), "stats": store.tag_stats(conn, tagger)}
-
-    def image_of(conn: Any, item_id: int) -> Path:
-        item = store.get_item(conn, item_id)
-        if item is None:
-            raise TagError(404, f"no item {item_id} in this database", "not_found_error")
-        path = Path(item.image)
-        if not path.is_file():
-            raise TagError(404, f"the image of item {item_id} is missing on the server", "not_found_error")
-        return path
-
-    @app.get("/", response_class=HTMLResponse)
-    async def index() -> HTMLResponse:
-        from importlib.resources import files
-
-        return HTMLResponse((files("gpt2mm.tag") / "web" / "index.html").read_text(encoding="utf-8"))
-
-    @app.get("/api/next")
-    async def api_next(request: Request) -> dict[str, Any]:
-        tagger = clean_tagger(request.query_params.get("tagger"), "tagger (query parameter)")
-        return await db(next_for, tagger)
-
-    @app.post("/api/tag")
-    async def api_tag(request: Request) -> dict[str, Any]:
-        body = await json_body(request)
-        item_id = body.get("item_id")
-        if not isinstance(item_id, int) or isinstance(item_id, bool):
-            raise TagError(400, f"item_id: expected an integer item id, got {item_id!r:.40}")
-        tagger = clean_tagger(body.get("tagger"))
-        label = body.get("label")
-        if label not in store.LABELS:
-            raise TagError(400, f"label: expected one of {', '.join(store.LABELS)}, got {label!r:.40}")
-        return await db(tag_and_count, item_id, tagger, label)
-
-    @app.post("/api/undo")
-    async def api_undo(request: Request) -> dict[str, Any]:
-        tagger = clean_tagger((await json_body(request)).get("tagger"))
-        return await db(undo_for, tagger)
-
-    @app.post("/api/release")
-    async def api_release(request: Request) -> dict[str, Any]:
-        tagger = clean_tagger((await json_body(request)).get("tagger"))
-        await db(store.release_claims, tagger)
-        return {"released": tagger}
-
-    @app.get("/api/stats")
-    async def api_stats(request: Request) -> dict[str, Any]:
-        raw = request.query_params.get("tagger")
-        tagger = None if raw is None else clean_tagger(raw, "tagger (query parameter)")
-        return await db(store.tag_stats, tagger)
-
-    @app.get("/images/{item_id}")
-    async def image(item_id: str) -> FileResponse:
-        if not (item_id.isascii() and item_id.isdigit() and len(item_id) <= 18):
-            raise TagError(
-                404, f"no image {item_id!r:.40}: images are addressed by item id", "not_found_error"
-            )
-        path = await db(image_of, int(item_id))
-        return FileResponse(path, headers={"Cache-Control": "private, max-age=3600"})
-
-    return app
-
-
-# --- the command -------------------------------------------------------------------------------------------
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "action",
-        nargs="?",
-        choices=["export"],
-        help="`export`: write the correct/incorrect tags of --db as JSONL to --out; without it, serve the page",
-    )
-    parser.add_argument(
-        "--db", type=Path, default="tags.sqlite", metavar="FILE", help="tag database (%(default)s)"
-    )
-    tagging = parser.add_argument_group("tagging (gpt2mm tag --model ... --questions ... --images ...)")
-    tagging.add_argument(
-        "--model", metavar="CKPT", help="model directory (or hub id) whose answers are judged"
-    )
-    tagging.add_argument("--questions", type=Path, metavar="Q.json", help="VQA v2 questions JSON")
-    tagging.add_argument("--images", type=Path, metavar="DIR", help="the questions' images (COCO file names)")
-    tagging.add_argument(
-        "--annotations", type=Path, metavar="A.json", help="VQA v2 annotations: show human answers"
-    )
-    tagging.add_argument("--limit", type=int, metavar="N", help="only the first N questions of the file")
-    tagging.add_argument("--reward-model", type=Path, metavar="DIR", help="hand out least-sure items first")
-    tagging.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
-    tagging.add_argument("--port", type=int, default=7861, help="(default: %(default)s)")
-    tagging.add_argument("--claim-minutes", type=float, default=5.0, help="how long a tagger holds an item")
-    tagging.add_argument("--batch-size", type=int, default=32, help="questions per batch when answering")
-    tagging.add_argument("--device", help="cpu, cuda, ... for the models (default: cuda if available)")
-    tagging.add_argument("--log-level", default="warning", help="uvicorn's (default: %(default)s)")
-    export = parser.add_argument_group("export (gpt2mm tag export --db ... --out ...)")
-    export.add_argument("--out", type=Path, metavar="FILE.jsonl", help="the JSONL file to write")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.action == "export":
-        return export(args.db, args.out)
-    return serve_command(args)
-
-
-def export(db: Path, out: Path | None) -> int:
-    """`gpt2mm tag export`: the correct/incorrect tags as JSONL (skips left out)."""
-    if out is None:
-        raise UsageError("tag export needs --out FILE.jsonl")
-    if not db.is_file():
-        raise UsageError(f"--db {db}: no such file")
-    store.check_tag_db(db)
-    records = store.read_tags(db)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        n = store.write_jsonl(records, out)
-    except OSError as e:
-        raise UsageError(f"--out {out}: cannot write ({e})") from None
-    correct = sum(r.label for r in records)
-    print(f"wrote {n} tags ({correct} correct, {n - correct} incorrect; skips left out) from {db} to {out}")
-    return 0
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        raise TagError(400, "the body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise TagError(400, "the body must be a JSON object")
+    return data
+
+
+def next_for(conn: Any, tagger: str, settings: TagSettings) -> dict[str, Any]:
+    """Claim the tagger's next item for `settings.claim_s`; with the tagger's counts."""
+    now = time.time()
+    item = store.claim_next(conn, tagger, now, settings.claim_s, least_sure=settings.least_sure)
+    return {
+        "item": None if item is None else item_json(item),
+        "claimed_until": None if item is None else now + settings.claim_s,
+        "stats": store.tag_stats(conn, tagger),
+    }
+
+
+def tag_and_count(conn: Any, item_id: int, tagger: str, label: str) -> dict[str, Any]:
+    """Record the label; a `TagError` 404 for an item not in the database."""
+    try:
+        store.tag_item(conn, item_id, tagger, label)
+    except LookupError:
+        raise TagError(404, f"item_id: no item {item_id} in this database", "not_found_error") from None
+    return {"item_id": item_id, "tagger": tagger, "label": label, "stats": store.tag_stats(conn, tagger)}
+
+
+def undo_for(conn: Any, tagger: str, claim_s: float) -> dict[str, Any]:
+    """Take back the tagger's last tag, its item claimed by them again; 404 when there is none."""
+    item = store.undo_last(conn, tagger, time.time(), claim_s)
+    if item is None:
+        raise TagError(404, f"tagger {tagger!r} has no tag to undo", "not_found_error")
+    return {"item": item_json(item), "stats": store.tag_stats(conn, tagger)}
+
+
+def image_of(conn: Any, item_id: int) -> Path:
+    """The image file of an item in the database; 404 for an unknown item or a file gone missing."""
+    item = store.get_item(conn, item_id)
+    if item is None:
+        raise TagError(404, f"no item {item_id} in this database", "not_found_error")
+    path = Path(item.image)
+    if not path.is_file():
+        raise TagError(404, f"the image of item {item_id} is missing on the server", "not_found_error")
+    return path
+
+
+# --- the routes ----------------------------------------------------------------------------------------------
+
+
+async def index() -> HTMLResponse:
+    """`GET /`: the tagging page."""
+    from importlib.resources import files
+
+    return HTMLResponse((files("gpt2mm.tag") / "web" / "index.html").read_text(encoding="utf-8"))
+
+
+async def api_next(request: Request) -> dict[str, Any]:
+    """`GET /api/next?tagger=NAME`: claim the tagger's next item (the one it holds, if any)."""
+    tagger = clean_tagger(request.query_params.get("tagger"), "tagger (query parameter)")
+    return await db(request, next_for, tagger, request.app.state.settings)
+
+
+async def api_tag(request: Request) -> dict[str, Any]:
+    """`POST /api/tag {item_id, tagger, label}`: record a label; 404 for an item not in the database."""
+    body = await json_body(request)
+    item_id = body.get("item_id")
+    if not isinstance(item_id, int) or isinstance(item_id, bool):
+        raise TagError(400, f"item_id: expected an integer item id, got {item_id!r:.40}")
+    tagger = clean_tagger(body.get("tagger"))
+    label = body.get("label")
+    if label not in store.LABELS:
+        raise TagError(400, f"label: expected one of {', '.join(store.LABELS)}, got {label!r:.40}")
+    return await db(request, tag_and_count, item_id, tagger, label)
+
+
+async def api_undo(request: Request) -> dict[str, Any]:
+    """`POST /api/undo {tagger}`: take back the tagger's last tag and hand its item back to them."""
+    tagger = clean_tagger((await json_body(request)).get("tagger"))
+    return await db(request, undo_for, tagger, request.app.state.settings.claim_s)
+
+
+async def api_release(request: Request) -> dict[str, Any]:
+    """`POST /api/release {tagger}`: give back the item the tagger holds (the page calls it on leaving)."""
+    tagger = clean_tagger((await json_body(request)).get("tagger"))
+    await db(request, store.release_claims, tagger)
+    return {"released": tagger}
+
+
+async def api_stats(request: Request) -> dict[str, Any]:
+    """`GET /api/stats[?tagger=NAME]`: counts, overall or the tagger's."""
+    raw = request.query_params.get("tagger")
+    tagger = None if raw is None else clean_tagger(raw, "tagger (query parameter)")
+    return await db(request, store.tag_stats, tagger)
+
+
+async def image(request: Request, item_id: str) -> FileResponse:
+    """`GET /images/{item_id}`: the image of an item in the database; no path ever comes from the request."""
+    if not (item_id.isascii() and item_id.isdigit() and len(item_id) <= 18):
+        raise TagError(404, f"no image {item_id!r:.40}: images are addressed by item id", "not_found_error")
+    path = await db(request, image_of, int(item_id))
+    return FileResponse(path, headers={"Cache-Control": "private, max-age=3600"})
+
+
+# --- serving it: the port, the models, uvicorn -------------------------------------------------------------
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -426,69 +411,12 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve_command(args: argparse.Namespace) -> int:
-    """Check the inputs, take the port, fill the database (answers, scores), then serve until Ctrl+C."""
-    missing = [f"--{n}" for n in ("model", "questions", "images") if getattr(args, n) is None]
-    if missing:
-        raise UsageError(f"gpt2mm tag needs {', '.join(missing)} (or `gpt2mm tag export --db ... --out ...`)")
-    if not args.questions.is_file():
-        raise UsageError(f"--questions {args.questions}: no such file")
-    if not args.images.is_dir():
-        raise UsageError(f"--images {args.images}: no such directory")
-    if args.annotations is not None and not args.annotations.is_file():
-        raise UsageError(f"--annotations {args.annotations}: no such file")
-    if args.reward_model is not None and not args.reward_model.exists():
-        raise UsageError(f"--reward-model {args.reward_model}: no such file or directory")
-    if args.limit is not None and args.limit < 1:
-        raise UsageError("--limit must be at least 1")
-    if args.batch_size < 1 or args.claim_minutes <= 0:
-        raise UsageError("--batch-size must be at least 1 and --claim-minutes above 0")
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as e:
-        raise UsageError(
-            f"the tagging page needs FastAPI and uvicorn: pip install 'gpt2-multimodal[serve]' ({e})"
-        ) from None
-    store.check_tag_db(args.db)
-    sock = bind_socket(args.host, args.port)
-    try:
-        conn = store.open_db(args.db)
-        try:
-            samples = read_questions(args.questions, args.images, args.annotations, args.limit)
-            t0 = time.perf_counter()
-            added = sync_items(conn, samples, answerer(args.model, args.device, args.batch_size))
-            seconds = time.perf_counter() - t0
-            if args.reward_model is not None:
-                n = score_items(conn, reward_scorer(args.reward_model, args.device), str(args.reward_model))
-                print(f"scored {n} open items with the reward model {args.reward_model}")
-            stats = store.tag_stats(conn)
-        finally:
-            conn.close()
-        answered = f" ({added} new, answered in {seconds:.1f} s)" if added else " (nothing new)"
-        print(
-            f"{args.db}: {stats['total']} items{answered}; {stats['done']} done, {stats['remaining']} left; "
-            f"order: {'least sure first' if args.reward_model else 'as in the questions file'}"
-        )
-        app = create_app(
-            args.db, TagSettings(args.claim_minutes * 60, least_sure=args.reward_model is not None)
-        )
-        shown = f"[{args.host}]" if ":" in args.host else args.host
-        print(f"tagging page on http://{shown}:{sock.getsockname()[1]}/ (Ctrl+C to stop)", flush=True)
-        serve(app, sock, args.log_level)
-    finally:
-        sock.close()
-    return 0
-
-
 def answerer(model_path: str, device: str | None, batch_size: int) -> Callable[[list[Sample]], list[str]]:
     """The model's greedy answers (`answer_questions`); the model loads on first use, so a resume with
     nothing new to answer does not load it."""
     loaded: list[Any] = []
 
     def answer(samples: list[Sample]) -> list[str]:
-        import torch
-
         from gpt2mm.eval.evaluate import answer_questions
         from gpt2mm.loading import load_model
 
@@ -497,8 +425,7 @@ def answerer(model_path: str, device: str | None, batch_size: int) -> Callable[[
                 model, processor = load_model(model_path)
             except (OSError, ValueError) as e:
                 raise UsageError(f"--model {model_path}: cannot load the model ({e})") from None
-            dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-            loaded[:] = [model.to(dev).eval(), processor]
+            loaded[:] = [model.to(pick_device(device)).eval(), processor]
         print(f"answering {len(samples)} questions with {model_path} ...", flush=True)
         return answer_questions(
             loaded[0], loaded[1], samples, batch_size=batch_size, progress=len(samples) > 256
@@ -508,18 +435,15 @@ def answerer(model_path: str, device: str | None, batch_size: int) -> Callable[[
 
 
 def reward_scorer(path: Path, device: str | None) -> Callable[[list[str], list[str], list[str]], list[float]]:
+    """The reward model's P(correct) of (image, question, answer) triples, for `score_items`."""
     try:
         from gpt2mm.reward.model import RewardScorer
     except ImportError as e:
         raise UsageError(
             f"--reward-model needs gpt2mm.reward.model, which is not available here ({e})"
         ) from None
-    if device is None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        return RewardScorer(str(path), device=device)
+        return RewardScorer(str(path), device=pick_device(device))
     except (OSError, ValueError) as e:
         raise UsageError(f"--reward-model {path}: cannot load it ({e})") from None
 

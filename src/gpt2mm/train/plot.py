@@ -1,14 +1,13 @@
-"""`gpt2mm plot RUN_DIR [--out curves.png]`: the loss (stages 1 and 3) or the reward and KL (stage 2) of a
-training run, with its validation accuracy.
+"""A training run's curves as an image: the loss (stages 1 and 3) or the reward and KL (stage 2), with the
+validation accuracy; `gpt2mm plot` (`gpt2mm.commands.plot`) and the demo draw them.
 
-`--out` is a file whose extension names the format (.png, .pdf, .svg, ... : what matplotlib writes) or a
+The output is a file whose extension names the format (.png, .pdf, .svg, ... : what matplotlib writes) or a
 directory (an existing one, or a path ending in `/`), which gets `curves.png`; missing parent directories
-are created. The path printed is the file written.
+are created.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -99,19 +98,3 @@ def plot_run(run_dir: Path, out: str | os.PathLike | None = None) -> Path:
     finally:
         plt.close(fig)
     return out
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", type=Path, help="a training run directory (holds metrics.jsonl)")
-    parser.add_argument(
-        "--out",
-        default=None,
-        help=f"image to write: .png, .pdf, .svg, ...; or a directory, for {DEFAULT_NAME} in it "
-        f"(default RUN_DIR/{DEFAULT_NAME})",
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    out = plot_run(args.run_dir, args.out)
-    print(f"wrote {out}")
-    return 0
