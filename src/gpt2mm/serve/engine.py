@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from gpt2mm.devices import pick_device
 from gpt2mm.processing import STOP_STRINGS
 
 
@@ -110,9 +111,7 @@ class Engine:
     def __init__(
         self, model: Any, processor: Any, device: str | torch.device | None = None, compile: bool = False
     ):
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = torch.device(pick_device(device) if not isinstance(device, torch.device) else device)
         self.model = model.to(self.device).eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -423,7 +422,6 @@ class _RowTracker(StoppingCriteria):
 def load_engine(model: str, device: str, dtype: str, compile: bool) -> Engine:
     """The engine `gpt2mm ask` and `gpt2mm serve` answer with: the device checked first, and a model that
     cannot be loaded a UsageError naming it (exit code 2, no traceback)."""
-    from gpt2mm.devices import pick_device
     from gpt2mm.errors import UsageError
 
     device = pick_device(device)
