@@ -6,10 +6,10 @@ The seed preset's model (CLIP ViT-B/32 frozen + GPT-2 large, 874M parameters) is
 from its embedded configs. Its real processor needs GPT-2's tokenizer from the hub, so the model is saved
 with the `tiny` preset's tokenizer instead (`<image>` = id 1, which the config is given): the ids are
 different, the shapes and the sharding are the seed's. Dropout is off so that the two runs can agree number
-for number. Then `gpt2mm train` runs the tiny-synth recipe from that model (`--model.init_from`) on a small
-synthetic world, once as one process and once as `torchrun --nproc_per_node 2 ... --train.fsdp true`
-(FSDP2 units: each GPT2Block and CLIPEncoderLayer), and this compares their logged losses and final
-checkpoints: the weights agree to float32 rounding, the frozen vision tower is bit-identical to the
+for number. Then `gpt2mm train` runs the demo's stage-1 recipe, made small, from that model
+(`--model.init_from`) on a small synthetic world, once as one process and once as
+`torchrun --nproc_per_node 2 ... --train.fsdp true` (FSDP2 units: each GPT2Block and CLIPEncoderLayer), and
+this compares their logged losses and final checkpoints: the weights agree to float32 rounding, the frozen vision tower is bit-identical to the
 initial weights, every trainable tensor moved.
 
 Each part is a subprocess of its own and they run one after another: the FSDP pair holds about 2 x 7 GB
@@ -31,7 +31,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "configs" / "tiny-synth.yaml"
+RECIPE = ROOT / "configs" / "demo-sft.yaml"
+# the demo's recipe without its packing, conversations, curriculum, model override, time budget and `auto` settings
+SMALL = [
+    "--model.overrides", "{}", "--model.attn_implementation", "none", "--data.pack_questions", "1",
+    "--data.conversation_mix", "false", "--data.difficulty", "none", "--data.max_length", "128",
+    "--train.max_minutes", "none", "--train.min_lr_ratio", "0", "--train.precision", "fp32",
+    "--train.curriculum_steps", "0",
+]  # fmt: skip
 
 
 def make_init(path: Path) -> None:
@@ -142,6 +149,7 @@ def main() -> None:
         "--train.lr", "1e-4", "--train.warmup_steps", "0", "--train.eval_every", "0",
         "--train.save_every", str(args.steps), "--train.keep_last", "1", "--train.progress", "false",
         "--train.log_with", "[]", "--train.log_every", "1",
+        *SMALL,
     ]  # fmt: skip
     single, fsdp = work / "single", work / "fsdp"
     t_single, rss_single = run([py, *train, "--train.output_dir", str(single)], work / "single.log")

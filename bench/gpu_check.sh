@@ -57,7 +57,12 @@ trainer() {
     rm -rf "$world" && $PY -m gpt2mm.cli synth "$world" --train 1000 --val 100 --test 10 >/dev/null || return 1
     for precision in ${PRECISIONS:-fp32 fp16 bf16}; do
         local extra=() && [ "$precision" = bf16 ] && extra=(--train.compile true)
-        $PY -m gpt2mm.cli train configs/tiny-synth.yaml --data.root "$world" --data.synth false \
+        # the demo's stage-1 recipe as the small one measured before: no packing, conversations, curriculum,
+        # model override or time budget
+        $PY -m gpt2mm.cli train configs/demo-sft.yaml --data.root "$world" --data.synth false \
+            --model.overrides "{}" --model.attn_implementation none --data.pack_questions 1 \
+            --data.conversation_mix false --data.difficulty none --data.max_length 128 --train.max_minutes none \
+            --train.lr 2e-3 --train.min_lr_ratio 0 --train.curriculum_steps 0 \
             --data.val_limit 100 --train.output_dir "${TMPDIR:-/tmp}/gpu-check-$precision" \
             --train.max_steps 300 --train.eval_every 150 --train.save_every 0 --train.precision "$precision" \
             --train.progress false --train.log_with "[]" "${extra[@]}" || return 1

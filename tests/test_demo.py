@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import re
+from pathlib import Path
 
 import pytest
 
 from gpt2mm.cli import main
+from gpt2mm.train.args import load_config
+from gpt2mm.train.config import SFTConfig
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_demo_writes_an_honest_summary(tmp_path, capsys):
@@ -67,16 +74,89 @@ def test_demo_with_all_stages_records_each(tmp_path):
     assert rows and all("kl" in r and "reward" in r for r in rows)
 
 
-def test_fast_settings_use_bf16_only_where_the_cpu_has_it(monkeypatch):
+def test_auto_settings_use_bf16_only_where_the_cpu_has_it(monkeypatch):
     import torch
 
-    from gpt2mm.demo import fast_settings
+    from gpt2mm.train.fast import fast_attn_implementation, fast_precision, resolve_auto
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    recipe = load_config(SFTConfig, CONFIGS / "demo-sft.yaml", [])
+    assert (recipe.train.precision, recipe.model.attn_implementation) == ("auto", "auto")
     for native, precision in ((True, "bf16"), (False, "fp32")):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
-        assert fast_settings() == {"precision": precision, "attn_implementation": "eager"}
+        assert (fast_precision(), fast_attn_implementation()) == (precision, "eager")
+        resolved = resolve_auto(recipe)
+        assert (resolved.train.precision, resolved.model.attn_implementation) == (precision, "eager")
+        assert recipe.train.precision == "auto"  # the recipe itself still says auto
+    fixed = load_config(SFTConfig, CONFIGS / "demo-sft.yaml", ["--train.precision", "fp32"])
+    assert resolve_auto(fixed).train.precision == "fp32"
+
+
+def demo_args(*argv: str):
+    from gpt2mm.commands.demo import configure
+
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    return parser.parse_args(list(argv))
+
+
+def fields(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def test_the_demo_trains_stage_1_with_configs_demo_sft(tmp_path):
+    """The demo's stage 1 is configs/demo-sft.yaml with its world, output folder, seed and time budget only;
+    at the demo's defaults the file's world (data.synth_args) is the demo's."""
+    from gpt2mm import demo
+
+    out = tmp_path / "demo"
+    world = "{n_train: 10000, n_val: 100, n_test: 500, seed: 0, questions_per_image: 8}"
+    expected = load_config(SFTConfig, CONFIGS / "demo-sft.yaml", [
+        "--data.root", str(out / "world"), "--data.synth_args", world,
+        "--train.output_dir", str(out / "run"), "--train.seed", "0", "--train.max_minutes", "7.25",
+    ])  # fmt: skip
+    assert fields(demo.sft_config(demo_args("--out", str(out)), out, 7.25)) == fields(expected)
+    recipe = load_config(SFTConfig, CONFIGS / "demo-sft.yaml", [])
+    assert recipe.data.synth_args == demo.world_args(demo_args())
+    assert recipe.data.synth and recipe.train.output_dir == "runs/demo-sft"
+    # the demo's flags reach the world and the seed
+    args = demo_args("--out", str(out), "--seed", "3", "--train-images", "60", "--test-images", "12")
+    cfg = demo.sft_config(args, out, 1.5)
+    assert cfg.data.synth_args == {
+        "n_train": 60,
+        "n_val": 100,
+        "n_test": 12,
+        "seed": 3,
+        "questions_per_image": 8,
+    }
+    assert cfg.train.seed == 3 and cfg.train.max_minutes == 1.5
+
+
+def test_the_demo_trains_stages_2_and_3_with_configs_demo_ppo_and_instruct(tmp_path):
+    from gpt2mm import demo
+    from gpt2mm.rl.ppo import PPORecipe
+
+    out, init = tmp_path / "demo", tmp_path / "demo" / "run" / "checkpoint-7"
+    for name, cls, make in (
+        ("ppo", PPORecipe, demo.ppo_config),
+        ("instruct", SFTConfig, demo.instruct_config),
+    ):
+        expected = load_config(cls, CONFIGS / f"demo-{name}.yaml", [
+            "--model.init_from", str(init), "--data.root", str(out / "world"),
+            "--train.output_dir", str(out / name), "--train.seed", "0", "--train.max_minutes", "2.5",
+        ])  # fmt: skip
+        assert fields(make(out, 0, 2.5, init)) == fields(expected)
+        recipe = load_config(cls, CONFIGS / f"demo-{name}.yaml", [])
+        assert recipe.model.init_from.startswith("runs/demo-sft/") and recipe.data.root == "data/demo-world"
+    # the files' time budgets are the demo's defaults
+    args = argparse.Namespace(
+        minutes=15.0, stages="sft,ppo,instruct", ppo_minutes=None, instruct_minutes=None
+    )
+    budgets = demo.stage_minutes(args, ["sft", "ppo", "instruct"])
+    files = [load_config(cls, CONFIGS / f"demo-{name}.yaml", []).train.max_minutes
+             for name, cls in (("ppo", PPORecipe), ("instruct", SFTConfig))]  # fmt: skip
+    assert list(budgets) == pytest.approx(files)
 
 
 def test_stage_minutes_default_to_shares_of_the_budget_and_bad_ones_are_refused(capsys):

@@ -21,13 +21,16 @@ from gpt2mm.train.lora import ADAPTER_FILE, lora_layers, merged_state_dict
 from gpt2mm.train.model import build_model_for_training
 from gpt2mm.train.sft import SFTTrainer
 
-RECIPE = Path(__file__).resolve().parents[1] / "configs" / "tiny-synth.yaml"
+RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo-sft.yaml"
 
 
 def lora_config(world: Path, out: Path, *extra: str) -> SFTConfig:
-    """The tiny-synth recipe (frozen vision tower) with LoRA r=4: 4 steps, checkpoints at 2 and 4, one eval."""
+    """The demo's stage-1 recipe (frozen vision tower) with LoRA r=4, on unpacked questions only, in fp32, with a
+    schedule by steps: 4 steps, checkpoints at 2 and 4, one eval."""
     args = [
         "--data.root", str(world), "--data.synth", "false", "--data.val_limit", "4",
+        "--data.pack_questions", "1", "--data.conversation_mix", "false", "--data.max_length", "128",
+        "--train.precision", "fp32", "--train.max_minutes", "none",
         "--train.output_dir", str(out), "--train.batch_size", "4", "--train.max_steps", "4",
         "--train.warmup_steps", "1", "--train.eval_every", "4", "--train.save_every", "2",
         "--train.keep_last", "3", "--train.log_every", "1", "--train.progress", "false",

@@ -20,7 +20,15 @@ from gpt2mm.config import IGNORE_INDEX
 from gpt2mm.data.collate import encode_samples
 from gpt2mm.data.synthetic import DESCRIBE_PROMPT, write_world
 
-RECIPE = Path(__file__).resolve().parents[1] / "configs" / "tiny-synth.yaml"
+RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo-sft.yaml"
+# the demo's stage-1 recipe made the small one these tests are about: one question per sample, no conversations or
+# curriculum, the preset's vision layer and attention, fp32, a schedule by steps only (no time budget)
+SMALL = [
+    "--model.overrides", "{}", "--model.attn_implementation", "none", "--data.pack_questions", "1",
+    "--data.conversation_mix", "false", "--data.difficulty", "none", "--data.max_length", "128",
+    "--train.max_minutes", "none", "--train.lr", "2e-3", "--train.min_lr_ratio", "0", "--train.precision", "fp32",
+    "--train.curriculum_steps", "0",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +40,7 @@ def world(tmp_path_factory) -> Path:
 
 def train_args(world: Path, out: Path, *extra: str) -> list[str]:
     return [
-        "train", str(RECIPE),
+        "train", str(RECIPE), *SMALL,
         "--data.root", str(world), "--data.synth", "false", "--data.val_limit", "12",
         "--train.output_dir", str(out), "--train.batch_size", "8", "--train.max_steps", "6",
         "--train.warmup_steps", "2", "--train.eval_every", "3", "--train.save_every", "3",

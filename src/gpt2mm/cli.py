@@ -24,7 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tag": ("gpt2mm.commands.tag", "a web page to tag model answers correct / incorrect; `tag export`"),
     "reward": ("gpt2mm.reward.train", "`reward train`: a reward model predicting P(correct) from tags"),
     "plot": ("gpt2mm.commands.plot", "plot a run's loss and accuracy curves to a PNG"),
-    "demo": ("gpt2mm.demo", "the offline demo: synthetic world, tiny model, train, evaluate, summary"),
+    "demo": (
+        "gpt2mm.commands.demo",
+        "the offline demo: synthetic world, tiny model, train, evaluate, summary",
+    ),
     "synth": ("gpt2mm.commands.synth", "render the synthetic shapes world (VQA v2 + LLaVA formats)"),
     "vqa-score": ("gpt2mm.commands.vqa_score", "score VQA results with the official VQA v2 accuracy"),
     "eval": ("gpt2mm.commands.eval", "answer a VQA v2 split with a model and score it (official accuracy)"),

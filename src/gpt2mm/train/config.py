@@ -13,7 +13,7 @@ TRACKERS_HELP = "metrics trackers through accelerate: tensorboard, wandb, mlflow
 class RunConfig:
     """What every training run has: where it writes, how long it runs, its schedule, evaluation and saving."""
 
-    output_dir: str = "runs/tiny-synth"
+    output_dir: str = "runs/demo-sft"
     overwrite: bool = field(
         default=False,
         metadata={
@@ -29,7 +29,9 @@ class RunConfig:
     warmup_steps: int = 50
     schedule: str = field(default="cosine", metadata={"help": "cosine | linear | constant"})
     min_lr_ratio: float = 0.0
-    precision: str = field(default="fp32", metadata={"help": "fp32 | bf16 | fp16"})
+    precision: str = field(
+        default="fp32", metadata={"help": "fp32 | bf16 | fp16 | auto (SFT: bf16 where native, else fp32)"}
+    )
     eval_every: int = 200
     eval_batch_size: int = 128
     save_every: int = 500
@@ -98,7 +100,10 @@ class ModelConfig:
     freeze_lm: bool = field(default=False, metadata={"help": "train the projector (and vision) only"})
     attn_implementation: str | None = field(
         default=None,
-        metadata={"help": "eager | sdpa | flash_attention_2 ... (transformers'; default: the model's, sdpa)"},
+        metadata={
+            "help": "eager | sdpa | flash_attention_2 ... (transformers'; default: the model's, sdpa); "
+            "auto: eager on a CPU, the default on a GPU"
+        },
     )
     gradient_checkpointing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -192,7 +197,7 @@ class SFTConfig:
 
     def __post_init__(self):
         t, d = self.train, self.data
-        t.check()
+        t.check(precisions=("fp32", "bf16", "fp16", "auto"))  # auto: resolved at run set-up (train.fast)
         if t.batch_size < 1 or t.grad_accum < 1 or t.batch_size % t.grad_accum:
             raise ValueError(
                 f"train.batch_size {t.batch_size} must be a positive multiple of grad_accum {t.grad_accum}"

@@ -49,7 +49,9 @@ class SFTTrainer(Trainer):
 
     def __init__(self, cfg: SFTConfig, resume: str | bool | None = None, log=print):
         from gpt2mm.train.distributed import make_accelerator
+        from gpt2mm.train.fast import resolve_auto
 
+        cfg = resolve_auto(cfg)  # `auto` precision and attention: this machine's choice
         t = cfg.train
         out = Path(t.output_dir)
         self.acc, self.fsdp = make_accelerator(t, cfg.model.gradient_checkpointing, log)

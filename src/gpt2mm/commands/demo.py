@@ -1,0 +1,35 @@
+"""`gpt2mm demo [--out DIR] [--minutes M] [--stages sft,ppo,instruct]`: the offline demo. See gpt2mm.demo."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--out", type=Path, default=Path("demo-out"), help="directory for everything it writes"
+    )
+    parser.add_argument("--minutes", type=float, default=15.0, help="wall-clock budget of the whole demo")
+    parser.add_argument(
+        "--stages", default="sft", help="comma-separated: sft (stage 1), ppo (stage 2), instruct (stage 3)"
+    )
+    parser.add_argument(
+        "--ppo-minutes", type=float, default=None, help="of the budget, for stage 2 (default: a third of it)"
+    )
+    parser.add_argument(
+        "--instruct-minutes",
+        type=float,
+        default=None,
+        help="of the budget, for stage 3 (default: a fifth of it)",
+    )
+    parser.add_argument("--train-images", type=int, default=10000)
+    parser.add_argument("--test-images", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
+
+
+def run(args: argparse.Namespace) -> int:
+    from gpt2mm.demo import run
+
+    return run(args)
