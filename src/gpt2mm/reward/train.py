@@ -43,6 +43,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from gpt2mm.data.features import PixelStore, VisionStates
 from gpt2mm.errors import UsageError
 from gpt2mm.reward.data import Batcher, Example, load_tag_file, make_examples, split_by_image
 from gpt2mm.reward.evaluate import evaluate, format_report, packing_error
@@ -297,8 +298,6 @@ class RewardTrainer:
     def prepare_model(self) -> Any:
         """The vision tower frozen, its outputs computed once per image (`VisionStates`), unless --train-vision
         (then pixels, `PixelStore`); the model on its device. Returns the image source."""
-        from gpt2mm.data.features import PixelStore, VisionStates
-
         cfg, reward = self.cfg, self.reward
         model = reward.model
         if cfg.train_vision:
