@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 from conftest import make_image
 from gpt2mm.cli import main
 from gpt2mm.data.synthetic import load_scenes, write_world
+from gpt2mm.reward.data import split_by_image
+from gpt2mm.reward.metrics import roc_auc
 from gpt2mm.reward.model import (
     RewardModel,
     RewardScorer,
@@ -24,7 +26,6 @@ from gpt2mm.reward.model import (
     pad_right,
 )
 from gpt2mm.reward.simulate import _TEMPLATE_VOCAB, EASY_NEGATIVE, NEAR_MISS, POSITIVE, VOCABS, simulate_tags
-from gpt2mm.reward.train import roc_auc, split_by_image
 from gpt2mm.tag.store import TagRecord, open_db, read_tags, write_jsonl
 
 QA = [
@@ -164,7 +165,7 @@ def test_lm_prior_is_the_models_own_answer_log_likelihood(tiny_pair):
 
 
 def test_pairwise_loss_and_the_logistic_fit_against_naive_versions():
-    from gpt2mm.reward.train import fit_logistic_1d, pairwise_loss
+    from gpt2mm.reward.metrics import fit_logistic_1d, pairwise_loss
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(12, generator=g)

@@ -1,6 +1,7 @@
 """How an image reaches the model: an image source turns an image path into what the collator stacks, under
 the model input named by its `key`. `PixelStore` gives preprocessed pixels (`pixel_values`); `FeatureCache`
-gives the frozen vision tower's outputs (`vision_hidden_states`), computed once and memory-mapped from disk.
+gives the frozen vision tower's outputs (`vision_hidden_states`), computed once and memory-mapped from disk;
+`VisionStates` gives the same outputs computed once and held in memory (no files).
 
 The frozen-vision feature cache: vision-tower outputs computed once per image, memory-mapped from disk.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gpt2mm.errors import DataError
+from gpt2mm.errors import DataError, UsageError
 
 
 class PixelStore:
@@ -52,6 +54,46 @@ class PixelStore:
         if self.cache is not None:
             self.cache[path] = pixels
         return pixels
+
+
+class VisionStates:
+    """Image path -> vision-tower output, computed once per image (the tower is frozen) and kept in memory: the
+    reward trainer's source, for tag sets whose images fit in memory and need no cache on disk. `build` first."""
+
+    key = "vision_hidden_states"
+
+    def __init__(self, model: Any, processor: Any, device: torch.device):
+        self.model, self.processor, self.device = model, processor, device
+        self.states: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def build(self, paths: Sequence[str], batch_size: int = 256, progress: bool = False) -> None:
+        """Compute the states of the images not yet held, `batch_size` at a time (an unreadable image is a
+        `UsageError` that names it)."""
+        from gpt2mm.data.images import load_image
+
+        todo = sorted(set(paths) - set(self.states))
+        bar = None
+        if progress and todo:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(todo), desc="vision states", file=sys.stderr, mininterval=2.0)
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            try:
+                pixels = self.processor.preprocess_images([load_image(p) for p in chunk])
+            except DataError as e:
+                raise UsageError(str(e)) from None
+            states = self.model.get_vision_hidden_states(pixels.to(self.device))  # (n, T_img, C_vision)
+            for p, s in zip(chunk, states):
+                self.states[p] = s
+            if bar is not None:
+                bar.update(len(chunk))
+        if bar is not None:
+            bar.close()
+
+    def __call__(self, path: str) -> torch.Tensor:
+        return self.states[path]
 
 
 def cache_key(model: Any, processor: Any) -> str:
