@@ -138,7 +138,7 @@ class Batcher:
     which computes the shared tokens once and gives the same scores as one answer at a time. `pack`:
     "question" groups the answers to one question about one image (they share `Q: <image> {question} A:`;
     half the tokens of unpacked answers with two answers per question); "image" groups all the answers
-    about an image (a third of the tokens, but few images per batch: it learned much slower, measured);
+    about an image (a third of the tokens, but few images per batch, and it learned much slower);
     "none" packs nothing. A batch takes groups, in the given order, until it holds `rows` answers. `images` is
     an image source of `gpt2mm.data.features` (path -> tensor), whose `key` names the model input it fills."""
 

@@ -11,7 +11,7 @@ The language model head is kept (it is tied to the embeddings) and, by default, 
 the logit also gets the model's own log-likelihood of the answer, from the same forward pass (the LM head
 on the answer positions only): the stage-1 model already knows which answers are likely, and this term
 hands that knowledge to the reward model from step 0 instead of making the head rediscover it through
-the last token (measured in the README: it is what takes the synthetic world's held-out accuracy past 95%).
+the last token (docs/experiments.md: it is what takes the synthetic world's held-out accuracy past 95%).
 
 A saved reward model is a self-contained directory:
 

@@ -1,7 +1,7 @@
 """Simulated taggers: correct / incorrect tags for answers about the synthetic world, from its ground truth.
 
-    gpt2mm reward simulate --world data/synth --split train --out tags/train.jsonl
-    gpt2mm reward simulate --world data/synth --split test --out tags/test.jsonl --base runs/tiny-synth/best
+    gpt2mm reward simulate --world data/demo-world --split train --out tags/train.jsonl
+    gpt2mm reward simulate --world data/demo-world --split test --out tags/test.jsonl --base runs/demo-sft/best
 
 Each question of the split gets `per_question` candidate answers, tagged as a person would tag them:
 
