@@ -62,7 +62,7 @@ def load_vqa_split(cfg: DataConfig, split: str, limit: int | None) -> tuple[list
         resolve(cfg.root, q),
         resolve(cfg.root, a),
         resolve(cfg.root, im),
-        answer_mode=cfg.answer_mode,
+        answer_mode=getattr(cfg, "answer_mode", "multiple_choice"),  # VQADataConfig (PPO) has none
         limit=limit,
         skip_bad=cfg.skip_bad,
         seed=0,
