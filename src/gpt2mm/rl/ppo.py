@@ -11,7 +11,9 @@ uses, or a learned reward model, or a weighted sum); compute the log-probabiliti
 under the policy and under the frozen stage-1 reference, and the value head's estimates; turn them into
 per-token rewards (score at the last token, -kl_coef * KL at every token), advantages (GAE) and returns;
 then a few epochs of minibatch steps on the clipped policy loss + the clipped value loss. The math lives in
-`gpt2mm.rl.core`, as pure functions.
+`gpt2mm.rl.core`, as pure functions; the recipe in `gpt2mm.rl.config`, the reward in `gpt2mm.rl.reward`, the
+policy's forward and the rollout batch in `gpt2mm.rl.policy`. The loop, metrics rows, evaluation keeping `best`,
+checkpoints and `--resume` are the run layer's (`gpt2mm.train.trainer.Trainer`).
 
 Choices: the vision tower is frozen in stage 2 (its features are computed once per rollout and reused by the
 reference and every minibatch), the projector and the language model are trained; dropout is off
@@ -123,7 +125,8 @@ class PPOTrainer(Trainer):
         missing = sum(s.image is None for s in self.train_samples)
         if missing:
             raise UsageError(f"{missing} training questions have no image; PPO here is for VQA-format data")
-        self.images = PixelStore(self.processor, cache=d.cache_pixels)
+        self.pixels = PixelStore(self.processor, cache=d.cache_pixels)  # also what the demo scores with
+        self.images = self.pixels
         if d.feature_cache:
             self.images = FeatureCache(d.feature_cache, self.policy, self.processor)
             paths = sorted({s.image for s in self.train_samples + self.val_samples})
