@@ -213,7 +213,7 @@ def test_ppo_loss_learns_a_bandit():
 
 
 def test_answer_mask_ends_at_the_first_end_of_text():
-    from gpt2mm.rl.ppo import answer_mask
+    from gpt2mm.rl.policy import answer_mask
 
     eos = 0
     response = torch.tensor([[5, 0, 7, 0], [5, 6, 7, 8], [0, 0, 0, 0]])
@@ -221,7 +221,7 @@ def test_answer_mask_ends_at_the_first_end_of_text():
 
 
 def test_reward_specs():
-    from gpt2mm.rl.ppo import parse_reward
+    from gpt2mm.rl.reward import parse_reward
 
     assert parse_reward("vqa") == [(1.0, "vqa")]
     assert parse_reward("0.3*vqa + 0.7*model:runs/rm") == [(0.3, "vqa"), (0.7, "model:runs/rm")]
@@ -270,7 +270,9 @@ def ppo_args(world: Path, init: Path, out: Path, *extra: str) -> list[str]:
 def test_rollout_logprobs_are_the_sampling_distribution(world, init_dir, tmp_path):
     """The recomputed log-probabilities of the sampled tokens equal those of `generate`'s own (temperature-
     scaled, `<image>`-masked) scores, and the policy starts at KL 0 from the reference."""
-    from gpt2mm.rl.ppo import PPORecipe, PPOTrainer, answer_logits
+    from gpt2mm.rl.config import PPORecipe
+    from gpt2mm.rl.policy import answer_logits
+    from gpt2mm.rl.ppo import PPOTrainer
     from gpt2mm.train.args import build
 
     cfg = build(
@@ -296,7 +298,7 @@ def test_rollout_logprobs_are_the_sampling_distribution(world, init_dir, tmp_pat
     )  # fmt: skip
     seqs = out.sequences
     response = seqs[:, ro.prompt_len :]
-    from gpt2mm.rl.ppo import answer_mask
+    from gpt2mm.rl.policy import answer_mask
 
     mask = answer_mask(response, trainer.eos)
     full = torch.cat([ro.attention_mask[:, : ro.prompt_len], mask.long()], 1)
@@ -321,7 +323,7 @@ def answer_length_reward(self, samples, answers):
 def test_ppo_trains_the_policy_keeps_vision_and_reference_and_resumes_exactly(
     world, init_dir, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr("gpt2mm.rl.ppo.Reward.__call__", answer_length_reward)
+    monkeypatch.setattr("gpt2mm.rl.reward.Reward.__call__", answer_length_reward)
     full = tmp_path / "full"
     assert main(ppo_args(world, init_dir, full)) == 0
     before, after = (
@@ -363,7 +365,7 @@ def test_ppo_trains_the_policy_keeps_vision_and_reference_and_resumes_exactly(
 
 
 def test_rloo_runs_without_a_value_head(world, init_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr("gpt2mm.rl.ppo.Reward.__call__", answer_length_reward)
+    monkeypatch.setattr("gpt2mm.rl.reward.Reward.__call__", answer_length_reward)
     out = tmp_path / "rloo"
     args = ppo_args(world, init_dir, out, "--train.algo", "rloo", "--rollout.samples_per_prompt", "2",
                     "--train.max_steps", "2", "--train.eval_every", "0")  # fmt: skip
@@ -406,7 +408,7 @@ def test_bad_recipes_exit_2_with_a_message(world, init_dir, tmp_path, capsys, ex
 def test_the_vqa_reward_is_the_official_metric():
     from gpt2mm.data.samples import Sample, Turn
     from gpt2mm.eval.vqa_metric import vqa_accuracy
-    from gpt2mm.rl.ppo import Reward
+    from gpt2mm.rl.reward import Reward
 
     humans = ["red"] * 2 + ["dark red"] * 8
     samples = [Sample(id=str(i), image=None, turns=[Turn("user", "colour?"), Turn("assistant", "red")],
@@ -423,7 +425,7 @@ def test_a_reward_model_is_a_reward_alone_or_in_a_weighted_sum(world, init_dir, 
     from gpt2mm.data.vqa import load_vqa
     from gpt2mm.eval.vqa_metric import vqa_accuracy
     from gpt2mm.reward.model import RewardModel, RewardScorer
-    from gpt2mm.rl.ppo import Reward
+    from gpt2mm.rl.reward import Reward
 
     torch.manual_seed(0)
     rm = RewardModel.from_base(init_dir)
@@ -450,7 +452,7 @@ def test_a_reward_model_is_a_reward_alone_or_in_a_weighted_sum(world, init_dir, 
 def test_ppo_reads_the_frozen_vision_feature_cache(world, init_dir, tmp_path, monkeypatch):
     """With `data.feature_cache` (stage 1's cache of the frozen tower's outputs) the rollouts and the
     evaluation read cached vision states and give what the pixels give."""
-    monkeypatch.setattr("gpt2mm.rl.ppo.Reward.__call__", answer_length_reward)
+    monkeypatch.setattr("gpt2mm.rl.reward.Reward.__call__", answer_length_reward)
     runs = {}
     for name, extra in (("pixels", []), ("cache", ["--data.feature_cache", str(tmp_path / "features")])):
         out = tmp_path / name

@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "init": ("gpt2mm.commands.init", "write a ready-to-load random model + processor from a preset"),
     "convert-seed": ("gpt2mm.commands.convert_seed", "convert a state dict saved by the seed's code"),
     "train": ("gpt2mm.commands.train", "stages 1 and 3: answer-only fine-tuning from a YAML recipe"),
-    "ppo": ("gpt2mm.rl.ppo", "stage 2: PPO (or RLOO / GRPO) on answer correctness"),
+    "ppo": ("gpt2mm.commands.ppo", "stage 2: PPO (or RLOO / GRPO) on answer correctness"),
     "tag": ("gpt2mm.commands.tag", "a web page to tag model answers correct / incorrect; `tag export`"),
     "reward": ("gpt2mm.commands.reward", "`reward train`: a reward model predicting P(correct) from tags"),
     "plot": ("gpt2mm.commands.plot", "plot a run's loss and accuracy curves to a PNG"),
