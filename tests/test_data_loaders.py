@@ -292,6 +292,36 @@ def test_vqa_missing_image_and_check_images(tmp_path):
     assert len(samples) == 3 and samples[2].image.endswith("COCO_val2014_000000000042.jpg")
 
 
+def test_vqa_images_named_by_a_pattern(tmp_path):
+    """data.image_pattern: official files whose images are not COCO-named, in a folder or per subtype."""
+    qf, af, coco = vqa_files(tmp_path)
+    for image_id in (1, 42):  # the same images as 1.png and val2014/000042.jpg
+        write_image(tmp_path / "flat" / f"{image_id}.png")
+        write_image(tmp_path / "nested" / "val2014" / f"{image_id:06d}.jpg")
+    reference, _ = load_vqa(qf, af, coco)
+    for folder, pattern, name in [
+        ("flat", "{image_id}.png", "42.png"),
+        ("nested", "{subtype}/{image_id:06d}.jpg", "val2014/000042.jpg"),
+    ]:
+        samples, _ = load_vqa(qf, af, tmp_path / folder, image_pattern=pattern)
+        assert [(s.id, s.turns, s.answers) for s in samples] == [
+            (s.id, s.turns, s.answers) for s in reference
+        ]
+        assert samples[2].image == str(tmp_path / folder / name)
+    (tmp_path / "flat" / "42.png").unlink()
+    with pytest.raises(DataError, match=r"question_id 420: image .*flat/42\.png not found"):
+        load_vqa(qf, af, tmp_path / "flat", image_pattern="{image_id}.png")
+    # without {subtype}, the questions file needs no data_subtype
+    qs = json.loads(qf.read_text())
+    del qs["data_subtype"]
+    write_json(qf, qs)
+    samples, report = load_vqa(qf, af, tmp_path / "flat", image_pattern="{image_id}.png", skip_bad=True)
+    assert len(samples) == 2 and report.skipped == {"missing image": 1}
+    for bad in ["{id}.png", "{image_id:q}.png", "image.png"]:
+        with pytest.raises(UsageError, match="image_pattern"):
+            load_vqa(qf, af, tmp_path / "flat", image_pattern=bad)
+
+
 def test_vqa_bad_schema(tmp_path):
     qs = [
         {"image_id": 1, "question": "ok?", "question_id": 10},

@@ -660,3 +660,22 @@ def test_stage1_trains_from_the_seeds_csv_and_from_a_hugging_face_dataset_folder
         )
         args += ["--data.hf_dataset", "hf", "--data.hf_val_split", "none", "--train.eval_every", "0"]
         assert main(args) == 0 and (out / "checkpoint-2" / "model.safetensors").is_file()
+
+
+def test_stage1_trains_on_vqa_files_whose_images_are_not_coco_named(world, tmp_path):
+    """data.image_pattern: the world's images renamed to {image_id}.png in one folder train as before."""
+    import shutil as sh
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for split in ("train", "val"):
+        for p in (world / "images" / split).iterdir():
+            sh.copy(p, flat / f"{int(p.stem.rsplit('_', 1)[1])}.png")
+        for kind in ("questions", "annotations"):
+            sh.copy(world / f"{split}_{kind}.json", tmp_path / f"{split}_{kind}.json")
+    out = tmp_path / "run"
+    args = train_args(world, out, "--data.root", str(tmp_path), "--data.train_images", "flat")
+    args += ["--data.val_images", "flat", "--data.image_pattern", "{image_id}.png", "--train.max_steps", "2"]
+    assert main(args) == 0 and (out / "checkpoint-2" / "model.safetensors").is_file()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_accuracy" in r for r in rows)  # the validation split's images were found too

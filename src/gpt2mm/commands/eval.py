@@ -46,6 +46,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--questions", required=True, type=Path, help="official VQA v2 questions JSON")
     parser.add_argument("--annotations", required=True, type=Path, help="official VQA v2 annotations JSON")
     parser.add_argument("--images", required=True, type=Path, help="the split's image folder")
+    parser.add_argument(
+        "--image-pattern",
+        default=None,
+        help="image file names, over {image_id} and {subtype}, e.g. '{image_id}.png' (default: COCO's)",
+    )
     parser.add_argument("--limit", type=int, default=None, help="answer only the first N questions")
     parser.add_argument("--batch-size", type=int, default=64, help="questions per generation batch")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="longest answer, in tokens")
@@ -78,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         limit=args.limit,
         skip_bad=args.skip_bad,
         progress=True,
+        image_pattern=args.image_pattern,
     )
     print(report.summary())
     if report.examples:

@@ -49,6 +49,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--annotations", required=True, type=Path, help="official VQA v2 annotations JSON")
     parser.add_argument("--images", required=True, type=Path, help="the split's image folder")
     parser.add_argument(
+        "--image-pattern",
+        default=None,
+        help="image file names, over {image_id} and {subtype}, e.g. '{image_id}.png' (default: COCO's)",
+    )
+    parser.add_argument(
         "--limit", type=int, default=None, help="first N questions (and first N images with --world)"
     )
     parser.add_argument("--world", type=Path, default=None, help="a synthetic world: add description F1")
@@ -89,7 +94,13 @@ def run(args: argparse.Namespace) -> int:
     labels = labels_for(args.models)
     device = pick_device(args.device)
     samples, questions, annotations, load_report = load_questions_and_samples(
-        args.questions, args.annotations, args.images, limit=args.limit, skip_bad=args.skip_bad, progress=True
+        args.questions,
+        args.annotations,
+        args.images,
+        limit=args.limit,
+        skip_bad=args.skip_bad,
+        progress=True,
+        image_pattern=args.image_pattern,
     )
     print(load_report.summary())
     if load_report.examples:

@@ -111,6 +111,7 @@ def load_vqa_split(cfg: VQADataConfig, split: str, limit: int | None) -> tuple[l
         limit=limit,
         skip_bad=cfg.skip_bad,
         seed=0,
+        image_pattern=cfg.image_pattern,
     )
     return samples, report.summary()
 

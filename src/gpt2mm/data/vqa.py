@@ -8,7 +8,8 @@ Image file names follow the COCO convention `COCO_{subtype}_{image_id:012d}.jpg`
 when the `.jpg` is absent (the synthetic world writes PNGs). The subtype comes from the questions file's
 `data_subtype` key (or the `data_subtype` argument): a subtype with a year is used as is (`train2014`,
 `val2014`, `test2015`); one without a year gets `2014` appended (`train` -> `train2014`), since the
-synthetic world writes `data_subtype: "train"` and files `COCO_train2014_*.png`.
+synthetic world writes `data_subtype: "train"` and files `COCO_train2014_*.png`. Other names: `image_pattern`,
+a format string over `image_id` and `subtype` (`"{image_id}.png"`, `"{subtype}/{image_id:06d}.jpg"`).
 """
 
 from __future__ import annotations
@@ -43,8 +44,25 @@ def pick_answer(answers: list[str], question_id: int, seed: int) -> str:
     return answers[int.from_bytes(digest[:8], "big") % len(answers)]
 
 
+def check_image_pattern(pattern: str) -> None:
+    """A pattern names each image by its id (`{image_id}`, with any format spec) and may use `{subtype}`."""
+    try:
+        a, b = pattern.format(image_id=1, subtype="x"), pattern.format(image_id=2, subtype="x")
+    except (KeyError, IndexError, ValueError) as e:
+        raise UsageError(
+            f"image_pattern {pattern!r}: {e!r}; it may use {{image_id}} (e.g. {{image_id:012d}}) and {{subtype}}"
+        ) from None
+    if a == b:
+        raise UsageError(
+            f"image_pattern {pattern!r} does not use {{image_id}}: every image would be one file"
+        )
+
+
 def _read_files(
-    questions: str | os.PathLike, annotations: str | os.PathLike, data_subtype: str | None
+    questions: str | os.PathLike,
+    annotations: str | os.PathLike,
+    data_subtype: str | None,
+    needs_subtype: bool = True,
 ) -> tuple[list[Any], dict[int, dict], str]:
     """The questions list, the annotations by question id and the COCO subtype; `DataError` on a wrong file."""
     qdata = read_json(questions)
@@ -57,8 +75,8 @@ def _read_files(
         raise DataError(
             f"{annotations}: expected a JSON object with an 'annotations' list (VQA v2 annotations file)"
         )
-    subtype = data_subtype or qdata.get("data_subtype")
-    if not isinstance(subtype, str) or not subtype:
+    subtype = data_subtype or qdata.get("data_subtype") or ("" if not needs_subtype else None)
+    if not isinstance(subtype, str) or (needs_subtype and not subtype):
         raise DataError(
             f"{questions}: no 'data_subtype' key (e.g. 'train2014'); pass data_subtype= to name the images"
         )
@@ -71,18 +89,29 @@ def _read_files(
 
 class _CocoImages:
     """Image id -> path of its `.jpg` (else `.png`) in a folder, or None when missing; each id looked up once.
+    With a `pattern`, the path is the pattern's name, with no other extension tried.
 
     Without `check_images` there is no file system access per image: the extension is that of the first
     image found, `.jpg` when none is.
     """
 
-    def __init__(self, folder: Path, subtype: str, check_images: bool) -> None:
-        self.folder, self.subtype, self.check_images = folder, subtype, check_images
+    def __init__(self, folder: Path, subtype: str, check_images: bool, pattern: str | None = None) -> None:
+        self.folder, self.subtype, self.check_images, self.pattern = folder, subtype, check_images, pattern
         self.paths: dict[Any, str | None] = {}
         self.fixed_ext: str | None = None
 
+    def expected(self, image_id: int) -> str:
+        """Where the image should be, for a message."""
+        if self.pattern is not None:
+            return str(self.folder / self.pattern.format(image_id=image_id, subtype=self.subtype))
+        return f"{self.folder / coco_image_name(image_id, self.subtype, '.jpg')} (or .png)"
+
     def __call__(self, image_id: int) -> str | None:
         if image_id in self.paths:
+            return self.paths[image_id]
+        if self.pattern is not None:
+            path = self.folder / self.pattern.format(image_id=image_id, subtype=self.subtype)
+            self.paths[image_id] = str(path) if not self.check_images or path.is_file() else None
             return self.paths[image_id]
         jpg = self.folder / coco_image_name(image_id, self.subtype, ".jpg")
         if self.check_images or self.fixed_ext is None:
@@ -171,8 +200,7 @@ def _sample(
         return None
     path = images(q["image_id"])
     if path is None:
-        name = coco_image_name(q["image_id"], images.subtype, ".jpg")
-        report.bad("missing image", f"{where}: image {images.folder / name} (or .png) not found")
+        report.bad("missing image", f"{where}: image {images.expected(q['image_id'])} not found")
         return None
     return Sample(
         id=str(qid),
@@ -196,6 +224,7 @@ def load_vqa(
     data_subtype: str | None = None,
     check_images: bool = True,
     skip_bad: bool = False,
+    image_pattern: str | None = None,
 ) -> tuple[list[Sample], LoadReport]:
     """VQA v2 questions with their annotations, as samples `[user: question, assistant: answer]`.
 
@@ -207,12 +236,17 @@ def load_vqa(
         per image: the extension is that of the first image found, .jpg when none is.
     skip_bad: count bad questions (no annotation, bad schema, missing image, duplicate id) in the report
         instead of raising `DataError`.
+    image_pattern: image file names under `images`, a format string over `image_id` and `subtype` (the
+        questions file's `data_subtype`, needed only when the pattern uses it); None: the COCO names.
     """
     if answer_mode not in ANSWER_MODES:
         raise UsageError(f"answer_mode must be one of {', '.join(ANSWER_MODES)}, not {answer_mode!r}")
     report = LoadReport(str(questions), skip_bad=skip_bad)
-    records, by_qid, subtype = _read_files(questions, annotations, data_subtype)
-    find_image = _CocoImages(Path(images), subtype, check_images)
+    if image_pattern is not None:
+        check_image_pattern(image_pattern)
+    needs_subtype = image_pattern is None or "{subtype" in image_pattern
+    records, by_qid, subtype = _read_files(questions, annotations, data_subtype, needs_subtype)
+    find_image = _CocoImages(Path(images), subtype, check_images, image_pattern)
     samples: list[Sample] = []
     seen: set[int] = set()
     for i, q in enumerate(records):

@@ -101,7 +101,12 @@ def unreadable_images(paths: Sequence[str], progress: bool = False) -> dict[str,
 
 
 def load_vqa_skipping_unreadable(
-    questions: Path, annotations: Path, images: Path, limit: int | None = None, progress: bool = False
+    questions: Path,
+    annotations: Path,
+    images: Path,
+    limit: int | None = None,
+    progress: bool = False,
+    image_pattern: str | None = None,
 ) -> tuple[list[Any], Any]:
     """`load_vqa(..., skip_bad=True)` that also skips (and counts, as "unreadable image") the questions
     about an image that does not decode; as there, skipped questions do not count towards `limit`."""
@@ -111,7 +116,9 @@ def load_vqa_skipping_unreadable(
     checked: set[str] = set()
     want = limit
     while True:
-        samples, report = load_vqa(questions, annotations, images, limit=want, skip_bad=True)
+        samples, report = load_vqa(
+            questions, annotations, images, limit=want, skip_bad=True, image_pattern=image_pattern
+        )
         new = sorted({s.image for s in samples if s.image and s.image not in checked})
         bad.update(unreadable_images(new, progress=progress))
         checked.update(new)
@@ -134,6 +141,7 @@ def load_questions_and_samples(
     limit: int | None = None,
     skip_bad: bool = False,
     progress: bool = False,
+    image_pattern: str | None = None,
 ) -> tuple[list[Any], list[dict[str, Any]], list[dict[str, Any]], Any]:
     """(samples, official questions, official annotations, load report), the official records restricted
     to the samples' question ids (in file order) so that `evaluate`'s coverage check holds. With
@@ -145,9 +153,13 @@ def load_questions_and_samples(
         raise UsageError(f"--limit must be at least 1, not {limit}")
     try:
         if skip_bad:
-            samples, report = load_vqa_skipping_unreadable(questions, annotations, images, limit, progress)
+            samples, report = load_vqa_skipping_unreadable(
+                questions, annotations, images, limit, progress, image_pattern
+            )
         else:
-            samples, report = load_vqa(questions, annotations, images, limit=limit)
+            samples, report = load_vqa(
+                questions, annotations, images, limit=limit, image_pattern=image_pattern
+            )
         all_q = load_questions(questions)
         all_a = load_annotations(annotations)
     except DataError as e:

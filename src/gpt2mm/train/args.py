@@ -150,10 +150,18 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
                 raise UsageError(f"--{item} needs a value")
             key, value = item, items[i + 1]
             i += 2
-        out.append(
-            (key.replace("-", "_"), yaml.safe_load(value) if value.strip().startswith(("[", "{")) else value)
-        )
+        out.append((key.replace("-", "_"), _flow_value(value)))
     return out
+
+
+def _flow_value(value: str) -> Any:
+    """A YAML list or mapping (`[a, b]`, `{k: v}`) as one; any other string, `{image_id}.png` too, as it is."""
+    if value.strip().startswith(("[", "{")):
+        try:
+            return yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+    return value
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -71,6 +71,13 @@ class VQADataConfig:
     val_questions: str = "val_questions.json"
     val_annotations: str = "val_annotations.json"
     val_images: str = "images/val"
+    image_pattern: str | None = field(
+        default=None,
+        metadata={
+            "help": "image file names in the image folders, over {image_id} and {subtype}, e.g. '{image_id}.png' "
+            "(default: COCO's, COCO_{subtype}_{image_id:012d}.jpg)"
+        },
+    )
     limit: int | None = field(default=None, metadata={"help": "first N training questions (seed: 100000)"})
     val_limit: int = 500
     skip_bad: bool = False
