@@ -162,8 +162,9 @@ def pack_by_image(samples: list, k: int, seed: int) -> list:
     return packed
 
 
-def ensure_synthetic_world(root: Path, synth_args: dict, log=print) -> None:
-    """Render the synthetic world into `root` unless it is there; a folder holding other files is refused."""
+def ensure_synthetic_world(root: Path, synth_args: dict, log=print, write: bool = True) -> None:
+    """Render the synthetic world into `root` unless it is there; a folder holding other files is refused
+    (checked by every process of a run; `write` on the main one only)."""
     if (root / "world.json").is_file():
         return
     if root.exists() and any(root.iterdir()):
@@ -171,6 +172,8 @@ def ensure_synthetic_world(root: Path, synth_args: dict, log=print) -> None:
             f"data.root {root} holds files but no synthetic world (world.json); "
             "for your own data set data.synth: false"
         )
+    if not write:
+        return
     from gpt2mm.data.synthetic import write_world
 
     log(f"rendering the synthetic world into {root}")

@@ -48,7 +48,7 @@ def check_image_pattern(pattern: str) -> None:
     """A pattern names each image by its id (`{image_id}`, with any format spec) and may use `{subtype}`."""
     try:
         a, b = pattern.format(image_id=1, subtype="x"), pattern.format(image_id=2, subtype="x")
-    except (KeyError, IndexError, ValueError) as e:
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError) as e:
         raise UsageError(
             f"image_pattern {pattern!r}: {e!r}; it may use {{image_id}} (e.g. {{image_id:012d}}) and {{subtype}}"
         ) from None

@@ -41,6 +41,7 @@ class PPOTrainConfig(RunConfig):
     weight_decay: float = 0.0
     warmup_steps: int = 5
     schedule: str = field(default="constant", metadata={"help": "constant | linear | cosine"})
+    precision: str = field(default="fp32", metadata={"help": "fp32 | bf16"})
     eval_every: int = 50
     eval_batch_size: int = 256
     save_every: int = 50

@@ -59,6 +59,7 @@ class PPOTrainer(Trainer):
     step_name = "update"
     samples_name = "answers_sampled"
     digits = 6
+    evaluate_at_time_stop = True
 
     def __init__(self, cfg: PPORecipe, resume: str | bool | None = None, log=print):
         from transformers.utils import logging as hf_logging
@@ -152,20 +153,15 @@ class PPOTrainer(Trainer):
         return samples
 
     def _build_optimizer(self) -> None:
-        """The run layer's AdamW over the policy's trainable parameters, plus the value head's group (its own
-        learning rate); the schedule as every stage's."""
-        from gpt2mm.train.optim import make_optimizer, make_scheduler
+        """AdamW (the run layer's) over the policy's trainable parameters, with one weight decay for all of
+        them, and the value head's group at its own learning rate; the schedule as every stage's."""
+        from gpt2mm.train.optim import adamw, make_scheduler
 
         t = self.cfg.train
-        self.optimizer = make_optimizer(self.policy, t)
+        groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": t.lr}]
         if self.value_head is not None:
-            self.optimizer.add_param_group(
-                {
-                    "params": list(self.value_head.parameters()),
-                    "lr": t.value_lr or t.lr,
-                    "weight_decay": t.weight_decay,
-                }
-            )
+            groups.append({"params": list(self.value_head.parameters()), "lr": t.value_lr or t.lr})
+        self.optimizer = adamw(groups, t.lr, t.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, t, lambda: self.train_seconds)
 
     # --- data ---

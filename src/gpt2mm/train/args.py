@@ -19,6 +19,12 @@ from gpt2mm.errors import UsageError
 
 T = TypeVar("T")
 
+# options of earlier recipes -> what replaced them (said instead of "unknown option")
+RENAMED = {
+    "tensorboard": "log_with: [tensorboard] ([] for none)",
+    "wandb": "log_with: [wandb] (with tensorboard: [tensorboard, wandb])",
+}
+
 
 def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
@@ -95,6 +101,8 @@ def build(cls: type[T], values: dict[str, Any] | None = None, prefix: str = "") 
     types_ = _field_types(cls)
     unknown = sorted(set(values) - set(types_))
     if unknown:
+        if unknown[0] in RENAMED:
+            raise UsageError(f"option {prefix}{unknown[0]} is now {prefix}{RENAMED[unknown[0]]}")
         known = ", ".join(f.name for f in dataclasses.fields(cls))
         raise UsageError(f"unknown option {prefix}{unknown[0]} (known: {known})")
     kwargs = {}

@@ -44,7 +44,8 @@ def start_trackers(names: list[str], out: Path, config: dict[str, Any]) -> list:
             tracker = cls("gpt2mm", out)
         else:
             tracker = cls("gpt2mm")
-        tracker.start()
+        if hasattr(tracker, "start"):  # accelerate >= 1.2 starts a tracker here, older ones in __init__
+            tracker.start()
         if str(kind) != "tensorboard":  # its hparams table takes scalars only; the config is in trainer_state
             tracker.store_init_configuration(config)
         trackers.append(tracker)

@@ -31,13 +31,21 @@ def param_groups(model, cfg: RunConfig) -> list[dict[str, Any]]:
 
 
 def make_optimizer(model, cfg: RunConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg)
-    if not groups:
+    """AdamW over the model's trainable parameters, in `param_groups`' groups."""
+    return adamw(param_groups(model, cfg), cfg.lr)
+
+
+def adamw(groups: list[dict[str, Any]], lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """The AdamW every stage trains with (betas 0.9 / 0.95), over the given parameter groups; `weight_decay`
+    for a group that names none."""
+    if not any(g["params"] for g in groups):
         raise UsageError("nothing to train: every parameter is frozen")
     device = next(p for g in groups for p in g["params"]).device
     # fused AdamW: one kernel for all parameters, on CUDA and (torch >= 2.4) CPU
     fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+    return torch.optim.AdamW(
+        groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay, fused=fused
+    )
 
 
 def lr_lambda(cfg: RunConfig, elapsed=None):

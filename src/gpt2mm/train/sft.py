@@ -200,8 +200,8 @@ class SFTTrainer(Trainer):
     def _ensure_synthetic_world(self) -> None:
         from gpt2mm.data.splits import ensure_synthetic_world
 
-        if self.acc.is_main_process:
-            ensure_synthetic_world(Path(self.cfg.data.root), self.cfg.data.synth_args, self.log)
+        root, main = Path(self.cfg.data.root), self.acc.is_main_process
+        ensure_synthetic_world(root, self.cfg.data.synth_args, self.log, write=main)
         self.acc.wait_for_everyone()
 
     # --- data order: a function of (seed, epoch), so resume can skip to the exact batch ---

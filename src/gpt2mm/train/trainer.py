@@ -18,8 +18,8 @@ from gpt2mm.train.logging import MetricsLog, ProgressBar, time_is_up
 
 
 class Trainer:
-    """State and loop shared by the stages. Subclasses set up `cfg` (with a `train` section), `out`, `optimizer`,
-    `scheduler`, then call `init_run`."""
+    """State and loop shared by the stages. A subclass calls `init_run` first (the config, with a `train`
+    section, the output folder and the counters), then sets up `optimizer` and `scheduler`."""
 
     # the counters a checkpoint holds (trainer_state.pt); a subclass adds its own data position
     COUNTERS: tuple[str, ...] = ("step", "samples_seen", "train_seconds", "best", "evals_without_gain")
@@ -27,6 +27,7 @@ class Trainer:
     step_name = "step"  # how the log names one update
     samples_name = "samples_seen"  # the counter's name in metrics rows and the summary
     rate_name: str | None = None  # a logged throughput over the logging window (samples per second)
+    evaluate_at_time_stop = False  # whether the step the time budget ends on is evaluated (and logged) first
 
     def init_run(self, cfg: Any, out: Path, log=print, main: bool = True) -> None:
         self.cfg, self.out, self.log, self.main = cfg, out, log, main
@@ -96,13 +97,11 @@ class Trainer:
             bar.update(
                 self.step, self.train_seconds - seconds_at_start, self.train_seconds, **self.postfix(row)
             )
-            if time_is_up(t.max_minutes, self.train_seconds):
-                stop_reason = "max_minutes"
-            if self._after_step(row, last=stop_reason != "max_steps" or self.step == t.max_steps):
-                stop_reason = "early_stopping"
-            if self.step % t.log_every == 0 or stop_reason != "max_steps" or self.step == t.max_steps:
+            logged, stop = self._after_step(row)
+            if logged:
                 window_samples, window_start = 0, time.perf_counter()
-            if stop_reason != "max_steps":
+            if stop:
+                stop_reason = stop
                 break
         bar.close()
         self.save()
@@ -111,17 +110,28 @@ class Trainer:
         self.log(f"done: {json.dumps(summary)}")
         return summary
 
-    def _after_step(self, row: dict[str, Any], last: bool) -> bool:
-        """Log, evaluate (keeping `best`) and save as the intervals say; True when early stopping ends the run."""
+    def _after_step(self, row: dict[str, Any]) -> tuple[bool, str | None]:
+        """Log, evaluate (keeping `best`), save and check the time budget, in that order, as the intervals say.
+        Returns (whether the row was logged, the reason to stop or None); the last step's row is always on
+        record. The step a time budget ends on is evaluated first only where `evaluate_at_time_stop` (PPO)."""
         t = self.cfg.train
-        if self.step % t.log_every == 0 or last:
+        time_up = time_is_up(t.max_minutes, self.train_seconds)
+        final = self.step == t.max_steps or (time_up and self.evaluate_at_time_stop)
+        logged = self.step % t.log_every == 0 or final
+        if logged:
             self.record(row)
-        stop = False
-        if t.eval_every and self.has_validation() and (self.step % t.eval_every == 0 or last):
-            stop = self.evaluate_and_keep_best()
+        stop = None
+        due = bool(t.eval_every) and (self.step % t.eval_every == 0 or final)
+        if due and self.has_validation() and self.evaluate_and_keep_best():
+            stop = "early_stopping"
         if t.save_every and self.step % t.save_every == 0:
             self.save()
-        return stop
+        if time_up:
+            stop = "max_minutes"
+        if stop and not logged:
+            self.record(row)
+            logged = True
+        return logged, stop
 
     def evaluate_and_keep_best(self) -> bool:
         """Validation accuracy on record; a new best saved as `best`. True when early stopping's patience ran out."""

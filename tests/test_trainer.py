@@ -1,0 +1,89 @@
+"""The loop every stage inherits (gpt2mm.train.trainer.Trainer), on a stand-in stage with no model: when rows
+are logged, evaluation runs, `best` and checkpoints are written, and why a run stops."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import pytest
+
+import gpt2mm.train.trainer as trainer_module
+from gpt2mm.train.config import RunConfig
+from gpt2mm.train.trainer import Trainer
+
+
+@dataclass
+class Recipe:
+    train: RunConfig = field(default_factory=RunConfig)
+
+
+class Stage(Trainer):
+    """Steps that cost nothing; validation accuracies from a list; a model file per save."""
+
+    def __init__(self, out, accuracies, **train):
+        train = {"log_with": [], "progress": False, "warmup_steps": 0, **train}
+        self.init_run(Recipe(RunConfig(output_dir=str(out), **train)), out, log=lambda m: None)
+        self.accuracies = list(accuracies)
+        state = SimpleNamespace(state_dict=lambda: {})
+        self.optimizer, self.scheduler = state, state
+        out.mkdir(parents=True, exist_ok=True)
+
+    def train_step(self):
+        return {"loss": float(self.step + 1)}, 4
+
+    def evaluate(self):
+        return self.accuracies.pop(0)
+
+    def write_model(self, out):
+        (out / "model.txt").write_text(str(self.step))
+
+
+def rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_plain_run_logs_evaluates_saves_and_ends_at_max_steps(tmp_path):
+    s = Stage(tmp_path, [50.0, 70.0, 60.0], max_steps=6, log_every=2, eval_every=2, save_every=3, keep_last=5)
+    summary = s.train()
+    assert summary["stop_reason"] == "max_steps" and summary["steps"] == 6 and summary["samples_seen"] == 24
+    assert [(r["step"], "loss" in r) for r in rows(tmp_path)] == [
+        (2, True), (2, False), (4, True), (4, False), (6, True), (6, False),
+    ]  # fmt: skip
+    assert s.best == 70.0 and (tmp_path / "best" / "model.txt").read_text() == "4"
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+
+
+def test_early_stopping_keeps_the_last_steps_row(tmp_path):
+    s = Stage(
+        tmp_path, [50.0, 40.0, 30.0], max_steps=20, log_every=5, eval_every=3, early_stopping_patience=2
+    )
+    assert s.train()["stop_reason"] == "early_stopping" and s.step == 9
+    steps = [(r["step"], "loss" in r) for r in rows(tmp_path)]
+    assert steps == [
+        (3, False),
+        (5, True),
+        (6, False),
+        (9, False),
+        (9, True),
+    ]  # the stop's row after its eval
+
+
+@pytest.mark.parametrize("at_stop", [False, True], ids=["sft", "ppo"])
+def test_a_time_budget_stop_evaluates_only_where_the_stage_says(tmp_path, monkeypatch, at_stop):
+    monkeypatch.setattr(trainer_module, "time_is_up", lambda minutes, seconds: s.step >= 5)
+    s = Stage(tmp_path, [50.0, 60.0], max_steps=100, max_minutes=1.0, log_every=4, eval_every=4)
+    s.evaluate_at_time_stop = at_stop
+    assert s.train()["stop_reason"] == "max_minutes" and s.step == 5
+    expected = (
+        [(4, True), (4, False), (5, True), (5, False)] if at_stop else [(4, True), (4, False), (5, True)]
+    )
+    assert [(r["step"], "loss" in r) for r in rows(tmp_path)] == expected
+    assert (tmp_path / "checkpoint-5" / "trainer_state.pt").is_file()  # the final checkpoint
+
+
+def test_a_stop_by_time_and_patience_at_once_is_the_time_budgets(tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer_module, "time_is_up", lambda minutes, seconds: s.step >= 4)
+    s = Stage(tmp_path, [50.0, 40.0], max_steps=100, max_minutes=1.0, eval_every=2, early_stopping_patience=1)
+    assert s.train()["stop_reason"] == "max_minutes" and s.step == 4
