@@ -43,14 +43,7 @@ from gpt2mm.eval.vqa_files import write_json
 def configure(parser: argparse.ArgumentParser) -> None:
     """The model, the three official inputs, and where to write results and scores."""
     parser.add_argument("model", help="a saved model directory (config.json + processor) or a hub id")
-    parser.add_argument("--questions", required=True, type=Path, help="official VQA v2 questions JSON")
-    parser.add_argument("--annotations", required=True, type=Path, help="official VQA v2 annotations JSON")
-    parser.add_argument("--images", required=True, type=Path, help="the split's image folder")
-    parser.add_argument(
-        "--image-pattern",
-        default=None,
-        help="image file names, over {image_id} and {subtype}, e.g. '{image_id}.png' (default: COCO's)",
-    )
+    add_split_arguments(parser)
     parser.add_argument("--limit", type=int, default=None, help="answer only the first N questions")
     parser.add_argument("--batch-size", type=int, default=64, help="questions per generation batch")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="longest answer, in tokens")
@@ -66,16 +59,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Load, answer, write the results, score with vqa-score's `evaluate`, print vqa-score's report."""
-    if args.batch_size < 1 or args.max_new_tokens < 1:
-        raise UsageError("--batch-size and --max-new-tokens must be at least 1")
-    check_outputs(
-        [("--out", args.out), ("--json", args.json_out)],
-        [("--questions", args.questions), ("--annotations", args.annotations)],
+def add_split_arguments(parser: argparse.ArgumentParser) -> None:
+    """The VQA split a model is scored on (eval, report): the official files and the images' names."""
+    parser.add_argument("--questions", required=True, type=Path, help="official VQA v2 questions JSON")
+    parser.add_argument("--annotations", required=True, type=Path, help="official VQA v2 annotations JSON")
+    parser.add_argument("--images", required=True, type=Path, help="the split's image folder")
+    parser.add_argument(
+        "--image-pattern",
+        default=None,
+        help="image file names, over {image_id} and {subtype}, e.g. '{image_id}.png' (default: COCO's)",
     )
-    device = pick_device(args.device)
-    check_model_path(args.model)
+
+
+def load_split(args: argparse.Namespace):
+    """The split's samples and official records (`load_questions_and_samples`), its load report printed."""
     samples, questions, annotations, report = load_questions_and_samples(
         args.questions,
         args.annotations,
@@ -88,6 +85,20 @@ def run(args: argparse.Namespace) -> int:
     print(report.summary())
     if report.examples:
         print(f"  e.g. {report.examples[0]}")
+    return samples, questions, annotations, report
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load, answer, write the results, score with vqa-score's `evaluate`, print vqa-score's report."""
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        raise UsageError("--batch-size and --max-new-tokens must be at least 1")
+    check_outputs(
+        [("--out", args.out), ("--json", args.json_out)],
+        [("--questions", args.questions), ("--annotations", args.annotations)],
+    )
+    device = pick_device(args.device)
+    check_model_path(args.model)
+    samples, questions, annotations, report = load_split(args)
     model, processor = load_for_eval(args.model, device)
     results_name = str(args.out) if args.out is not None else "results"
     results, scores, seconds = answer_and_score(

@@ -25,6 +25,7 @@ import argparse
 import gc
 from pathlib import Path
 
+from gpt2mm.commands.eval import add_split_arguments, load_split
 from gpt2mm.devices import pick_device
 from gpt2mm.errors import UsageError
 from gpt2mm.eval.report import (
@@ -36,7 +37,7 @@ from gpt2mm.eval.report import (
     resolve_checkpoint,
     write_png,
 )
-from gpt2mm.eval.run_eval import check_outputs, load_for_eval, load_questions_and_samples, skipped_reasons
+from gpt2mm.eval.run_eval import check_outputs, load_for_eval, skipped_reasons
 from gpt2mm.eval.vqa_files import write_json
 
 
@@ -45,14 +46,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "models", nargs="+", metavar="RUN_OR_MODEL", help="training run dirs, model dirs or hub ids"
     )
-    parser.add_argument("--questions", required=True, type=Path, help="official VQA v2 questions JSON")
-    parser.add_argument("--annotations", required=True, type=Path, help="official VQA v2 annotations JSON")
-    parser.add_argument("--images", required=True, type=Path, help="the split's image folder")
-    parser.add_argument(
-        "--image-pattern",
-        default=None,
-        help="image file names, over {image_id} and {subtype}, e.g. '{image_id}.png' (default: COCO's)",
-    )
+    add_split_arguments(parser)
     parser.add_argument(
         "--limit", type=int, default=None, help="first N questions (and first N images with --world)"
     )
@@ -93,18 +87,7 @@ def run(args: argparse.Namespace) -> int:
     targets = [resolve_checkpoint(m) for m in args.models]
     labels = labels_for(args.models)
     device = pick_device(args.device)
-    samples, questions, annotations, load_report = load_questions_and_samples(
-        args.questions,
-        args.annotations,
-        args.images,
-        limit=args.limit,
-        skip_bad=args.skip_bad,
-        progress=True,
-        image_pattern=args.image_pattern,
-    )
-    print(load_report.summary())
-    if load_report.examples:
-        print(f"  e.g. {load_report.examples[0]}")
+    samples, questions, annotations, load_report = load_split(args)
     describe = None
     if args.world is not None:
         describe = description_samples(args.world, args.split, args.limit, skip_bad=args.skip_bad)
