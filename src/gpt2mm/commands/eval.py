@@ -53,14 +53,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json", dest="json_out", type=Path, default=None, metavar="OUT", help="write the scores here"
     )
-    parser.add_argument(
-        "--skip-bad", action="store_true", help="skip (and count) questions the loader refuses"
-    )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 
 def add_split_arguments(parser: argparse.ArgumentParser) -> None:
-    """The VQA split a model is scored on (eval, report): the official files and the images' names."""
+    """The VQA split a model is scored on (eval, report): the official files, the images' names, and
+    whether questions the loader refuses are skipped (what `load_split` reads, with `--limit`)."""
     parser.add_argument("--questions", required=True, type=Path, help="official VQA v2 questions JSON")
     parser.add_argument("--annotations", required=True, type=Path, help="official VQA v2 annotations JSON")
     parser.add_argument("--images", required=True, type=Path, help="the split's image folder")
@@ -68,6 +66,9 @@ def add_split_arguments(parser: argparse.ArgumentParser) -> None:
         "--image-pattern",
         default=None,
         help="image file names, over {image_id} and {subtype}, e.g. '{image_id}.png' (default: COCO's)",
+    )
+    parser.add_argument(
+        "--skip-bad", action="store_true", help="skip (and count) questions the loader refuses"
     )
 
 

@@ -65,9 +65,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json", dest="json_out", type=Path, default=None, metavar="OUT", help="write all numbers here"
     )
-    parser.add_argument(
-        "--skip-bad", action="store_true", help="skip (and count) questions the loader refuses"
-    )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 
