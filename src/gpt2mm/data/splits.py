@@ -116,10 +116,19 @@ def load_vqa_split(cfg: VQADataConfig, split: str, limit: int | None) -> tuple[l
     return samples, report.summary()
 
 
+DIFFICULTIES = ("objects", "answer_length", "question_length")
+
+
 def set_difficulty(samples: list, cfg: DataConfig, split: str) -> None:
-    """Difficulty for a curriculum: `objects` reads the synthetic world's scene records."""
+    """Difficulty for a curriculum. `answer_length` and `question_length` (in words, over a sample's turns)
+    work on any data set; `objects` reads the synthetic world's scene records (its scenes' object counts)."""
+    if cfg.difficulty not in DIFFICULTIES:
+        raise UsageError(f"data.difficulty must be one of {', '.join(DIFFICULTIES)}, got {cfg.difficulty!r}")
     if cfg.difficulty != "objects":
-        raise UsageError(f"data.difficulty must be 'objects' (the synthetic world), got {cfg.difficulty!r}")
+        role = "assistant" if cfg.difficulty == "answer_length" else "user"
+        for s in samples:
+            s.difficulty = max(len(t.text.split()) for t in s.turns if t.role == role)
+        return
     path = resolve(cfg.root, f"scenes/{split}_scenes.json")
     if not path.is_file():
         raise UsageError(f"data.difficulty: objects needs the synthetic world's {path}")
@@ -156,10 +165,16 @@ def pack_by_image(samples: list, k: int, seed: int) -> list:
                     image=image,
                     turns=turns,
                     image_id=chunk[0].image_id,
-                    difficulty=chunk[0].difficulty,
+                    difficulty=_hardest(s.difficulty for s in chunk),
                 )
             )
     return packed
+
+
+def _hardest(levels) -> float | None:
+    """A packed sample's difficulty: its hardest question's (None when any has none)."""
+    levels = list(levels)
+    return None if any(x is None for x in levels) else max(levels)
 
 
 def ensure_synthetic_world(root: Path, synth_args: dict, log=print, write: bool = True) -> None:

@@ -168,7 +168,10 @@ class DataConfig(VQADataConfig):
     )
     difficulty: str | None = field(
         default=None,
-        metadata={"help": "objects: a synthetic sample's difficulty is its scene's object count"},
+        metadata={
+            "help": "for train.curriculum_steps: answer_length | question_length (words; any data) | objects "
+            "(the synthetic world's object count)"
+        },
     )
 
 
