@@ -569,6 +569,20 @@ def test_llava_several_images_keep_their_placeholders(tmp_path):
     assert one.turns == string.turns == [Turn("user", "What is it?"), Turn("assistant", "A.")]
     assert one.encoder_turns() == [("user", "What is it?", 1), ("assistant", "A.", 0)]
     assert report.loaded == 5
+    # a user turn that is only its image is a prompt (as the first turn of a single-image record is)
+    alone = {
+        "id": "alone",
+        "image": ["a.jpg", "sub/b.jpg"],
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat is it?"},
+            {"from": "gpt", "value": "A circle."},
+            {"from": "human", "value": "<image>"},
+            {"from": "gpt", "value": "A square."},
+        ],
+    }
+    path = write_json(path, [alone])
+    (sample,), _ = load_llava(path, images)
+    assert [n for _, _, n in sample.encoder_turns()] == [1, 0, 1, 0]
 
 
 def test_llava_several_images_errors_name_file_and_record(tmp_path):

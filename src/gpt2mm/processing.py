@@ -151,11 +151,11 @@ class MultimodalGPT2Processor(ProcessorMixin):
         """THE encoding: (role, text, number of images) turns, user first, alternating -> `input_ids` and
         `labels` (-100 except on the assistant turns' tokens and their end-of-text).
 
-        A user turn with k images gets k `<image>` runs after `Q:`, in the order of the images, unless its text
-        holds k `<image>` placeholders: then each run stands where its placeholder does (`format_prompt`);
-        a count that differs from k is a `ValueError`. Each part is
-        tokenized on its own, so the label boundaries are exact and a prompt's tokens are the same whether
-        it is encoded alone (to be answered) or with its answer (to be trained on).
+        A user turn with k images gets k `<image>` runs after `Q:`, in the order of the images, unless its
+        text holds k `<image>` placeholders: then each run stands where its placeholder does (`format_prompt`);
+        a count that differs from k is a `ValueError`. Each part is tokenized on its own, so the label
+        boundaries are exact and a prompt's tokens are the same whether it is encoded alone (to be answered)
+        or with its answer (to be trained on).
         `generation_prompt`: the conversation is a prompt to answer, so it must end with a user turn and
         every question needs text (a `ValueError` otherwise: `Q: <image> A:` asks nothing).
         """

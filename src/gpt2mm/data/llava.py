@@ -38,8 +38,8 @@ def parse_conversation(
     """Turns of a LLaVA `conversations` list, and the number of system turns dropped; `ValueError` saying
     what is wrong with it. `num_images` (default: one if `has_image`): with two or more, the user turns keep
     their `<image>` placeholders, which must be none or one per image. Only a user turn that holds images
-    may be empty (the image is the prompt): the first one of a single-image record, one with a placeholder
-    of a multi-image record."""
+    may be empty (the image is the prompt): the first one of a record with images, or one with a placeholder
+    in a multi-image record."""
     n_images = int(has_image) if num_images is None else num_images
     placed = n_images >= 2  # placeholders kept where they stand
     if not isinstance(conversation, list) or not conversation:
@@ -66,7 +66,7 @@ def parse_conversation(
             )
         if role == "user":
             text = strip_image_placeholder(t["value"])
-            holds_image = IMAGE_PLACEHOLDER in t["value"] if placed else bool(n_images) and not turns
+            holds_image = (n_images and not turns) or (placed and IMAGE_PLACEHOLDER in t["value"])
             if not text and not holds_image:
                 raise ValueError(f"turn {j}: empty user turn")
             if placed:
