@@ -390,8 +390,10 @@ def llava_records():
 def llava_file(tmp_path: Path, records) -> tuple[Path, Path]:
     images = tmp_path / "llava_images"
     for rec in records:
-        if isinstance(rec, dict) and isinstance(rec.get("image"), str):
-            write_image(images / rec["image"])
+        image = rec.get("image") if isinstance(rec, dict) else None
+        for name in [image] if isinstance(image, str) else image if isinstance(image, list) else []:
+            if isinstance(name, str) and name and name != "missing.jpg":
+                write_image(images / name)
     return write_json(tmp_path / "llava.json", records), images
 
 
@@ -435,7 +437,41 @@ def test_llava_formats(tmp_path):
             },
             "assistant turn",
         ),
-        ({"id": "b", "image": ["a.jpg", "b.jpg"], "conversations": []}, "one relative path"),
+        ({"id": "b", "image": [], "conversations": []}, "a non-empty list"),
+        ({"id": "b", "image": ["a.jpg", 3], "conversations": []}, "a non-empty list"),
+        (
+            {
+                "id": "b",
+                "image": ["a.jpg", "b.jpg"],
+                "conversations": [
+                    {"from": "human", "value": "Is <image> red?"},
+                    {"from": "gpt", "value": "no"},
+                ],
+            },
+            "the user turns hold 1 <image> placeholders for 2 images",
+        ),
+        (
+            {
+                "id": "b",
+                "image": ["a.jpg", "b.jpg"],
+                "conversations": [
+                    {"from": "human", "value": "<image> <image> <image> Which?"},
+                    {"from": "gpt", "value": "the first"},
+                ],
+            },
+            "the user turns hold 3 <image> placeholders for 2 images",
+        ),
+        (
+            {
+                "id": "b",
+                "image": ["a.jpg", "b.jpg"],
+                "conversations": [
+                    {"from": "human", "value": "<image> <image> Which?"},
+                    {"from": "gpt", "value": "<image>"},
+                ],
+            },
+            "<image> in an assistant turn",
+        ),
         ("not a record", "expected a JSON object"),
     ],
 )
@@ -471,6 +507,123 @@ def test_llava_missing_image_duplicate_ids_and_skip_summary(tmp_path):
         load_llava(path, images)
     with pytest.raises(DataError, match="no such file"):
         load_llava(tmp_path / "absent.json", images)
+
+
+def two_image_records() -> list[dict]:
+    return [
+        {
+            "id": "pair",
+            "image": ["a.jpg", "sub/b.jpg"],
+            "conversations": [
+                {"from": "human", "value": "Image 1: <image>\nImage 2:<image>\nWhich is bigger?"},
+                {"from": "gpt", "value": "The second."},
+            ],
+        },
+        {
+            "id": "spread",
+            "image": ["a.jpg", "sub/b.jpg"],
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is it?"},
+                {"from": "gpt", "value": "A circle."},
+                {"from": "human", "value": "And this one? <image>"},
+                {"from": "gpt", "value": "A square."},
+            ],
+        },
+        {
+            "id": "no-placeholder",
+            "image": ["a.jpg", "sub/b.jpg"],
+            "conversations": [{"from": "human", "value": "Compare them."}, {"from": "gpt", "value": "Same."}],
+        },
+        {
+            "id": "list-of-one",
+            "image": ["a.jpg"],
+            "conversations": [
+                {"from": "human", "value": "What is <image> it?"},
+                {"from": "gpt", "value": "A."},
+            ],
+        },
+        {
+            "id": "string",
+            "image": "a.jpg",
+            "conversations": [
+                {"from": "human", "value": "What is <image> it?"},
+                {"from": "gpt", "value": "A."},
+            ],
+        },
+    ]
+
+
+def test_llava_several_images_keep_their_placeholders(tmp_path):
+    path, images = llava_file(tmp_path, two_image_records())
+    samples, report = load_llava(path, images)
+    pair, spread, bare, one, string = samples
+    a, b = str(images / "a.jpg"), str(images / "sub/b.jpg")
+    assert pair.images == [a, b] and pair.image == a and pair.more_images == [b]
+    assert pair.turns[0].text == "Image 1: <image>\nImage 2:<image>\nWhich is bigger?"
+    assert pair.encoder_turns() == [("user", pair.turns[0].text, 2), ("assistant", "The second.", 0)]
+    assert [n for _, _, n in spread.encoder_turns()] == [1, 0, 1, 0]
+    # no placeholder: every image goes to the first user turn (after its `Q:`)
+    assert bare.encoder_turns() == [("user", "Compare them.", 2), ("assistant", "Same.", 0)]
+    # a list of one image is the plain string's record: the placeholder removed, the image after `Q:`
+    assert one.images == string.images == [a] and one.more_images == []
+    assert one.turns == string.turns == [Turn("user", "What is it?"), Turn("assistant", "A.")]
+    assert one.encoder_turns() == [("user", "What is it?", 1), ("assistant", "A.", 0)]
+    assert report.loaded == 5
+    # a user turn that is only its image is a prompt (as the first turn of a single-image record is)
+    alone = {
+        "id": "alone",
+        "image": ["a.jpg", "sub/b.jpg"],
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat is it?"},
+            {"from": "gpt", "value": "A circle."},
+            {"from": "human", "value": "<image>"},
+            {"from": "gpt", "value": "A square."},
+        ],
+    }
+    path = write_json(path, [alone])
+    (sample,), _ = load_llava(path, images)
+    assert [n for _, _, n in sample.encoder_turns()] == [1, 0, 1, 0]
+
+
+def test_llava_several_images_errors_name_file_and_record(tmp_path):
+    records = two_image_records()
+    records.append(
+        {
+            "id": "extra",
+            "image": ["a.jpg", "sub/b.jpg"],
+            "conversations": [
+                {"from": "human", "value": "<image> and <image>?"},
+                {"from": "gpt", "value": "Two."},
+                {"from": "human", "value": "<image>"},
+                {"from": "gpt", "value": "x"},
+            ],
+        }
+    )
+    records.append(
+        {"id": "gone", "image": ["a.jpg", "missing.jpg"], "conversations": records[2]["conversations"]}
+    )
+    path, images = llava_file(tmp_path, records)
+    with pytest.raises(
+        DataError,
+        match=r"llava\.json: record 5 \(id 'extra'\): the user turns hold 3 <image> placeholders for 2 images",
+    ):
+        load_llava(path, images)
+    samples, report = load_llava(path, images, skip_bad=True)
+    assert [s.id for s in samples] == ["pair", "spread", "no-placeholder", "list-of-one", "string"]
+    assert report.skipped == {"bad schema": 1, "missing image": 1}
+    assert any("record 6 (id 'gone'): image" in m and "missing.jpg not found" in m for m in report.examples)
+
+
+def test_sample_with_placeholders_that_do_not_count_its_images():
+    s = Sample(
+        "x", "a.jpg", [Turn("user", "<image> vs <image>"), Turn("assistant", "y")], more_images=["b.jpg"]
+    )
+    assert s.encoder_turns()[0] == ("user", "<image> vs <image>", 2)
+    s.more_images = ["b.jpg", "c.jpg"]
+    with pytest.raises(ValueError, match="sample x: its user turns hold 2 <image> placeholders but it has 3"):
+        s.encoder_turns()
+    with pytest.raises(ValueError, match="more_images without a first image"):
+        Sample("y", None, [], more_images=["b.jpg"])
 
 
 # --- Hugging Face datasets -------------------------------------------------------------------------------

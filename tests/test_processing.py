@@ -138,3 +138,177 @@ def test_stop_strings_are_shared_by_postprocessing_and_serving(tiny_processor):
     assert _Row(request, Choice(0), 4, ("zz",)).stops == (*STOP_STRINGS, "zz")
     for stop in STOP_STRINGS:
         assert tiny_processor.postprocess_answer(f" red{stop}more") == "red"
+
+
+# --- several images per sample ----------------------------------------------------------------------------
+
+
+def test_two_images_encode_where_their_placeholders_stand(tiny_processor):
+    p = tiny_processor
+    run, eos = [p.image_token_id] * p.num_image_tokens, p.tokenizer.eos_token_id
+    enc = p.encode_turns([("user", "Compare<image>and \n<image>.", 2), ("assistant", "same", 0)])
+    # naive: the text pieces tokenized on their own, an image run at each placeholder, one space either side
+    prompt = p._tokens("Q: Compare ") + run + p._tokens(" and ") + run + p._tokens(" . A:")
+    answer = p._tokens(" same") + [eos]
+    assert enc["input_ids"] == prompt + answer
+    assert enc["labels"] == [IGNORE_INDEX] * len(prompt) + answer
+    starts = [
+        i for i, t in enumerate(enc["input_ids"]) if t == p.image_token_id and enc["input_ids"][i - 1] != t
+    ]
+    assert starts == [
+        len(p._tokens("Q: Compare ")),
+        len(p._tokens("Q: Compare ")) + 10 + len(p._tokens(" and ")),
+    ]
+    assert (
+        p.decode(enc["input_ids"][: len(prompt)])
+        == "Q: Compare " + "<image>" * 10 + " and " + "<image>" * 10 + " . A:"
+    )
+    # placeholders at the start are the images-before-the-question encoding (a record without placeholders)
+    assert p.encode_turns([("user", "<image>\n<image> Which?", 2)]) == p.encode_turns([("user", "Which?", 2)])
+    with pytest.raises(ValueError, match="turn 0: the question holds 2 <image> placeholders but 3 images"):
+        p.encode_turns([("user", "<image> or <image>?", 3)])
+    with pytest.raises(ValueError, match="turn 1: assistant turns cannot hold images"):
+        p.encode_turns([("user", "<image> or <image>?", 2), ("assistant", "the <image>", 0)])
+    with pytest.raises(ValueError, match="turn 0: the question is empty"):
+        p.encode_turns([("user", "<image> <image>", 2)], generation_prompt=True)
+
+
+def test_single_image_encodings_are_unchanged(tiny_processor):
+    """One image (a plain path, or a list of one, wherever its placeholder stood) encodes as the seed's
+    format string, token for token."""
+    from gpt2mm.data.collate import encode_samples
+    from gpt2mm.data.samples import Sample, Turn
+
+    p = tiny_processor
+    img = "<image>" * p.num_image_tokens
+    samples = [
+        Sample("vqa", "a.png", [Turn("user", "What color is it?"), Turn("assistant", "red")]),
+        Sample(
+            "chat",
+            "a.png",
+            [
+                Turn("user", "Describe."),
+                Turn("assistant", "A red circle."),
+                Turn("user", "How many?"),
+                Turn("assistant", "1"),
+            ],
+        ),
+        Sample("text", None, [Turn("user", "Say hi."), Turn("assistant", "Hi!")]),
+    ]
+    expected = [
+        f"Q: {img} What color is it? A: red<|endoftext|>",
+        f"Q: {img} Describe. A: A red circle.<|endoftext|>Q: How many? A: 1<|endoftext|>",
+        "Q: Say hi. A: Hi!<|endoftext|>",
+    ]
+    encoded, report = encode_samples(samples, p, max_length=200)
+    assert report.kept == 3
+    for e, text in zip(encoded, expected):
+        assert e.input_ids == p._tokens(text)
+    assert [e.images for e in encoded] == [["a.png"], ["a.png"], []]
+    assert p.format_prompt("<image>\nWhat?") == p.format_prompt("What?") == "Q: <image> What? A:"
+
+
+def test_collator_stacks_every_image_in_order(tiny_pair):
+    """The examples' images in order, each example's in its own order: the order of the `<image>` runs,
+    which the model checks against the image count."""
+    from gpt2mm.data.collate import Collator, encode_samples
+    from gpt2mm.data.samples import Sample, Turn
+
+    model, p = tiny_pair
+    samples = [
+        Sample(
+            "pair",
+            "1",
+            [Turn("user", "Is <image> like <image> ?"), Turn("assistant", "no")],
+            more_images=["2"],
+        ),
+        Sample("text", None, [Turn("user", "Hi?"), Turn("assistant", "hi")]),
+        Sample("one", "3", [Turn("user", "What?"), Turn("assistant", "red")]),
+        Sample("bare", "4", [Turn("user", "Which?"), Turn("assistant", "left")], more_images=["5", "6"]),
+    ]
+    encoded, _ = encode_samples(samples, p, max_length=200)
+    pixels = {str(i): p.preprocess_images([make_image(i, size=32)])[0] for i in range(1, 7)}
+    batch = Collator(p.tokenizer.pad_token_id, pixels.__getitem__)(encoded)
+    assert torch.equal(batch["pixel_values"], torch.stack([pixels[str(i)] for i in range(1, 7)]))
+    per_row = (batch["input_ids"] == p.image_token_id).sum(1) // p.num_image_tokens
+    assert per_row.tolist() == [2, 0, 1, 3]
+    out = model(**batch)  # the model takes them (tokens and images agree)
+    assert torch.isfinite(out.loss)
+
+
+def _manual_logits(model, ids: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    """The model's logits for one row, its image features put in by hand, run by run."""
+    cfg = model.config
+    embeds = model.get_input_embeddings()(ids)  # (1, T, C)
+    features = model.get_image_features(pixels)  # (N, T_img, C)
+    positions = (ids[0] == cfg.image_token_id).nonzero().flatten().tolist()
+    for k in range(len(pixels)):
+        run = positions[k * cfg.num_image_tokens : (k + 1) * cfg.num_image_tokens]
+        assert run == list(range(run[0], run[0] + cfg.num_image_tokens))  # each run is contiguous
+        if cfg.fusion == "add":
+            embeds[0, run] = embeds[0, run] + features[k]
+        else:
+            embeds[0, run] = features[k]
+    hidden = model.language_model(inputs_embeds=embeds).last_hidden_state
+    return model.lm_head(hidden)
+
+
+@torch.no_grad()
+def test_two_images_forward_equals_features_put_in_by_hand(tiny_pair):
+    model, p = tiny_pair
+    ids = torch.tensor([p.encode_turns([("user", "Is <image> bigger than <image> ?", 2)])["input_ids"]])
+    a, b = (p.preprocess_images([make_image(seed, size=32)]) for seed in (1, 2))
+    logits = model(input_ids=ids, pixel_values=torch.cat([a, b])).logits
+    torch.testing.assert_close(logits, _manual_logits(model, ids, torch.cat([a, b])))
+    assert torch.equal(logits, model(input_ids=ids, pixel_values=torch.cat([a, b])).logits)  # deterministic
+    swapped = model(input_ids=ids, pixel_values=torch.cat([b, a])).logits
+    assert not torch.allclose(logits[0, -1], swapped[0, -1])  # the order of the images matters
+    with pytest.raises(ValueError, match="1 images were given"):
+        model(input_ids=ids, pixel_values=a)
+
+
+def test_batched_answers_pass_several_images_per_sample(tmp_path):
+    """`answer_questions` (training-time eval, `gpt2mm eval`): a two-image sample in a batch with others
+    gets the answer `generate` gives it alone, from its prompt and both its images."""
+    from conftest import wide_tiny_model
+    from gpt2mm.data.samples import Sample, Turn
+    from gpt2mm.eval.evaluate import answer_questions
+
+    model, p = wide_tiny_model()
+    paths = []
+    for i in range(3):
+        make_image(40 + i).save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
+    samples = [
+        Sample(
+            "pair",
+            paths[0],
+            [Turn("user", "Is <image> like <image> ?"), Turn("assistant", "no")],
+            more_images=[paths[1]],
+        ),
+        Sample("one", paths[2], [Turn("user", "What color is it?"), Turn("assistant", "red")]),
+        Sample("text", None, [Turn("user", "How many?"), Turn("assistant", "2")]),
+        # images in a later turn are not the first question's
+        Sample(
+            "later",
+            paths[0],
+            [
+                Turn("user", "<image> What?"),
+                Turn("assistant", "x"),
+                Turn("user", "And <image> ?"),
+                Turn("assistant", "y"),
+            ],
+            more_images=[paths[2]],
+        ),
+    ]
+    answers = answer_questions(model, p, samples, batch_size=4, max_new_tokens=4)
+    from gpt2mm.data.images import load_image
+
+    for s, answer in zip(samples, answers):
+        role, text, n = s.encoder_turns()[0]
+        ids = torch.tensor([p.encode_turns([(role, text, n)])["input_ids"]])
+        kw = {"pixel_values": p.preprocess_images([load_image(x) for x in s.images[:n]])} if n else {}
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, **kw)
+        assert answer == p.postprocess_answer(p.decode(out[0, ids.shape[1] :]))
+    assert len(set(answers)) > 1  # the equality is not vacuous

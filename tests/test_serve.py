@@ -472,6 +472,84 @@ def test_image_then_question_in_two_user_messages_is_one_turn(client, engine):
     assert r.json()["choices"][0]["message"]["content"] == expected
 
 
+def direct_turns_answer(engine: Engine, turns, images, max_new_tokens: int) -> tuple[str, int]:
+    """The answer by plain `model.generate` on `processor.encode_turns` with the images in order."""
+    processor = engine.processor
+    ids = processor.encode_turns(turns, generation_prompt=True)["input_ids"]
+    kw = {"pixel_values": processor.preprocess_images(images)} if images else {}
+    with torch.no_grad():
+        out = engine.model.generate(
+            input_ids=torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, **kw
+        )
+    return processor.postprocess_answer(processor.decode(out[0, len(ids) :])), len(ids)
+
+
+def two_image_message(a: Image.Image, b: Image.Image) -> dict:
+    return {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": "Is"},
+            image_part(data_url(png_bytes(a))),
+            {"type": "text", "text": " like "},
+            image_part(data_url(png_bytes(b))),
+            {"type": "text", "text": "?"},
+        ],
+    }
+
+
+def test_two_images_with_max_images_2_stand_where_their_parts_do(client, engine):
+    a, b = make_image(30), make_image(31)
+    body = {"messages": [two_image_message(a, b)], "max_tokens": 6}
+    settings = ServerSettings(model_name="tiny", max_images=2)
+    with TestClient(create_app(engine, settings)) as two:
+        r = post_json(two, body)
+        assert r.status_code == 200, r.text
+        expected, n_prompt = direct_turns_answer(
+            engine, [("user", "Is <image> like <image> ?", 2)], [a, b], 6
+        )
+        assert r.json()["choices"][0]["message"]["content"] == expected
+        assert r.json()["usage"]["prompt_tokens"] == n_prompt
+        # the other order is the other prompt: the images go in as their parts stand
+        swapped = post_json(two, {"messages": [two_image_message(b, a)], "max_tokens": 6})
+        expected, _ = direct_turns_answer(engine, [("user", "Is <image> like <image> ?", 2)], [b, a], 6)
+        assert swapped.json()["choices"][0]["message"]["content"] == expected
+        three = {"messages": [two_image_message(a, b), user("and?", b)]}
+        assert_openai_error(post_json(two, three), 400, "too_many_images")
+    # the default server (--max-images 1) refuses it
+    err = assert_openai_error(post_json(client, body), 400, "too_many_images")
+    assert "at most 1" in err["message"]
+
+
+def test_messages_to_turns_places_several_images_and_keeps_one_after_q():
+    from gpt2mm.serve.schema import APIError, ChatRequest, messages_to_turns
+
+    def turns(messages):
+        return messages_to_turns(ChatRequest.model_validate({"messages": messages}).messages)[0]
+
+    url = image_part("data:image/png;base64,AAAA")
+    text = lambda t: {"type": "text", "text": t}  # noqa: E731
+    # one image, wherever its part stands: after `Q:`, as the seed's format has it (no placeholder)
+    for content in ([text("What?"), url], [url, text("What?")], [text("Wh"), url, text("at?")]):
+        assert turns([{"role": "user", "content": content}])[0][2] == 1
+    assert turns([{"role": "user", "content": [text("What?"), url]}]) == [("user", "What?", 1)]
+    # several: a placeholder where each part stands, across merged messages too
+    messages = [
+        {"role": "user", "content": [url, text(" Compare ")]},
+        {"role": "user", "content": [url, text("and")]},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": [text("Now"), url]},
+    ]
+    assert turns(messages) == [
+        ("user", "<image> Compare <image> and", 2),
+        ("assistant", "ok", 0),
+        ("user", "Now", 1),
+    ]
+    with pytest.raises(APIError, match=r"messages.0.content.1.text: text may not hold <image>"):
+        turns([{"role": "user", "content": [url, text("what is <image>?")]}])
+    with pytest.raises(APIError, match=r"messages.1.content: text may not hold <image>"):
+        turns([user("Hi"), {"role": "assistant", "content": "<image>"}, user("Hi")])
+
+
 def test_engine_refuses_an_empty_question(engine):
     for question in ("", "  "):
         with pytest.raises(ValueError, match="the question is empty"):
@@ -773,6 +851,27 @@ def test_ask_cli_prints_the_api_answer(engine, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["ask", str(tmp_path / "model"), "--image", str(tmp_path / "nope.png"), "What?"])
     assert e.value.code == 2
+
+
+def test_ask_cli_with_two_images(engine, tmp_path, capsys):
+    from gpt2mm.cli import main
+
+    engine.model.save_pretrained(tmp_path / "model")
+    engine.processor.save_pretrained(tmp_path / "model")
+    for i in range(2):
+        make_image(32 + i).save(tmp_path / f"{i}.png")
+    a, b = (Image.open(tmp_path / f"{i}.png") for i in range(2))
+    images = ["--image", str(tmp_path / "0.png"), "--image", str(tmp_path / "1.png")]
+    question = "Is <image> like <image> ?"
+    expected, _ = direct_turns_answer(engine, [("user", question, 2)], [a, b], 6)
+    assert main(["ask", str(tmp_path / "model"), *images, question, "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    # without placeholders both images go before the question
+    expected, _ = direct_turns_answer(engine, [("user", "Same?", 2)], [a, b], 6)
+    assert main(["ask", str(tmp_path / "model"), *images, "Same?", "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    err = _usage_error(capsys, ["ask", str(tmp_path / "nomodel"), *images[:2], question], "ask")
+    assert "the question holds 2 <image> placeholders but 1 --image files were given" in err
 
 
 def _usage_error(capsys, argv: list[str], command: str) -> str:

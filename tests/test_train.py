@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -344,6 +345,69 @@ def test_feature_cache_training_matches_pixels(world, tmp_path):
         losses[name] = [r["loss"] for r in rows if "loss" in r]
     assert list((tmp_path / "features").iterdir())  # the cache was written
     assert losses["pixels"] == pytest.approx(losses["cache"], rel=1e-2)
+
+
+def two_image_llava(world: Path, path: Path) -> Path:
+    """LLaVA records about two images each (placeholders where they stand, or none), and one single-image
+    record, from the world's training scenes."""
+    scenes = json.loads((world / "scenes" / "train_scenes.json").read_text())
+    records = []
+    for i, (a, b) in enumerate(zip(scenes, scenes[1:] + scenes[:1])):
+        n_a, n_b = len(a["objects"]), len(b["objects"])
+        files = [f"train/{a['file_name']}", f"train/{b['file_name']}"]
+        question = (
+            "Image 1: <image>\nImage 2: <image>\nHow many objects are there in all?"
+            if i % 2
+            else "How many objects are there in all?"  # no placeholder: both images before the question
+        )
+        records.append(
+            {
+                "id": f"pair{i}",
+                "image": files,
+                "conversations": [
+                    {"from": "human", "value": question},
+                    {"from": "gpt", "value": str(n_a + n_b)},
+                ],
+            }
+        )
+    records.append(
+        {
+            "id": "one",
+            "image": [f"train/{scenes[0]['file_name']}"],
+            "conversations": [
+                {"from": "human", "value": "<image>\nHow many?"},
+                {"from": "gpt", "value": "3"},
+            ],
+        }
+    )
+    path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.mark.parametrize("cache", [False, True], ids=["pixels", "feature-cache"])
+def test_training_on_two_image_llava_records(world, tmp_path, cache):
+    """A few steps of stage 3 on LLaVA records with two images each: the batches carry every image (the
+    model checks tokens against images) and the loss is finite; with a frozen tower the feature cache
+    (keyed by image path) serves the images of every record."""
+    from gpt2mm import build_model
+    from gpt2mm.data.llava import load_llava
+
+    data = two_image_llava(world, tmp_path / "pairs.json")
+    samples, _ = load_llava(data, world / "images")
+    encoded, report = encode_samples(samples, build_model("tiny")[1], max_length=128)
+    assert report.kept == len(samples) == 25 and sum(len(e.images) == 2 for e in encoded) == 24
+    out = tmp_path / "run"
+    extra = ["--train.vision_lr", "0", "--data.feature_cache", str(tmp_path / "features")] if cache else []
+    args = train_args(world, out, "--data.format", "llava", "--data.llava_train", str(data),
+                      "--train.eval_every", "0", "--train.max_steps", "3", "--train.save_every", "3",
+                      *extra)  # fmt: skip
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert (out / "checkpoint-3" / "model.safetensors").is_file()
+    if cache:
+        assert list((tmp_path / "features").iterdir())
 
 
 @pytest.mark.parametrize("recipe", sorted((RECIPE.parent).glob("*.yaml")), ids=lambda p: p.name)

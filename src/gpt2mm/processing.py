@@ -8,6 +8,10 @@ stage 3 share it:
 
     Q: <image> {user 1} A: {assistant 1}<|endoftext|>Q: {user 2} A: {assistant 2}<|endoftext|>
 
+Several images (a LLaVA record with a list of images, a request with several image parts) stand where the
+user text's `<image>` placeholders do, `Q: Compare <image> and <image> . A:`, or, without placeholders, all
+after the first `Q:` (`Q: <image> <image> {user 1} A:`); one image keeps the seed's place after `Q:`.
+
 `MultimodalGPT2Processor.encode_turns` is the one encoder of that format: training (`encode_conversation`,
 `encode_example`), serving (`gpt2mm.serve.engine.Engine.encode_turns`), PPO's rollout prompts and the reward
 model's inputs all go through it, so their ids agree token for token. `STOP_STRINGS` are what end an answer
@@ -115,9 +119,31 @@ class MultimodalGPT2Processor(ProcessorMixin):
 
     def format_prompt(self, question: str, with_image: bool = True, num_images: int | None = None) -> str:
         """`Q: <image> {question} A:`: what the model sees before it answers; `num_images` placeholders
-        (default: one if `with_image`), each expanded later by `expand_image_tokens`."""
+        (default: one if `with_image`), each expanded later by `expand_image_tokens`.
+
+        A question that holds `<image>` placeholders itself keeps them where they stand, one space on each
+        side (`Q: Compare <image> and <image> . A:`); `num_images`, if given, must be their count. Placed at
+        the start, they give the same string as `num_images` placeholders before a question without them.
+        """
+        placed = question.count(self.image_token)
+        if placed:
+            if num_images is not None and num_images != placed:
+                raise ValueError(
+                    f"the question holds {placed} {self.image_token} placeholders but {num_images} images "
+                    "were given"
+                )
+            return f"{USER_PREFIX} {self.space_image_placeholders(question)}{ASSISTANT_PREFIX}"
         n = int(with_image) if num_images is None else num_images
         return f"{USER_PREFIX}{f' {self.image_token}' * n} {question.strip()}{ASSISTANT_PREFIX}"
+
+    def space_image_placeholders(self, text: str) -> str:
+        """Text with each `<image>` placeholder between single spaces, the whitespace around it dropped
+        (`"Image 1: <image>\\nImage 2:<image>"` -> `"Image 1: <image> Image 2: <image>"`), stripped."""
+        pieces = [p.strip() for p in text.split(self.image_token)]
+        words = [pieces[0]]
+        for piece in pieces[1:]:
+            words += [self.image_token, piece]
+        return " ".join(w for w in words if w)
 
     def encode_turns(
         self, turns: Sequence[tuple[str, str, int]], generation_prompt: bool = False
@@ -125,9 +151,11 @@ class MultimodalGPT2Processor(ProcessorMixin):
         """THE encoding: (role, text, number of images) turns, user first, alternating -> `input_ids` and
         `labels` (-100 except on the assistant turns' tokens and their end-of-text).
 
-        A user turn with k images gets k `<image>` runs after `Q:`, in the order of the images. Each part is
-        tokenized on its own, so the label boundaries are exact and a prompt's tokens are the same whether
-        it is encoded alone (to be answered) or with its answer (to be trained on).
+        A user turn with k images gets k `<image>` runs after `Q:`, in the order of the images, unless its
+        text holds k `<image>` placeholders: then each run stands where its placeholder does (`format_prompt`);
+        a count that differs from k is a `ValueError`. Each part is tokenized on its own, so the label
+        boundaries are exact and a prompt's tokens are the same whether it is encoded alone (to be answered)
+        or with its answer (to be trained on).
         `generation_prompt`: the conversation is a prompt to answer, so it must end with a user turn and
         every question needs text (a `ValueError` otherwise: `Q: <image> A:` asks nothing).
         """
@@ -138,13 +166,17 @@ class MultimodalGPT2Processor(ProcessorMixin):
             if role != expected:
                 raise ValueError(f"turn {i} has role {role!r}; turns alternate user/assistant, user first")
             if role == "user":
-                if generation_prompt and not text.strip():
+                if generation_prompt and not text.replace(self.image_token, "").strip():
                     raise ValueError(f"turn {i}: the question is empty")
-                part = self._tokens(self.expand_image_tokens(self.format_prompt(text, num_images=n_images)))
+                try:
+                    prompt = self.format_prompt(text, num_images=n_images)
+                except ValueError as e:
+                    raise ValueError(f"turn {i}: {e}") from None
+                part = self._tokens(self.expand_image_tokens(prompt))
                 ids += part
                 labels += [IGNORE_INDEX] * len(part)
             else:
-                if n_images:
+                if n_images or self.image_token in text:
                     raise ValueError(f"turn {i}: assistant turns cannot hold images")
                 part = self._tokens(" " + text.strip()) + [self.tokenizer.eos_token_id]
                 ids += part

@@ -37,7 +37,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
     parser.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes)
     parser.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels)
-    parser.add_argument("--max-images", type=int, default=d.max_images, help="images per request")
+    parser.add_argument(
+        "--max-images",
+        type=int,
+        default=d.max_images,
+        help=f"images per request (default {d.max_images}); above 1, a user message's images stand where "
+        "their parts do among its text parts (Q: Compare <image> and <image> . A:)",
+    )
     parser.add_argument("--max-tokens", type=int, default=d.max_tokens_limit, help="largest max_tokens")
     parser.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
     parser.add_argument("--default-temperature", type=float, default=d.default_temperature)

@@ -21,11 +21,11 @@ from gpt2mm.config import IGNORE_INDEX
 
 @dataclass
 class Encoded:
-    """One training example: token ids, labels, and which image (if any) it needs."""
+    """One training example: token ids, labels, and the images it needs (in the order of their `<image>` runs)."""
 
     input_ids: list[int]
     labels: list[int]
-    image: str | None
+    images: list[str]
     index: int  # position of the sample in its source list
     difficulty: float | None = None
 
@@ -54,8 +54,7 @@ def encode_samples(
     out: list[Encoded] = []
     report = EncodeReport()
     for i, s in enumerate(samples):
-        turns = [(t.role, t.text) for t in s.turns]
-        enc = processor.encode_conversation(turns, with_image=s.image is not None)
+        enc = processor.encode_turns(s.encoder_turns())
         ids, labels = enc["input_ids"], enc["labels"]
         if len(ids) > max_length:
             image_end = max((j + 1 for j, t in enumerate(ids) if t == processor.image_token_id), default=0)
@@ -68,13 +67,14 @@ def encode_samples(
                 continue
             ids, labels = ids[:max_length], labels[:max_length]
             report.truncated += 1
-        out.append(Encoded(ids, labels, s.image, i, s.difficulty))
+        out.append(Encoded(ids, labels, s.images, i, s.difficulty))
         report.kept += 1
     return out, report
 
 
 class Collator:
-    """Pads a list of examples to the batch's longest (right padding for training), stacks the images."""
+    """Pads a list of examples to the batch's longest (right padding for training), stacks the images (each
+    example's in order, the examples in order: the order of the `<image>` runs in the batch)."""
 
     def __init__(
         self,
@@ -97,7 +97,7 @@ class Collator:
             labels[i, :n] = torch.tensor(e.labels)
             mask[i, :n] = 1
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-        images = [e.image for e in examples if e.image is not None]
+        images = [path for e in examples for path in e.images]
         if images:
             if self.pixel_source is None:
                 raise ValueError("examples have images but the collator has no pixel_source")

@@ -10,6 +10,11 @@ alternate user/assistant, start with the user and end with the assistant. The `<
 the newline next to it) is removed from user text; in assistant text it is a schema error, since the
 processor would read it as an image token. Extra keys ("model", ...) are ignored.
 
+Several images per record: `"image": ["a.jpg", "b.jpg"]`, with one `<image>` placeholder per image, in order,
+where each image stands in the user turns (kept there: the processor puts each image's tokens at its
+placeholder); a count that differs is a schema error. A record with no placeholder at all puts its images
+after the first `Q:`. A list of one image is the same record as the plain string (the placeholder removed).
+
 Record ids are not unique in every LLaVA file (the same COCO image id appears in several sub-datasets of
 mix-665k): a repeated id becomes `{id}#{record index}`, counted in the report's notes.
 """
@@ -27,10 +32,16 @@ from gpt2mm.errors import DataError
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
-def parse_conversation(conversation: Any, has_image: bool) -> tuple[list[Turn], int]:
+def parse_conversation(
+    conversation: Any, has_image: bool = False, num_images: int | None = None
+) -> tuple[list[Turn], int]:
     """Turns of a LLaVA `conversations` list, and the number of system turns dropped; `ValueError` saying
-    what is wrong with it. Only the first user turn of a record with an image may be empty (the image is
-    the prompt)."""
+    what is wrong with it. `num_images` (default: one if `has_image`): with two or more, the user turns keep
+    their `<image>` placeholders, which must be none or one per image. Only a user turn that holds images
+    may be empty (the image is the prompt): the first one of a record with images, or one with a placeholder
+    in a multi-image record."""
+    n_images = int(has_image) if num_images is None else num_images
+    placed = n_images >= 2  # placeholders kept where they stand
     if not isinstance(conversation, list) or not conversation:
         raise ValueError("'conversations' must be a non-empty list")
     turns: list[Turn] = []
@@ -55,8 +66,11 @@ def parse_conversation(conversation: Any, has_image: bool) -> tuple[list[Turn], 
             )
         if role == "user":
             text = strip_image_placeholder(t["value"])
-            if not text and not (has_image and not turns):
+            holds_image = (n_images and not turns) or (placed and IMAGE_PLACEHOLDER in t["value"])
+            if not text and not holds_image:
                 raise ValueError(f"turn {j}: empty user turn")
+            if placed:
+                text = t["value"].strip()
         else:
             if IMAGE_PLACEHOLDER in t["value"]:
                 raise ValueError(f"turn {j}: {IMAGE_PLACEHOLDER} in an assistant turn")
@@ -68,7 +82,25 @@ def parse_conversation(conversation: Any, has_image: bool) -> tuple[list[Turn], 
         raise ValueError("no user or assistant turns")
     if turns[-1].role != "assistant":
         raise ValueError("the conversation ends with a user turn (no answer to learn)")
+    if placed:
+        count = sum(t.text.count(IMAGE_PLACEHOLDER) for t in turns)
+        if count not in (0, n_images):
+            raise ValueError(
+                f"the user turns hold {count} {IMAGE_PLACEHOLDER} placeholders for {n_images} images "
+                "(one per image, or none)"
+            )
     return turns, dropped
+
+
+def image_list(image: Any) -> list[str] | None:
+    """A record's `image` as a list of relative paths (None: the record has none); `ValueError` otherwise."""
+    if image is None:
+        return None
+    if isinstance(image, str) and image:
+        return [image]
+    if isinstance(image, list) and image and all(isinstance(p, str) and p for p in image):
+        return image
+    raise ValueError("'image' must be a relative path (a string) or a non-empty list of them")
 
 
 def load_llava(
@@ -104,21 +136,17 @@ def load_llava(
         if "conversations" not in rec:
             report.bad("bad schema", f"{where}: missing 'conversations'")
             continue
-        image = rec.get("image")
-        if image is not None and (not isinstance(image, str) or not image):
-            report.bad("bad schema", f"{where}: 'image' must be one relative path (a string)")
-            continue
         try:
-            turns, dropped = parse_conversation(rec["conversations"], has_image=image is not None)
+            image = image_list(rec.get("image"))
+            turns, dropped = parse_conversation(rec["conversations"], num_images=len(image or ()))
         except ValueError as e:
             report.bad("bad schema", f"{where}: {e}")
             continue
-        image_path = None
-        if image is not None:
-            image_path = folder / image
-            if check_images and not image_path.is_file():
-                report.bad("missing image", f"{where}: image {image_path} not found")
-                continue
+        paths = [str(folder / p) for p in image or ()]
+        missing = [p for p in paths if check_images and not Path(p).is_file()]
+        if missing:
+            report.bad("missing image", f"{where}: image {missing[0]} not found")
+            continue
         sid = str(rid)
         if sid in seen:
             sid = f"{sid}#{i}"
@@ -126,6 +154,6 @@ def load_llava(
         seen.add(sid)
         if dropped:
             report.notes["system turns dropped"] += dropped
-        samples.append(Sample(id=sid, image=None if image_path is None else str(image_path), turns=turns))
+        samples.append(Sample(id=sid, image=paths[0] if paths else None, turns=turns, more_images=paths[1:]))
     report.loaded = len(samples)
     return samples, report

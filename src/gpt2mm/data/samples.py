@@ -2,8 +2,10 @@
 
 VQA questions, LLaVA conversations, the seed's CSV and Hugging Face datasets all become a `Sample` of
 user/assistant turns, so that stage 1 and stage 3 share one prompt format and one labelling rule (the
-processor encodes `Q: <image> {question} A: {answer}<|endoftext|>`). Loaders never tokenize, and user text
-never holds the `<image>` placeholder: the processor places the image itself.
+processor encodes `Q: <image> {question} A: {answer}<|endoftext|>`). Loaders never tokenize, and the user
+text of a sample with one image never holds the `<image>` placeholder: the processor places the image itself,
+after the first `Q:`. A sample with several images (`Sample.images`) keeps its user turns' placeholders
+where they stand, one per image, in order; without any, its images all go after the first `Q:`.
 """
 
 from __future__ import annotations
@@ -38,6 +40,31 @@ class Sample:
     answer_type: str | None = None
     question_type: str | None = None
     difficulty: float | None = None  # for curricula, e.g. the number of objects in a synthetic scene
+    more_images: list[str] = field(default_factory=list)  # the paths of the images after `image`, in order
+
+    def __post_init__(self) -> None:
+        if self.more_images and self.image is None:
+            raise ValueError(f"sample {self.id}: more_images without a first image")
+
+    @property
+    def images(self) -> list[str]:
+        """Every image's path, in the order of their `<image>` runs: `[image, *more_images]`, [] without one."""
+        return [] if self.image is None else [self.image, *self.more_images]
+
+    def encoder_turns(self) -> list[tuple[str, str, int]]:
+        """(role, text, number of images) per turn, as `MultimodalGPT2Processor.encode_turns` takes them: a
+        user turn holds as many images as `<image>` placeholders; with none anywhere (every single-image
+        sample), all the images go to the first turn. `ValueError` when the placeholders do not count the
+        images."""
+        counts = [t.text.count(IMAGE_PLACEHOLDER) if t.role == "user" else 0 for t in self.turns]
+        if not any(counts) and self.turns:
+            counts[0] = len(self.images)
+        elif sum(counts) != len(self.images):
+            raise ValueError(
+                f"sample {self.id}: its user turns hold {sum(counts)} {IMAGE_PLACEHOLDER} placeholders but "
+                f"it has {len(self.images)} images"
+            )
+        return [(t.role, t.text, n) for t, n in zip(self.turns, counts)]
 
 
 def strip_image_placeholder(text: str) -> str:

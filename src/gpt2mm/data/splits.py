@@ -143,12 +143,13 @@ def set_difficulty(samples: list, cfg: DataConfig, split: str) -> None:
 
 def pack_by_image(samples: list, k: int, seed: int) -> list:
     """Questions about the same image as multi-turn samples of up to `k` Q/A pairs (the image is encoded
-    once for k answers). The prompt format is the conversation format, whose first turn is stage 1's."""
+    once for k answers). The prompt format is the conversation format, whose first turn is stage 1's.
+    Samples without an image or with several are left as they are."""
     from gpt2mm.data.samples import Sample
 
     by_image: dict[Any, list] = {}
     for s in samples:
-        by_image.setdefault(s.image, []).append(s)
+        by_image.setdefault(s.image if len(s.images) == 1 else None, []).append(s)
     rng = random.Random(seed)
     packed = []
     for image, group in by_image.items():

@@ -23,7 +23,8 @@ def answer_questions(
     progress: bool = False,
     image_key: str = "pixel_values",
 ) -> list[str]:
-    """Greedy answers to the first user turn of each sample, batched with left padding.
+    """Greedy answers to the first user turn of each sample, batched with left padding: the turn's prompt
+    is `processor.encode_turns`'s, with its images (several, where its `<image>` placeholders stand).
 
     Answers are post-processed as documented in `MultimodalGPT2Processor.postprocess_answer`: the text
     up to the end-of-text token (or a new `Q:`), stripped.
@@ -42,19 +43,12 @@ def answer_questions(
         bar = tqdm(total=len(samples), desc="answer", dynamic_ncols=True)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        prompts = [
-            processor.format_prompt(samples[i].turns[0].text, with_image=samples[i].image is not None)
-            for i in idx
-        ]
-        enc = tok(
-            [processor.expand_image_tokens(p) for p in prompts],
-            padding=True,
-            padding_side="left",
-            return_tensors="pt",
-            add_special_tokens=False,
-        )
+        firsts = [samples[i].encoder_turns()[0] for i in idx]  # (role, question, number of images)
+        prompts = [processor.encode_turns([turn])["input_ids"] for turn in firsts]
+        enc = left_padded(prompts, tok.pad_token_id)
         kwargs = {k: v.to(device) for k, v in enc.items()}
-        images = [samples[i].image for i in idx if samples[i].image is not None]
+        # the first turn's images are the first ones: images are in the order of their <image> runs
+        images = [p for i, (_, _, n) in zip(idx, firsts) for p in samples[i].images[:n]]
         if images:
             if pixel_source is None:
                 from gpt2mm.data.images import load_image
@@ -76,6 +70,17 @@ def answer_questions(
     answers = [by_index[i] for i in range(len(samples))]
     model.train(was_training)
     return answers
+
+
+def left_padded(prompts: Sequence[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Token id lists -> `input_ids` and `attention_mask` (B, T), padded on the left (for generation)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[row, width - len(p) :] = 1
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 def score_samples(samples: Sequence[Any], answers: Sequence[str]) -> float:

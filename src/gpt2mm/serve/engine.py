@@ -181,10 +181,11 @@ class Engine:
         params: SamplingParams | None = None,
         on_delta: Callable[[int, str], None] | None = None,
     ) -> GenerationRequest:
-        """One question (about one image, or none) -> the finished request (see `.choices`)."""
-        prompt = self.prepare(
-            [("user", question, 0 if image is None else 1)], [] if image is None else [image]
-        )
+        """One question (about one image, a list of images, or none) -> the finished request (see
+        `.choices`). Several images stand where the question's `<image>` placeholders do, or, without
+        placeholders, all before the question."""
+        images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+        prompt = self.prepare([("user", question, len(images))], images)
         request = GenerationRequest(prompt, params or SamplingParams(), on_delta=on_delta)
         self.generate([request])
         if request.error is not None:

@@ -6,8 +6,10 @@ fields are ignored. Messages map onto the model's Q/A format:
 - `system` and `developer` messages are ignored: the model was never trained with instructions.
 - Consecutive messages of the same role are merged (their texts joined by a space).
 - After that the turns must alternate user/assistant, start with user and end with user.
-- Content is a string or a list of `text` and `image_url` parts; images belong to user turns, and each one
-  becomes a run of `<image>` tokens after that turn's `Q:`, in order.
+- Content is a string or a list of `text` and `image_url` parts; images belong to user turns. A turn with
+  one image has it after its `Q:` (the seed's `Q: <image> {question} A:`, wherever the part stands); a turn
+  with several (`gpt2mm serve --max-images N`) has each where its part stands among the text parts,
+  `Q: Compare <image> and <image> . A:`. Text may not hold `<image>` itself: images are `image_url` parts.
 - Every user turn needs text (the question): the model answers `Q: <image> {question} A:` and has no prompt
   of its own for an image alone, so an empty or blank question (an image-only message included) is a 400;
   to get a description, ask for one ("Describe the image in detail.").
@@ -31,6 +33,8 @@ from pydantic import (
     Tag,
     ValidationError,
 )
+
+from gpt2mm.data.samples import IMAGE_PLACEHOLDER
 
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 
@@ -195,45 +199,63 @@ def check_text(text: str, param: str) -> str:
     return text
 
 
+def message_text(text: str, param: str) -> str:
+    """A text part (or string content), checked: valid Unicode without the `<image>` placeholder, which
+    would become an image's tokens with no image."""
+    if IMAGE_PLACEHOLDER in check_text(text, param):
+        raise APIError(
+            400,
+            f"{param}: text may not hold {IMAGE_PLACEHOLDER}; send images as image_url parts",
+            param=param,
+            code="invalid_value",
+        )
+    return text
+
+
 def messages_to_turns(messages: list[Message]) -> tuple[list[tuple[str, str, int]], list[tuple[str, str]]]:
     """Messages -> (role, text, number of images) turns for `Engine.prepare`, and the image URLs in order
-    as (url, param) pairs (param names the part, for error messages)."""
-    merged: list[list[Any]] = []  # [role, texts, n_images, index of the turn's last message]
+    as (url, param) pairs (param names the part, for error messages). A user turn with several images gets
+    an `<image>` placeholder where each stands among its text parts; with one, none (it goes after `Q:`)."""
+    # [role, pieces (texts and IMAGE_PLACEHOLDER, in order), index of the turn's last message]
+    merged: list[list[Any]] = []
     urls: list[tuple[str, str]] = []
     for i, m in enumerate(messages):
         if m.role in ("system", "developer"):
             continue
-        texts: list[str] = []
-        n_images = 0
+        pieces: list[str] = []
         if m.content is None:
             if m.role == "user":
                 raise APIError(400, "user messages need content", param=f"messages.{i}.content")
         elif isinstance(m.content, str):
-            texts.append(check_text(m.content, f"messages.{i}.content"))
+            pieces.append(message_text(m.content, f"messages.{i}.content"))
         else:
             for j, part in enumerate(m.content):
                 param = f"messages.{i}.content.{j}"
                 if isinstance(part, TextPart):
-                    texts.append(check_text(part.text, param + ".text"))
+                    pieces.append(message_text(part.text, param + ".text"))
                 else:
                     if m.role != "user":
                         raise APIError(400, "only user messages can hold images", param=param)
                     urls.append((part.image_url.url, param + ".image_url.url"))
-                    n_images += 1
-        text = " ".join(t.strip() for t in texts if t.strip())
+                    pieces.append(IMAGE_PLACEHOLDER)
         if merged and merged[-1][0] == m.role:
-            merged[-1][1] = " ".join(t for t in (merged[-1][1], text) if t)
-            merged[-1][2] += n_images
-            merged[-1][3] = i
+            merged[-1][1] += pieces
+            merged[-1][2] = i
         else:
-            merged.append([m.role, text, n_images, i])
+            merged.append([m.role, pieces, i])
     if not merged or merged[0][0] != "user":
         raise APIError(400, "the conversation must start with a user message", param="messages")
     if merged[-1][0] != "user":
         raise APIError(400, "the last message must be a user message", param="messages")
-    for role, text, n_images, i in merged:
+    turns: list[tuple[str, str, int]] = []
+    for role, pieces, i in merged:
+        words = [p.strip() for p in pieces if p.strip()]
+        text = " ".join(w for w in words if w != IMAGE_PLACEHOLDER)
+        n_images = words.count(IMAGE_PLACEHOLDER)
+        # one image keeps the seed's place after `Q:`; several stand where their parts do
+        turns.append((role, " ".join(words) if n_images > 1 else text, n_images))
         if role == "user" and not text:
-            what = "only an image" if n_images else "no text"
+            what = "only an image" if n_images == 1 else "only images" if n_images else "no text"
             raise APIError(
                 400,
                 f"messages.{i}.content: the question is empty (the user message has {what}): ask a "
@@ -241,4 +263,4 @@ def messages_to_turns(messages: list[Message]) -> tuple[list[tuple[str, str, int
                 param=f"messages.{i}.content",
                 code="empty_question",
             )
-    return [(r, t, n) for r, t, n, _ in merged], urls
+    return turns, urls

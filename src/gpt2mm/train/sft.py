@@ -152,7 +152,7 @@ class SFTTrainer(Trainer):
         if not self.model.vision_frozen:
             raise UsageError("data.feature_cache needs a frozen vision tower (freeze_vision or vision_lr: 0)")
         self.pixels = FeatureCache(self.cfg.data.feature_cache, self.model, self.processor)
-        paths = {s.image for s in self.train_samples + self.val_samples if s.image is not None}
+        paths = {path for s in self.train_samples + self.val_samples for path in s.images}
         added = self.pixels.build(
             sorted(paths), skip_bad=self.cfg.data.skip_bad, progress=self.cfg.train.progress
         )
@@ -164,7 +164,7 @@ class SFTTrainer(Trainer):
         from gpt2mm.errors import DataError
 
         paths = sorted(
-            {e.image for e in self.examples if e.image} | {s.image for s in self.val_samples if s.image}
+            {p for e in self.examples for p in e.images} | {p for s in self.val_samples for p in s.images}
         )
         bad = set()
         for path in paths:
@@ -174,8 +174,8 @@ class SFTTrainer(Trainer):
                 bad.add(path)
         if bad:
             n_train, n_val = len(self.examples), len(self.val_samples)
-            self.examples = [e for e in self.examples if e.image not in bad]
-            self.val_samples = [s for s in self.val_samples if s.image not in bad]
+            self.examples = [e for e in self.examples if bad.isdisjoint(e.images)]
+            self.val_samples = [s for s in self.val_samples if bad.isdisjoint(s.images)]
             self.log(
                 f"skipped {n_train - len(self.examples)} training and {n_val - len(self.val_samples)} validation "
                 f"samples: {len(bad)} unreadable images (e.g. {sorted(bad)[0]})"
