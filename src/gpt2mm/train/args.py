@@ -117,19 +117,38 @@ def build(cls: type[T], values: dict[str, Any] | None = None, prefix: str = "") 
         raise UsageError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
 
 
+def read_recipe(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe file as a mapping. `base: OTHER.yaml` (relative to the file) starts from that recipe: each
+    section of the file is merged into the base's section key by key, the file's values winning."""
+    if not path.is_file():
+        raise UsageError(f"{path}: no such recipe file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UsageError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    base_path = (path.parent / str(base)).resolve()
+    if base_path in _seen:
+        raise UsageError(f"{path}: base {base} includes itself")
+    return _merge(read_recipe(base_path, (*_seen, path.resolve())), data)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Sections merged key by key; a value inside a section (a number, a list, a mapping such as
+    model.overrides) replaces the base's whole."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = {**out[key], **value} if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def load_config(cls: type[T], path: str | Path | None, overrides: list[str]) -> T:
     """A recipe file (optional) plus `--section.key value` / `--section.key=value` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UsageError(f"{path}: no such recipe file")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UsageError(f"{path}: not valid YAML ({e})") from None
-        if not isinstance(data, dict):
-            raise UsageError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
+    data: dict[str, Any] = {} if path is None else read_recipe(Path(path))
     for key, value in parse_overrides(overrides):
         node = data
         *parents, leaf = key.split(".")

@@ -1,0 +1,69 @@
+"""Recipes as files: `base:` inheritance, the general recipe that the demo's stage 1 extends with the shapes
+world's extras only, and curricula from what every data set has."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from gpt2mm.data.samples import Sample, Turn
+from gpt2mm.errors import UsageError
+from gpt2mm.train.args import load_config
+from gpt2mm.train.config import DataConfig, SFTConfig
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# What configs/demo-sft.yaml adds to configs/tiny-vqa.yaml: the shapes world and where the demo writes.
+WORLD_EXTRAS = {
+    "data.root", "data.synth", "data.synth_args", "data.conversation_mix", "data.difficulty",
+    "train.output_dir", "train.max_minutes", "train.curriculum_steps",
+}  # fmt: skip
+
+
+def _flat(cfg) -> dict:
+    return {f"{s}.{k}": v for s, section in dataclasses.asdict(cfg).items() for k, v in section.items()}
+
+
+def test_demo_stage1_is_the_general_recipe_plus_world_extras():
+    general = _flat(load_config(SFTConfig, CONFIGS / "tiny-vqa.yaml", []))
+    demo = _flat(load_config(SFTConfig, CONFIGS / "demo-sft.yaml", []))
+    differ = {k for k in general if general[k] != demo[k]}
+    assert differ == WORLD_EXTRAS
+    assert general["data.synth"] is False and general["data.difficulty"] is None
+
+
+def test_base_merges_sections_key_by_key(tmp_path):
+    (tmp_path / "a.yaml").write_text("model: {preset: tiny, overrides: {vision_feature_layer: 0}}\n"
+                                     "train: {lr: 0.002, batch_size: 8}\n")  # fmt: skip
+    (tmp_path / "b.yaml").write_text("base: a.yaml\ntrain: {batch_size: 4}\nmodel: {overrides: {}}\n")
+    cfg = load_config(SFTConfig, tmp_path / "b.yaml", ["--train.max_steps", "7"])
+    assert (cfg.train.lr, cfg.train.batch_size, cfg.train.max_steps) == (0.002, 4, 7)
+    assert cfg.model.overrides == {}  # a mapping inside a section replaces the base's whole
+
+
+def test_base_cycle_and_missing_base_are_one_line_errors(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(UsageError, match="includes itself"):
+        load_config(SFTConfig, tmp_path / "a.yaml", [])
+    (tmp_path / "c.yaml").write_text("base: nope.yaml\n")
+    with pytest.raises(UsageError, match="nope.yaml: no such recipe file"):
+        load_config(SFTConfig, tmp_path / "c.yaml", [])
+
+
+def test_length_difficulties_count_words_and_packing_keeps_the_hardest():
+    from gpt2mm.data.splits import pack_by_image, set_difficulty
+
+    def qa(q, a, image="x.png"):
+        return Sample(id=q, image=image, turns=[Turn("user", q), Turn("assistant", a)])
+
+    samples = [qa("what is it?", "a red ball"), qa("how many?", "two"), qa("is it big or small?", "big", "y.png")]
+    set_difficulty(samples, DataConfig(difficulty="answer_length"), "train")
+    assert [s.difficulty for s in samples] == [3, 1, 1]
+    set_difficulty(samples, DataConfig(difficulty="question_length"), "train")
+    assert [s.difficulty for s in samples] == [3, 2, 5]
+    packed = {s.image: s.difficulty for s in pack_by_image(samples, 8, seed=0)}
+    assert packed == {"x.png": 3, "y.png": 5}
+    with pytest.raises(UsageError, match="data.difficulty must be one of"):
+        set_difficulty(samples, DataConfig(difficulty="colour"), "train")
