@@ -731,7 +731,8 @@ def bad_record_data(tmp_path: Path, fmt: str, datasets) -> tuple[dict, str]:
         records = [{"id": f"r{i}", "image": "a.jpg", "conversations": conv} for i in range(4)]
         records[1]["conversations"] = conv[:1]
         write_json(tmp_path / "llava.json", records)
-        return data | {"llava_train": "llava.json", "llava_images": "."}, r"llava\.json: record 1 \(id 'r1'\): the conversation ends"
+        where = r"llava\.json: record 1 \(id 'r1'\): the conversation ends"
+        return data | {"llava_train": "llava.json", "llava_images": "."}, where
     if fmt == "hf":  # row 2 has an empty answer
         rows = {"image": ["a.jpg"] * 4, "question": ["q?"] * 4, "answer": ["yes", "no", " ", "yes"]}
         (tmp_path / "pq").mkdir()
