@@ -754,3 +754,159 @@ def test_csv_bad_rows(tmp_path):
     path.write_bytes(b"a.jpg,Q: \xff\xfe? A: yes\n")
     with pytest.raises(DataError, match=r"seed\.csv: .*not valid UTF-8"):
         load_csv(path)
+
+
+# --- Hugging Face data files, streaming, the hub -------------------------------------------------------------
+
+
+@pytest.fixture
+def hf(tmp_path, monkeypatch):
+    """The datasets package, its cache (where load_dataset converts data files to Arrow) under tmp_path."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    return datasets
+
+
+def vqa_rows(n: int) -> dict[str, list]:
+    """n VQA-style rows with image data (distinct PNGs), 10 human answers and question ids."""
+    buf = []
+    for i in range(n):
+        b = io.BytesIO()
+        Image.new("RGB", (4 + i, 4), (10 * i, 0, 0)).save(b, "PNG")
+        buf.append({"bytes": b.getvalue(), "path": None})
+    return {
+        "image": buf,
+        "question": [f"<image>\nhow many {i}?" for i in range(n)],
+        "answer": [str(i) for i in range(n)],
+        "answers": [[str(i)] * 9 + ["lots"] for i in range(n)],
+        "question_id": list(range(100, 100 + n)),
+    }
+
+
+def comparable(samples: list[Sample]) -> list[tuple]:
+    """A sample's fields and its image's bytes (the cached file's name differs between sources)."""
+    return [
+        (s.id, s.turns, s.answers, s.question_id, Path(s.image).read_bytes() if s.image else None)
+        for s in samples
+    ]
+
+
+def test_hf_data_files_and_streaming_give_the_save_to_disk_samples(tmp_path, hf):
+    """A folder of parquet files (splits from the file names), one parquet file, and each of them streamed,
+    give the samples the save_to_disk folder of the same rows gives."""
+    features = hf.Features(
+        {
+            "image": hf.Image(),
+            "question": hf.Value("string"),
+            "answer": hf.Value("string"),
+            "answers": hf.Sequence(hf.Value("string")),
+            "question_id": hf.Value("int64"),
+        }
+    )
+    train, val = (hf.Dataset.from_dict(vqa_rows(n), features=features) for n in (5, 2))
+    hf.DatasetDict({"train": train, "validation": val}).save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "pq").mkdir()
+    train.to_parquet(str(tmp_path / "pq" / "train-00000-of-00001.parquet"))
+    val.to_parquet(str(tmp_path / "pq" / "validation-00000-of-00001.parquet"))
+    cache = tmp_path / "images"
+    want, _ = load_hf(tmp_path / "saved", split="train", image_cache=cache)
+    assert len(want) == 5 and want[1].answers == ["1"] * 9 + ["lots"] and want[1].question_id == 101
+    assert want[1].turns == [Turn("user", "how many 1?"), Turn("assistant", "1")]
+    for source in (tmp_path / "pq", tmp_path / "pq" / "train-00000-of-00001.parquet", tmp_path / "saved"):
+        for streaming in (False, True):
+            got, report = load_hf(source, split="train", image_cache=cache, streaming=streaming)
+            assert comparable(got) == comparable(want), (source, streaming)
+            assert report.source == str(source) and report.loaded == 5
+    streamed, _ = load_hf(tmp_path / "pq", split="train", image_cache=cache, streaming=True)
+    val_want, _ = load_hf(tmp_path / "saved", split="validation", image_cache=cache)
+    val_got, _ = load_hf(tmp_path / "pq", split="validation", image_cache=cache, streaming=True)
+    assert comparable(val_got) == comparable(val_want) and len(val_got) == 2
+    # a streamed dataset's images are cached under a key of its source, split and files: stable across loads
+    again, _ = load_hf(tmp_path / "pq", split="train", image_cache=cache, streaming=True, limit=2)
+    assert [s.image for s in again] == [s.image for s in streamed[:2]] and "stream-" in again[0].image
+    with pytest.raises(DataError, match=r"pq: no split 'test'"):
+        load_hf(tmp_path / "pq", split="test", image_cache=cache)
+
+
+def test_hf_streaming_reads_only_the_rows_it_keeps(tmp_path, hf):
+    """JSON data files whose second file is not JSON: loading everything fails (datasets converts all files
+    first) with a one-line error naming the folder; streaming the first 2 samples never opens that file."""
+    folder = tmp_path / "js"
+    folder.mkdir()
+    rows = [{"id": f"r{i}", "question": f"q{i}?", "answer": f"a{i}"} for i in range(3)]
+    (folder / "train-0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "train-1.jsonl").write_text("{this is not json\n")
+    samples, report = load_hf(folder, streaming=True, limit=2)
+    assert [(s.id, s.turns[1].text) for s in samples] == [("r0", "a0"), ("r1", "a1")]
+    assert report.loaded == 2 and samples[0].image is None
+    with pytest.raises(DataError, match=r"js: .*cannot") as e:
+        load_hf(folder)
+    assert "\n" not in str(e.value)
+
+
+def test_hf_hub_id_offline_and_missing_paths_are_one_line_errors(hf, tmp_path):
+    """A hub id goes to datasets.load_dataset; offline (the tests run with HF_HUB_OFFLINE=1) that is a
+    one-line DataError naming it, as is a path that does not exist."""
+    with pytest.raises(
+        DataError, match=r"^someone/no-such-set: not a local folder or file, and the Hugging Face hub"
+    ) as e:
+        load_hf("someone/no-such-set")
+    assert "\n" not in str(e.value)
+    with pytest.raises(DataError, match=r"no such folder or file"):
+        load_hf(str(tmp_path / "absent" / "data"))
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(DataError, match=r"notes\.txt: not a data file"):
+        load_hf(tmp_path / "notes.txt")
+
+
+def bad_record_data(tmp_path: Path, fmt: str, datasets) -> tuple[dict, str]:
+    """Training data of `fmt` with 3 good records and 1 bad one: (the recipe's data: section, the bad
+    record's place as a one-line error names it)."""
+    write_image(tmp_path / "a.jpg")
+    data = {"root": str(tmp_path), "format": fmt}
+    if fmt == "vqa":  # the last question asks about an image that is not there
+        qs = [
+            {"image_id": 1, "question": "What color?", "question_id": 10},
+            {"image_id": 42, "question": "How many?", "question_id": 11},
+            {"image_id": 1, "question": "Is it?", "question_id": 12},
+            {"image_id": 7, "question": "Where?", "question_id": 13},
+        ]
+        anns = [
+            {"image_id": q["image_id"], "question_id": q["question_id"], "multiple_choice_answer": "yes",
+             "answers": [{"answer": "yes"}] * 10}
+            for q in qs
+        ]  # fmt: skip
+        vqa_files(tmp_path, questions=qs, annotations=anns)
+        data |= {"train_questions": "questions.json", "train_annotations": "annotations.json"}
+        return data | {"train_images": "images"}, r"questions\.json: question_id 13: image .* not found"
+    if fmt == "llava":  # the second record has no reply
+        conv = [{"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "hello"}]
+        records = [{"id": f"r{i}", "image": "a.jpg", "conversations": conv} for i in range(4)]
+        records[1]["conversations"] = conv[:1]
+        write_json(tmp_path / "llava.json", records)
+        where = r"llava\.json: record 1 \(id 'r1'\): the conversation ends"
+        return data | {"llava_train": "llava.json", "llava_images": "."}, where
+    if fmt == "hf":  # row 2 has an empty answer
+        rows = {"image": ["a.jpg"] * 4, "question": ["q?"] * 4, "answer": ["yes", "no", " ", "yes"]}
+        (tmp_path / "pq").mkdir()
+        datasets.Dataset.from_dict(rows).to_parquet(str(tmp_path / "pq" / "train.parquet"))
+        return data | {"hf_dataset": "pq", "hf_val_split": None}, r"pq: row 2: empty question or answer"
+    lines = ["a.jpg,Q: ok? A: yes", "a.jpg,Q: fine? A: no", "a.jpg,not a question", "a.jpg,Q: x? A: y"]
+    (tmp_path / "train.csv").write_text("\n".join(lines) + "\n")
+    return data, r"train\.csv: line 3: text 'not a question' is not of the form"
+
+
+@pytest.mark.parametrize("fmt", ["vqa", "llava", "hf", "csv"])
+def test_a_bad_record_is_a_one_line_error_or_skipped_and_counted_in_every_format(tmp_path, hf, fmt):
+    """What `gpt2mm train` and `gpt2mm ppo` load (`load_samples`): without data.skip_bad a bad record stops
+    the load with one line naming the file and the record; with it, it is counted in the load report."""
+    from gpt2mm.data.splits import load_samples
+    from gpt2mm.train.args import build
+    from gpt2mm.train.config import DataConfig
+
+    data, where = bad_record_data(tmp_path, fmt, hf)
+    with pytest.raises(DataError, match=where) as e:
+        load_samples(build(DataConfig, data), "train")
+    assert "\n" not in str(e.value)
+    samples, summary = load_samples(build(DataConfig, data | {"skip_bad": True}), "train")
+    assert len(samples) == 3 and "3 samples; skipped 1 record: 1 " in summary

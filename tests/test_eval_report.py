@@ -2,7 +2,7 @@
 
 Random models answer nonsense (score 0), which would make "the same number" checks trivially true. So the
 `answers` fixture wraps the real `answer_questions`: it still generates, then swaps in the right answer for
-the questions whose generated answer hashes even. The hash depends on the model, so the two models get
+the questions whose generated answer (with the question id, or the sample id) hashes even. The hash depends on the model, so the two models get
 different, non-zero scores, and every command that answers through `answer_questions` sees the same ones.
 """
 
@@ -62,11 +62,16 @@ def answers(monkeypatch):
     def patched(model, processor, samples, *args, **kwargs):
         out = real(model, processor, samples, *args, **kwargs)
         return [
-            s.turns[1].text if s.answers and zlib.crc32(f"{s.question_id}:{a}".encode()) % 2 == 0 else a
+            s.turns[1].text if len(s.turns) > 1 and zlib.crc32(f"{_key(s)}:{a}".encode()) % 2 == 0 else a
             for s, a in zip(samples, out)
         ]
 
     monkeypatch.setattr(ev, "answer_questions", patched)
+
+
+def _key(sample) -> str:
+    """The question id (official files, Hugging Face rows that have one), else the sample id (a CSV line)."""
+    return str(sample.question_id if sample.question_id is not None else sample.id)
 
 
 def _vqa_args(world: Path) -> list[str]:
@@ -85,8 +90,13 @@ def _overall(printed: str) -> str:
 
 
 def _eval(model: Path, world: Path, tmp_path: Path, capsys, *extra: str) -> tuple[list, dict, str]:
+    return _eval_on(model, _vqa_args(world), tmp_path, capsys, *extra)
+
+
+def _eval_on(model: Path, split: list[str], tmp_path: Path, capsys, *extra: str) -> tuple[list, dict, str]:
+    """`gpt2mm eval` of `model` on the split its arguments name: (results, scores, printed)."""
     res, scores = tmp_path / f"{model.name}_results.json", tmp_path / f"{model.name}_scores.json"
-    argv = ["eval", str(model), *_vqa_args(world), "--out", str(res), "--json", str(scores), *extra]
+    argv = ["eval", str(model), *split, "--out", str(res), "--json", str(scores), *extra]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     return json.loads(res.read_text()), json.loads(scores.read_text()), printed
@@ -231,6 +241,149 @@ def test_report_without_world_has_no_description_columns(world, models, tmp_path
     table = _table(md.read_text())
     assert set(table) == {"stage1", "stage2"}
     assert all("VQA overall" in r and not any(k.startswith("desc") for k in r) for r in table.values())
+
+
+# --- other formats: a Hugging Face dataset, a CSV, a recipe's data: section -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def sources(world, tmp_path_factory) -> Path:
+    """The world's test split as the seed's CSV (test.csv: image, "Q: ... A: {multiple-choice answer}") and as
+    parquet data files (pq/test-*.parquet: image path, question, answer, the 10 human answers, ids, types)."""
+    import csv
+
+    datasets = pytest.importorskip("datasets")
+    from gpt2mm.data.vqa import load_vqa
+
+    samples, _ = load_vqa(
+        world / "test_questions.json", world / "test_annotations.json", world / "images" / "test"
+    )
+    root = tmp_path_factory.mktemp("sources")
+    with open(root / "test.csv", "w", newline="") as f:
+        csv.writer(f).writerows([(s.image, f"Q: {s.turns[0].text} A: {s.turns[1].text}") for s in samples])
+    columns = {
+        "image": [s.image for s in samples],
+        "question": [s.turns[0].text for s in samples],
+        "answer": [s.turns[1].text for s in samples],
+        "answers": [s.answers for s in samples],
+        "question_id": [s.question_id for s in samples],
+        "answer_type": [s.answer_type for s in samples],
+    }
+    (root / "pq").mkdir()
+    datasets.Dataset.from_dict(columns).to_parquet(str(root / "pq" / "test-00000-of-00001.parquet"))
+    return root
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+
+
+def _csv_args(root: Path, name: str = "test.csv") -> list[str]:
+    return ["--data.format", "csv", "--data.root", str(root), "--data.csv_val", name]
+
+
+def test_eval_on_a_csv_is_exact_match_equal_to_a_naive_recomputation(
+    sources, models, tmp_path, capsys, answers
+):
+    """A CSV has one answer per question: eval scores exact match after the official normalization, says so,
+    and the score is the mean of (normalized answer == normalized CSV answer) over the answers it wrote.
+    A recipe's data: section (`--recipe`, training keys and all) names the same split."""
+    import csv
+
+    from gpt2mm.eval.vqa_metric import normalize_answer, round_half_away
+
+    results, scores, printed = _eval_on(models["stage1"], _csv_args(sources), tmp_path, capsys)
+    rows = list(csv.reader(open(sources / "test.csv", newline="")))
+    assert [r["id"] for r in results] == [str(i) for i in range(1, len(rows) + 1)]  # CSV line numbers
+    refs = [r[1].rsplit(" A: ", 1)[1] for r in rows]
+    assert [r["references"] for r in results] == [[a] for a in refs]
+    hits = [normalize_answer(r["answer"]) == normalize_answer(a) for r, a in zip(results, refs)]
+    assert 0 < sum(hits) < len(hits)  # the half-oracle answers: a score that is not trivially 0 or 100
+    assert scores["overall"] == round_half_away(100 * sum(hits) / len(hits), 2)
+    assert scores["scoring"] == scores["eval"]["scoring"] == "exact match"
+    assert f"exact match: {scores['overall']:.2f}  ({len(rows)} questions; " in printed
+    assert "VQA accuracy" not in printed
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"model: {{preset: tiny}}\ntrain: {{max_steps: 3}}\n"
+        f"data: {{format: csv, root: {sources}, csv_val: test.csv, csv_train: absent.csv, pack_questions: 4}}\n"
+    )
+    again, again_scores, _ = _eval_on(models["stage1"], ["--recipe", str(recipe)], tmp_path, capsys)
+    assert again == results and again_scores["overall"] == scores["overall"]
+
+
+def test_eval_on_hf_data_files_with_10_answers_is_the_official_vqa_accuracy(
+    world, sources, models, tmp_path, capsys, answers, hf_cache
+):
+    """The world's test split as parquet files with an `answers` column: eval scores the official VQA accuracy
+    (the number it gives on the official files of the same questions), read at once or streamed."""
+    official_results, official, _ = _eval(models["stage2"], world, tmp_path, capsys)
+    args = ["--data.format", "hf", "--data.root", str(sources), "--data.hf_dataset", "pq"]
+    args += ["--data.hf_val_split", "test"]
+    for streaming in ("false", "true"):
+        results, scores, printed = _eval_on(
+            models["stage2"], [*args, "--data.hf_streaming", streaming], tmp_path, capsys
+        )
+        assert scores["scoring"] == "vqa accuracy" and f"vqa accuracy: {scores['overall']:.2f}" in printed
+        assert scores["overall"] == official["overall"] > 0
+        assert scores["perAnswerType"] == official["perAnswerType"]
+        answered = {r["question_id"]: r["answer"] for r in official_results}
+        assert {r["question_id"]: r["answer"] for r in results} == answered
+
+
+@pytest.mark.parametrize("fmt", ["csv", "hf"])
+def test_eval_skip_bad_counts_a_bad_record_of_a_csv_or_hf_split(
+    sources, models, tmp_path, capsys, hf_cache, fmt
+):
+    """A bad record: without --skip-bad a one-line error naming the file and the line (row); with it, the
+    record is counted in the printed load report and in the scores' `eval.skipped`."""
+    import shutil
+
+    datasets = pytest.importorskip("datasets")
+    if fmt == "csv":
+        text = (sources / "test.csv").read_text()
+        (tmp_path / "bad.csv").write_text(text + "x.png,a caption, not a question\n")
+        n = len(text.splitlines())
+        args, where, reason = (
+            _csv_args(tmp_path, "bad.csv"),
+            rf"bad\.csv: line {n + 1}: expected 2 fields",
+            "bad row",
+        )
+    else:
+        shutil.copytree(sources / "pq", tmp_path / "pq")
+        rows = {"image": [None], "question": ["how many?"], "answer": [""]}
+        datasets.Dataset.from_dict(rows).to_parquet(str(tmp_path / "pq" / "test-00001-of-00001.parquet"))
+        n = len(_eval_rows(sources))
+        args = ["--data.format", "hf", "--data.root", str(tmp_path), "--data.hf_dataset", "pq"]
+        args += ["--data.hf_val_split", "test"]
+        where, reason = rf"pq: row {n}: empty question or answer", "bad schema"
+    with pytest.raises(SystemExit) as e:
+        main(["eval", str(models["stage1"]), *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # one line after the usage
+    assert last.startswith("gpt2mm eval: error: ") and re.search(where, last) and "Traceback" not in err
+    results, scores, printed = _eval_on(models["stage1"], [*args, "--skip-bad"], tmp_path, capsys)
+    assert f"{n} samples; skipped 1 record: 1 {reason}" in printed
+    assert scores["eval"]["skipped"] == {reason: 1} and len(results) == n
+
+
+def _eval_rows(sources: Path) -> list[str]:
+    return (sources / "test.csv").read_text().splitlines()
+
+
+def test_report_on_a_csv_names_its_columns_by_the_scoring(sources, models, tmp_path, capsys, answers):
+    md = tmp_path / "report.md"
+    argv = ["report", str(models["stage1"]), str(models["stage2"]), *_csv_args(sources), "--limit", "4"]
+    assert main([*argv, "--out", str(md)]) == 0
+    printed = capsys.readouterr().out
+    assert "Exact match (%) on test.csv: 4 questions" in printed
+    table = _table(md.read_text())
+    _, scores, _ = _eval_on(models["stage1"], _csv_args(sources), tmp_path, capsys, "--limit", "4")
+    assert table["stage1"]["exact match overall"] == f"{scores['overall']:.2f}"
 
 
 # --- bad input: unreadable images, outputs over inputs, devices ---------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 
@@ -468,3 +469,105 @@ def test_ppo_reads_the_frozen_vision_feature_cache(world, init_dir, tmp_path, mo
         for key in ("reward", "val_accuracy", "answer_length"):
             if key in a:
                 assert a[key] == pytest.approx(b[key], abs=1e-6), key
+
+
+# --- other data formats: the seed's CSV, Hugging Face data files ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sources(world, tmp_path_factory) -> Path:
+    """The world's questions as the seed's CSVs (train.csv with one bad line, val.csv) and as parquet files
+    (hf/train-*.parquet, hf/validation-*.parquet: image path, question, answer, the 10 human answers)."""
+    import csv
+
+    datasets = pytest.importorskip("datasets")
+    from gpt2mm.data.vqa import load_vqa
+
+    root = tmp_path_factory.mktemp("sources")
+    (root / "hf").mkdir()
+    for split, name in (("train", "train"), ("val", "validation")):
+        samples, _ = load_vqa(
+            *(world / f"{split}_{k}.json" for k in ("questions", "annotations")), world / "images" / split
+        )
+        samples = samples[:24]
+        rows = [(s.image, f"Q: {s.turns[0].text} A: {s.turns[1].text}") for s in samples]
+        if split == "train":
+            rows.insert(2, (samples[0].image, "a caption, not a question"))  # line 3
+        with open(root / f"{split}.csv", "w", newline="") as f:
+            csv.writer(f).writerows(rows)
+        columns = {"image": [s.image for s in samples], "question": [s.turns[0].text for s in samples]}
+        columns |= {"answer": [s.turns[1].text for s in samples], "answers": [s.answers for s in samples]}
+        datasets.Dataset.from_dict(columns).to_parquet(str(root / "hf" / f"{name}-00000-of-00001.parquet"))
+    return root
+
+
+SOURCE_ARGS = {
+    "csv": ["--data.format", "csv"],
+    "hf": ["--data.format", "hf", "--data.hf_dataset", "hf", "--data.hf_streaming", "true"],
+}
+
+
+@pytest.mark.parametrize("fmt", ["csv", "hf"])
+def test_ppo_trains_on_a_csv_or_hugging_face_data_files(
+    sources, init_dir, tmp_path, capsys, monkeypatch, fmt
+):
+    """`gpt2mm ppo` with data.format csv or hf: a bad CSV line stops it in one line naming the line unless
+    data.skip_bad, which counts it in the printed load report; a few updates write a checkpoint and evaluate
+    on the validation split."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    out = tmp_path / fmt
+    args = ppo_args(sources, init_dir, out, *SOURCE_ARGS[fmt], "--train.max_steps", "2")
+    if fmt == "csv":
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        assert e.value.code == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert re.search(r"gpt2mm ppo: error: .*train\.csv: line 3: text 'a caption, not a question'", last)
+        args += ["--data.skip_bad", "true"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    if fmt == "csv":
+        assert "train.csv: 24 samples; skipped 1 record: 1 bad row" in printed
+    else:
+        assert f"train data: {sources / 'hf'}: 24 samples; nothing skipped" in printed
+    assert (out / "checkpoint-2" / "model.safetensors").is_file()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "reward" in r] == [1, 2]
+    assert [r["step"] for r in rows if "val_accuracy" in r] == [0, 2]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "hf"])
+def test_the_reward_on_csv_and_hf_samples_is_evals_score(sources, init_dir, tmp_path, monkeypatch, fmt):
+    """The `vqa` reward of a sample from a CSV (one answer) is normalized exact match, of a Hugging Face row
+    with 10 human answers the official VQA accuracy; a rollout's scores are that of its answers."""
+    from gpt2mm.eval.vqa_metric import exact_match, vqa_accuracy
+    from gpt2mm.rl.config import PPORecipe
+    from gpt2mm.rl.ppo import PPOTrainer
+    from gpt2mm.rl.reward import Reward
+    from gpt2mm.train.args import build
+
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    data = {"root": str(sources), "format": fmt, "hf_dataset": "hf", "skip_bad": True}
+    cfg = build(
+        PPORecipe,
+        {
+            "model": {"init_from": str(init_dir)},
+            "data": data,
+            "rollout": {"prompts": 4},
+            "train": {"output_dir": str(tmp_path / "out"), "eval_every": 0, "log_with": []},
+        },
+    )
+    trainer = PPOTrainer(cfg, log=lambda m: None)
+    samples = trainer.train_samples[:8]
+    assert all(bool(s.answers) == (fmt == "hf") for s in samples)
+    answers = [s.turns[1].text.upper() + "." if i % 2 else "purple" for i, s in enumerate(samples)]
+    got = Reward("vqa")(samples, answers).tolist()
+    if fmt == "csv":
+        want = [exact_match(a, [s.turns[1].text]) for s, a in zip(samples, answers)]
+    else:
+        want = [vqa_accuracy(a, s.answers) for s, a in zip(samples, answers)]
+    assert got == pytest.approx(want) and 0 < sum(want) < len(want)
+    ro = trainer.rollout(samples[:4])
+    assert ro.scores.tolist() == pytest.approx(Reward("vqa")(ro.samples, ro.answers).tolist())

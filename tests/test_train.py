@@ -697,7 +697,9 @@ def test_a_time_budgets_progress_bar_ends_where_the_budget_is_projected_to_end()
     assert bar.total == 60  # no time budget: left as it was
 
 
-def test_stage1_trains_from_the_seeds_csv_and_from_a_hugging_face_dataset_folder(world, tmp_path):
+def test_stage1_trains_from_the_seeds_csv_and_from_a_hugging_face_dataset_folder(
+    world, tmp_path, monkeypatch
+):
     """data.format csv and hf reach `gpt2mm train`: the same questions in the three formats give the same
     training examples, and a run from each writes a checkpoint."""
     import csv
@@ -707,6 +709,7 @@ def test_stage1_trains_from_the_seeds_csv_and_from_a_hugging_face_dataset_folder
     from gpt2mm.train.args import build
     from gpt2mm.train.config import SFTConfig
 
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
     vqa, _ = load_samples(build(SFTConfig, {"data": {"root": str(world)}}).data, "train")
     rows = [(s.image, f"Q: {s.turns[0].text} A: {s.turns[1].text}") for s in vqa]
     with open(tmp_path / "train.csv", "w", newline="") as f:
@@ -714,16 +717,63 @@ def test_stage1_trains_from_the_seeds_csv_and_from_a_hugging_face_dataset_folder
     columns = {"image": [r[0] for r in rows], "question": [s.turns[0].text for s in vqa]}
     columns["answer"] = [s.turns[1].text for s in vqa]
     datasets.DatasetDict({"train": datasets.Dataset.from_dict(columns)}).save_to_disk(str(tmp_path / "hf"))
-    for fmt in ("csv", "hf"):
-        data = {"root": str(tmp_path), "format": fmt, "hf_dataset": "hf", "hf_val_split": None}
+    (tmp_path / "pq").mkdir()  # the same rows as parquet data files, read at once and streamed
+    datasets.Dataset.from_dict(columns).to_parquet(str(tmp_path / "pq" / "train-00000-of-00001.parquet"))
+    for fmt, extra in (
+        ("csv", {}),
+        ("hf", {}),
+        ("hf", {"hf_dataset": "pq"}),
+        ("hf", {"hf_dataset": "pq", "hf_streaming": True}),
+    ):
+        data = {"root": str(tmp_path), "format": fmt, "hf_dataset": "hf", "hf_val_split": None, **extra}
         samples, _ = load_samples(build(SFTConfig, {"data": data}).data, "train")
-        assert [(s.image, s.turns) for s in samples] == [(s.image, s.turns) for s in vqa]
+        assert [(s.image, s.turns) for s in samples] == [(s.image, s.turns) for s in vqa], extra
+    for fmt in ("csv", "hf"):
         out = tmp_path / f"run-{fmt}"
         args = train_args(
             world, out, "--data.root", str(tmp_path), "--data.format", fmt, "--train.max_steps", "2"
         )
         args += ["--data.hf_dataset", "hf", "--data.hf_val_split", "none", "--train.eval_every", "0"]
         assert main(args) == 0 and (out / "checkpoint-2" / "model.safetensors").is_file()
+
+
+def test_stage1_on_streamed_parquet_files_stops_at_a_bad_row_or_skips_and_counts_it(
+    world, tmp_path, monkeypatch, capsys
+):
+    """data.format hf on parquet data files read row by row: a bad row is a one-line error naming the files
+    and the row, and with data.skip_bad it is counted in the printed load report and training goes on."""
+    datasets = pytest.importorskip("datasets")
+    from gpt2mm.data.vqa import load_vqa
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    vqa, _ = load_vqa(
+        world / "train_questions.json", world / "train_annotations.json", world / "images" / "train"
+    )
+    columns = {"image": [s.image for s in vqa], "question": [s.turns[0].text for s in vqa]}
+    columns["answer"] = [s.turns[1].text for s in vqa]
+    columns["answer"][5] = ""  # row 5: no answer to learn
+    (tmp_path / "pq").mkdir()
+    datasets.Dataset.from_dict(columns).to_parquet(str(tmp_path / "pq" / "train.parquet"))
+    out = tmp_path / "run"
+    args = train_args(
+        world, out, "--data.root", str(tmp_path), "--data.format", "hf", "--train.max_steps", "2"
+    )
+    args += ["--data.hf_dataset", "pq", "--data.hf_streaming", "true", "--data.hf_val_split", "none"]
+    args += ["--train.eval_every", "0"]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        last
+        == f"gpt2mm train: error: {tmp_path / 'pq'}: row 5: empty question or answer, or <image> in the answer"
+    )
+    assert main([*args, "--data.skip_bad", "true"]) == 0
+    assert (
+        f"{tmp_path / 'pq'}: {len(vqa) - 1} samples; skipped 1 record: 1 bad schema"
+        in capsys.readouterr().out
+    )
+    assert (out / "checkpoint-2" / "model.safetensors").is_file()
 
 
 def test_stage1_trains_on_vqa_files_whose_images_are_not_coco_named(world, tmp_path):

@@ -459,3 +459,64 @@ def test_evaluate_matches_naive_aggregation_on_random_sets():
         assert scores["perQuestionType"][t] == pct([acc for _, _, q, acc in naive if q == t])
     assert scores["perQuestion"] == {qid: naive_round2(100 * acc) for qid, *_, acc in naive}
     assert list(scores["perQuestion"]) == [a["question_id"] for a in annotations]
+
+
+# ---------------------------------------------------------------- exact match, and which scoring a sample gets
+
+
+def test_exact_match_normalizes_both_sides():
+    from gpt2mm.eval.vqa_metric import exact_match
+
+    assert exact_match("Two", ["2"]) == 1.0 and exact_match("2", ["two."]) == 1.0
+    assert exact_match("the Dog!", ["dog"]) == 1.0 and exact_match("dogs", ["dog"]) == 0.0
+    assert exact_match("red", ["blue", "Red"]) == 1.0  # any reference answer
+    with pytest.raises(TypeError):
+        exact_match("a", "a")
+    with pytest.raises(ValueError):
+        exact_match("a", [])
+
+
+def test_answer_score_is_vqa_accuracy_with_10_answers_and_exact_match_with_fewer():
+    from gpt2mm.eval.vqa_metric import EXACT_MATCH, VQA_SCORING, answer_score, exact_match, scoring_for
+
+    ten = ["red"] * 2 + ["dark red"] * 8
+    for pred in ("red", "Dark red.", "blue"):
+        assert answer_score(pred, ten) == vqa_accuracy(pred, ten)
+    assert answer_score("red", ten) == pytest.approx(0.6) and scoring_for(ten) == VQA_SCORING
+    five = ["red", "red", "dark red", "maroon", "red"]  # the leave-one-out rule would give 0.5 for "maroon"
+    assert scoring_for(five) == scoring_for(["x"]) == EXACT_MATCH
+    for pred in ("maroon", "Red", "blue"):
+        assert answer_score(pred, five) == exact_match(pred, five)
+
+
+def test_score_split_equals_a_naive_recomputation_and_names_its_scoring():
+    """`gpt2mm eval`'s per-sample scoring: the mean of VQA accuracy (10 answers) or exact match (fewer), each
+    scoring's own mean, and the answer types, against a recomputation by hand."""
+    from gpt2mm.data.samples import Sample, Turn
+    from gpt2mm.eval.evaluate import score_samples, score_split
+
+    def sample(i, answer, answers=None, answer_type=None):
+        turns = [Turn("user", f"q{i}?"), Turn("assistant", answer)]
+        return Sample(id=f"s{i}", image=None, turns=turns, answers=answers, answer_type=answer_type)
+
+    ten = ["2"] * 3 + ["3"] * 7
+    samples = [
+        sample(0, "2"),
+        sample(1, "yes"),
+        sample(2, "3", ten, "number"),
+        sample(3, "cat", None, "other"),
+    ]
+    preds = ["Two", "no", "2", "the cat"]
+    scores = score_split(samples, preds)
+    naive = [1.0, 0.0, vqa_accuracy("2", ten), 1.0]
+    assert scores["scoring"] == "vqa accuracy + exact match" and scores["questions"] == 4
+    assert scores["overall"] == round_half_away(100 * sum(naive) / 4, 2)
+    assert scores["by_scoring"] == {
+        "vqa accuracy": {"overall": round_half_away(100 * naive[2], 2), "questions": 1},
+        "exact match": {"overall": round_half_away(100 * 2 / 3, 2), "questions": 3},
+    }
+    assert scores["perAnswerType"] == {"number": round_half_away(100 * naive[2], 2), "other": 100.0}
+    assert scores["perQuestion"]["s0"] == 100.0 and scores["perQuestion"]["s1"] == 0.0
+    assert score_samples(samples, preds) == pytest.approx(100 * sum(naive) / 4)  # training-time evaluation
+    only_em = score_split(samples[:2], preds[:2])
+    assert only_em["scoring"] == "exact match" and only_em["overall"] == 50.0

@@ -30,7 +30,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "synth": ("gpt2mm.commands.synth", "render the synthetic shapes world (VQA v2 + LLaVA formats)"),
     "vqa-score": ("gpt2mm.commands.vqa_score", "score VQA results with the official VQA v2 accuracy"),
-    "eval": ("gpt2mm.commands.eval", "answer a VQA v2 split with a model and score it (official accuracy)"),
+    "eval": (
+        "gpt2mm.commands.eval",
+        "answer a split (VQA files, a Hugging Face dataset, a CSV) with a model and score it",
+    ),
     "report": (
         "gpt2mm.commands.report",
         "compare checkpoints on VQA accuracy and description F1 in one table",

@@ -3,13 +3,18 @@
     gpt2mm report runs/stage1 runs/stage2 runs/stage3 --questions test_questions.json \\
         --annotations test_annotations.json --images images/test [--limit N] \\
         [--world data/synth --split test] [--out report.md --png report.png] [--json report.json]
+    gpt2mm report runs/stage1 runs/stage3 --data.format csv --data.csv_val data/test.csv
+
+The split is `gpt2mm eval`'s (official VQA files, or `--recipe` / `--data.KEY VALUE`: see
+`gpt2mm.commands.eval`).
 
 Each argument is a training RUN directory (holding `best/` and/or `checkpoint-N/` model directories: its
 `best/` is used when present, else its last checkpoint), a saved MODEL directory (used as is) or a hub id.
 Rows are labelled by the argument's own name (`stage2`), so the table reads as the list typed.
 
 Columns: the official VQA accuracy (overall and per answer type, the `evaluate` numbers `gpt2mm eval` and
-`gpt2mm vqa-score` print for the same answers) and, with `--world` (a synthetic world written by
+`gpt2mm vqa-score` print for the same answers; on a split without official files, `gpt2mm eval`'s score,
+named by its scoring: `VQA`, `exact match` or, when the split mixes them, `score`) and, with `--world` (a synthetic world written by
 `gpt2mm synth`), the mean precision / recall / F1 of a free description of each image of the split
 (prompt `DESCRIBE_PROMPT`, greedy, scored by `score_description` against the scene records). Both matter:
 a later stage that improves descriptions but breaks short answers (or the reverse) shows up in one table.
@@ -25,7 +30,7 @@ import argparse
 import gc
 from pathlib import Path
 
-from gpt2mm.commands.eval import add_split_arguments, load_split
+from gpt2mm.commands.eval import SPLIT_USAGE, add_split_arguments, load_split, split_config
 from gpt2mm.devices import pick_device
 from gpt2mm.errors import UsageError
 from gpt2mm.eval.report import (
@@ -43,6 +48,7 @@ from gpt2mm.eval.vqa_files import write_json
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Checkpoints to compare, the VQA split, the optional synthetic world, and the outputs."""
+    parser.usage = f"gpt2mm report RUN_OR_MODEL ... {SPLIT_USAGE} [--world DIR] [--out FILE] [options]"
     parser.add_argument(
         "models", nargs="+", metavar="RUN_OR_MODEL", help="training run dirs, model dirs or hub ids"
     )
@@ -77,14 +83,12 @@ def run(args: argparse.Namespace) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             raise UsageError("--png needs matplotlib: pip install 'gpt2-multimodal[plot]'") from None
-    check_outputs(
-        [("--out", args.out), ("--png", args.png), ("--json", args.json_out)],
-        [("--questions", args.questions), ("--annotations", args.annotations)],
-    )
+    cfg, inputs = split_config(args)
+    check_outputs([("--out", args.out), ("--png", args.png), ("--json", args.json_out)], inputs)
     targets = [resolve_checkpoint(m) for m in args.models]
     labels = labels_for(args.models)
     device = pick_device(args.device)
-    samples, questions, annotations, load_report = load_split(args)
+    split = load_split(args, cfg)
     describe = None
     if args.world is not None:
         describe = description_samples(args.world, args.split, args.limit, skip_bad=args.skip_bad)
@@ -96,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         row = evaluate_checkpoint(
             model,
             processor,
-            (samples, questions, annotations),
+            split,
             describe,
             args.batch_size,
             args.max_new_tokens,
@@ -106,9 +110,10 @@ def run(args: argparse.Namespace) -> int:
         del model, processor
         gc.collect()
 
-    caption = f"VQA accuracy (%) on {args.questions.name}: {len(samples)} questions"
-    if load_report.num_skipped:
-        caption += f" ({load_report.num_skipped} skipped: {skipped_reasons(load_report)})"
+    scoring = "VQA accuracy" if split.official else rows[0]["vqa"]["scoring"]
+    caption = f"{scoring[0].upper()}{scoring[1:]} (%) on {split.name}: {len(split.samples)} questions"
+    if split.report.num_skipped:
+        caption += f" ({split.report.num_skipped} skipped: {skipped_reasons(split.report)})"
     if describe is not None:
         caption += f"; descriptions (%) of {len(describe[1])} {args.split} images of {args.world.name}"
     table = format_markdown(rows, caption)

@@ -1,11 +1,17 @@
 """Samples from a Hugging Face `datasets` dataset (with a column mapping) and from the seed's CSV.
 
-Hugging Face: `load_hf(dataset_or_path, columns={"image": "image", "question": "question", ...})`. A
-`Sample.image` is always a path: image columns that hold image data (a `datasets.Image` feature, or dicts of
-`{"bytes", "path"}`) are written once, as they are encoded (no re-encoding), into
-`{image_cache}/{dataset fingerprint}/{row index:08d}.{format}` and reused by later loads of the same
-dataset (a dataset from `load_from_disk` keeps its fingerprint; one built in memory may get a new one each
-run). String columns are paths, relative to `image_root` when given.
+Hugging Face: `load_hf(source, columns={"image": "image", "question": "question", ...})`, where the source is
+a `datasets` object, a `save_to_disk` folder, a folder (or one file) of parquet / JSON / CSV data files
+(`datasets.load_dataset` infers the format and the splits from the file names), or a hub id. With
+`streaming=True` rows are read one at a time as they are iterated (an `IterableDataset`): data files are
+not converted to Arrow first, and with `limit` the rows after the first N samples are never read. A
+`Sample.image` is always a path: image columns that hold image data (a `datasets.Image` feature, or dicts
+of `{"bytes", "path"}`) are written once, as they are encoded (no re-encoding), into
+`{image_cache}/{dataset key}/{row index:08d}.{format}` and reused by later loads of the same dataset (the
+key is the dataset's fingerprint, which a `load_from_disk` or `load_dataset` dataset keeps from run to run;
+one built in memory may get a new one each run; a streamed one's key hashes its source, split and, for
+local files, their names, sizes and modification times). String columns are paths, relative to
+`image_root` when given.
 
 CSV: rows of `image path, "Q: {question} A: {answer}"`, with or without a header line, as the seed wrote
 them. See `load_csv`.
@@ -14,6 +20,7 @@ them. See `load_csv`.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 import re
@@ -83,21 +90,128 @@ def _cache_image(data: bytes, folder: Path, index: int) -> Path:
     return path
 
 
-def _open_dataset(dataset: Any, split: str | None, hf: Any) -> tuple[datasets.Dataset, str]:
-    """The dataset object (loaded from disk when given a folder, its `split` of a `DatasetDict`) and the name
-    reports give it. `hf` is the imported `datasets` package."""
+# data files a single-file source may be, by suffix: the `datasets` builder that reads them
+DATA_FILE_BUILDERS = {
+    ".parquet": "parquet",
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".arrow": "arrow",
+}
+_HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def _first_line(e: BaseException) -> str:
+    """`Type: first line` of an exception, or of its cause when it only wraps one (datasets' build errors)."""
+    if e.__cause__ is not None and type(e).__name__ == "DatasetGenerationError":
+        e = e.__cause__
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _stream_key(*parts: Any, files: Path | None = None) -> str:
+    """The image cache's key for a streamed dataset (which has no fingerprint): a hash of its source, split
+    and, for local files, their names, sizes and modification times (so edited files get a new key)."""
+    h = hashlib.sha256(repr(parts).encode())
+    if files is not None:
+        for f in sorted(files.rglob("*")) if files.is_dir() else [files]:
+            if f.is_file():
+                st = f.stat()
+                h.update(
+                    f"{f.relative_to(files) if files.is_dir() else f.name}:{st.st_size}:{st.st_mtime_ns}".encode()
+                )
+    return "stream-" + h.hexdigest()[:16]
+
+
+def _load_dataset(
+    hf: Any,
+    args: tuple,
+    source: str,
+    split: str,
+    streaming: bool,
+    what: str = "cannot load it",
+    **kwargs: Any,
+) -> datasets.Dataset | datasets.IterableDataset:
+    """`datasets.load_dataset(*args, split=...)` with its failures as one-line `DataError`s naming `source`
+    and saying `what` went wrong."""
+    try:
+        return hf.load_dataset(*args, split=split, streaming=streaming, **kwargs)
+    except ValueError as e:
+        if "split" in str(e).lower():  # 'Unknown split "validation". Should be one of ['train'].'
+            raise DataError(f"{source}: no split {split!r} ({_first_line(e)})") from None
+        raise DataError(f"{source}: {what} ({_first_line(e)})") from None
+    except (OSError, hf.exceptions.DatasetsError) as e:
+        raise DataError(f"{source}: {what} ({_first_line(e)})") from None
+
+
+def _open_dataset(
+    dataset: Any, split: str | None, hf: Any, config: str | None = None, streaming: bool = False
+) -> tuple[datasets.Dataset | datasets.IterableDataset, str, str]:
+    """(the rows, the name reports give them, the image cache's key for them). `dataset` is a `datasets`
+    object, a `save_to_disk` folder (its `split` when a `DatasetDict`), a folder or file of data files
+    (`load_dataset`, `split` default train), or a hub id (`load_dataset(id, config)`); `hf` is the
+    imported `datasets` package. With `streaming`, an `IterableDataset` that reads rows as they are asked for."""
+    if isinstance(dataset, hf.IterableDataset):
+        from datasets.fingerprint import Hasher
+
+        return (
+            dataset,
+            f"streamed dataset {dataset.info.dataset_name or ''}".strip(),
+            _stream_key(Hasher.hash(dataset)),
+        )
     if isinstance(dataset, hf.Dataset):
         files = dataset.cache_files
-        return dataset, files[0]["filename"] if files else f"in-memory dataset {dataset._fingerprint}"
-    try:
-        loaded = hf.load_from_disk(str(dataset))
-    except FileNotFoundError as e:
-        raise DataError(f"{dataset}: not a dataset saved with save_to_disk ({e})") from e
-    if isinstance(loaded, hf.DatasetDict):
-        if split not in loaded:
-            raise DataError(f"{dataset}: a DatasetDict; pass split= one of {', '.join(loaded)}")
-        loaded = loaded[split]
-    return loaded, str(dataset)
+        name = files[0]["filename"] if files else f"in-memory dataset {dataset._fingerprint}"
+        return (dataset.to_iterable_dataset() if streaming else dataset), name, dataset._fingerprint
+    path, source = Path(dataset), str(dataset)
+    if path.is_dir() and any(
+        (path / f).is_file()
+        for f in (hf.config.DATASET_STATE_JSON_FILENAME, hf.config.DATASETDICT_JSON_FILENAME)
+    ):
+        loaded = hf.load_from_disk(str(path))  # memory-mapped Arrow files: nothing is read into memory
+        if isinstance(loaded, hf.DatasetDict):
+            if split not in loaded:
+                raise DataError(f"{source}: a DatasetDict; pass split= one of {', '.join(loaded)}")
+            loaded = loaded[split]
+        return (loaded.to_iterable_dataset() if streaming else loaded), source, loaded._fingerprint
+    split = split or "train"
+    if path.is_file():
+        builder = DATA_FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise DataError(
+                f"{source}: not a data file datasets reads ({', '.join(DATA_FILE_BUILDERS)}), nor a folder"
+            )
+        rows = _load_dataset(hf, (builder,), source, split, streaming, data_files={"train": str(path)})
+    elif path.is_dir():  # data files: load_dataset infers their format and splits from the names
+        rows = _load_dataset(hf, (str(path),), source, split, streaming, name=config)
+    elif isinstance(dataset, str) and _HUB_ID_RE.fullmatch(dataset):
+        what = "not a local folder or file, and the Hugging Face hub did not give it"
+        try:
+            rows = _load_dataset(hf, (dataset,), source, split, streaming, what, name=config)
+        except DataError as e:
+            if f"no split {split!r}" in str(e):
+                raise
+            raise DataError(f"{e}; offline, point at a save_to_disk folder or data files instead") from None
+    else:
+        raise DataError(f"{source}: no such folder or file")
+    if streaming:
+        return rows, source, _stream_key(source, config, split, files=path if path.exists() else None)
+    return rows, source, rows._fingerprint
+
+
+def _rows(dataset: Any, source: str, hf: Any) -> Any:
+    """(index, row) in order; a data file that cannot be read (streaming reads it here) is a `DataError`."""
+    it = iter(dataset)
+    i = 0
+    while True:
+        try:
+            row = next(it)
+        except StopIteration:
+            return
+        except (ValueError, OSError, hf.exceptions.DatasetsError) as e:
+            raise DataError(f"{source}: row {i}: cannot read the data ({_first_line(e)})") from None
+        yield i, row
+        i += 1
 
 
 def _check_columns(columns: dict[str, str] | None, names: list[str], source: str) -> dict[str, str]:
@@ -205,7 +319,7 @@ def _row_sample(
 
 
 def load_hf(
-    dataset: datasets.Dataset | str | os.PathLike,
+    dataset: datasets.Dataset | datasets.IterableDataset | str | os.PathLike,
     columns: dict[str, str] | None = None,
     split: str | None = None,
     image_cache: str | os.PathLike | None = None,
@@ -213,15 +327,24 @@ def load_hf(
     limit: int | None = None,
     check_images: bool = True,
     skip_bad: bool = False,
+    config: str | None = None,
+    streaming: bool = False,
 ) -> tuple[list[Sample], LoadReport]:
-    """Rows of a Hugging Face dataset (an object, or a folder for `datasets.load_from_disk`) as samples.
+    """Rows of a Hugging Face dataset as samples. The dataset: a `datasets` object; a folder saved with
+    `save_to_disk`; a folder (or one file) of parquet / JSON / CSV data files, read by `load_dataset`, its
+    splits from the file names (`train-*.parquet`, `data/validation.jsonl`, ...; one file: train); or a hub
+    id (`load_dataset(id, config)`, online).
 
     columns: field -> column, fields from `HF_FIELDS`; a row needs `question` + `answer` (VQA style) or
         `conversations` (LLaVA style, parsed like `load_llava`). None maps each field to the column of the
         same name. Without an `id` column, the id is the question id, else the row index.
-    split: which split of a `DatasetDict` folder. image_cache: the folder for image data held in the
-        dataset (required when there is any). limit: the first N samples in row order.
+    split: which split (of a `DatasetDict` folder, of the data files, of the hub dataset; default train
+        but for a plain `save_to_disk` folder, which has one). image_cache: the folder for image data held
+        in the dataset (required when there is any). limit: the first N samples in row order.
     skip_bad: count bad rows (bad schema, missing image, bad image) instead of raising `DataError`.
+    streaming: read rows one at a time (an `IterableDataset`): data files are not converted to Arrow in
+        datasets' cache first, and with `limit` only the rows up to the N-th sample are read. Either way the
+        returned samples hold text and image paths; image data goes to `image_cache`, not to memory.
     """
     try:
         import datasets
@@ -230,19 +353,22 @@ def load_hf(
             "loading a Hugging Face dataset needs the datasets package (pip install datasets)"
         ) from e
 
-    dataset, source = _open_dataset(dataset, split, datasets)
+    dataset, source, key = _open_dataset(dataset, split, datasets, config=config, streaming=streaming)
     report = LoadReport(source, skip_bad=skip_bad)
-    columns = _check_columns(columns, list(dataset.column_names), source)
-    fingerprint = dataset._fingerprint  # before select/cast, which change it
+    names = dataset.column_names
+    if names is None:  # a streamed dataset of unknown features: the first row's keys
+        names = list(next(iter(dataset), {}))
+    columns = _check_columns(columns, list(names), source)
     dataset = dataset.select_columns(sorted(set(columns.values())))
     image_col = columns.get("image")
-    if image_col is not None and isinstance(dataset.features[image_col], datasets.Image):
+    features = dataset.features or {}
+    if image_col is not None and isinstance(features.get(image_col), datasets.Image):
         dataset = dataset.cast_column(image_col, datasets.Image(decode=False))  # bytes as stored, no decode
-    cache_dir = None if image_cache is None else Path(image_cache) / fingerprint
+    cache_dir = None if image_cache is None else Path(image_cache) / key
 
     samples: list[Sample] = []
     seen: set[str] = set()
-    for i, row in enumerate(dataset):
+    for i, row in _rows(dataset, source, datasets):
         if limit is not None and len(samples) >= limit:
             break
         sample = _row_sample(row, i, columns, source, cache_dir, image_root, check_images, report)
@@ -253,6 +379,8 @@ def load_hf(
             report.notes["duplicate ids renamed"] += 1
         seen.add(sample.id)
         samples.append(sample)
+        if limit is not None and len(samples) >= limit:
+            break  # before the next row is read: a stream stops here
     report.loaded = len(samples)
     return samples, report
 

@@ -1,5 +1,5 @@
-"""The samples a recipe's `data:` section names: its training and validation splits (VQA files or LLaVA
-conversations, mixed as the recipe says), packing several questions about one image into one sample, and the
+"""The samples a recipe's `data:` section names: its training and validation splits (VQA files, a Hugging Face
+dataset, the seed's CSV or LLaVA conversations, mixed as the recipe says), packing several questions about one image into one sample, and the
 difficulty a curriculum sorts by."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from gpt2mm.errors import UsageError
 
 if TYPE_CHECKING:
-    from gpt2mm.train.config import DataConfig, VQADataConfig
+    from gpt2mm.train.config import DataConfig, QuestionDataConfig, VQADataConfig
 
 
 def resolve(root: str, path: str) -> Path:
@@ -20,8 +20,21 @@ def resolve(root: str, path: str) -> Path:
     return p if p.is_absolute() else Path(root) / p
 
 
-def has_split(cfg: DataConfig, split: str) -> bool:
-    """Whether the recipe's data has `split` (train or val) on disk."""
+def split_location(cfg: QuestionDataConfig, split: str) -> str:
+    """Where the recipe's `split` (train or val) is read from, for messages."""
+    train = split == "train"
+    if cfg.format == "hf":
+        return f"{cfg.hf_dataset} split {cfg.hf_train_split if train else cfg.hf_val_split}"
+    if cfg.format == "csv":
+        return str(resolve(cfg.root, cfg.csv_train if train else cfg.csv_val))
+    if train and cfg.format == "llava":
+        return str(resolve(cfg.root, cfg.llava_train))
+    return str(resolve(cfg.root, cfg.train_questions if train else cfg.val_questions))
+
+
+def has_split(cfg: QuestionDataConfig, split: str) -> bool:
+    """Whether the recipe's data has `split` (train or val) on disk (a Hugging Face dataset: whether a split
+    is named; a missing one is an error when it is loaded)."""
     if cfg.format == "hf":
         return split == "train" or cfg.hf_val_split is not None
     if cfg.format == "csv":
@@ -31,8 +44,9 @@ def has_split(cfg: DataConfig, split: str) -> bool:
     return resolve(cfg.root, cfg.train_questions if split == "train" else cfg.val_questions).is_file()
 
 
-def load_samples(cfg: DataConfig, split: str) -> tuple[list, str]:
-    """Training or validation samples of the recipe's format; returns (samples, load report summary)."""
+def load_samples(cfg: QuestionDataConfig, split: str) -> tuple[list, str]:
+    """Training or validation samples of the recipe's format (`DataConfig`'s: LLaVA too); returns (samples,
+    load report summary). `data.limit` / `val_limit` cap them."""
     limit = cfg.limit if split == "train" else cfg.val_limit
     if cfg.format in ("hf", "csv"):
         samples, report = (
@@ -48,22 +62,31 @@ def load_samples(cfg: DataConfig, split: str) -> tuple[list, str]:
     return load_vqa_split(cfg, split, limit)
 
 
-def load_hf_split(cfg: DataConfig, split: str, limit: int | None):
-    """A split of a Hugging Face dataset folder (datasets.save_to_disk), its columns mapped by `hf_columns`."""
+def hf_source(cfg: QuestionDataConfig) -> str | Path:
+    """`data.hf_dataset` as a path under `data.root` when one is there, else as written (a hub id)."""
+    path = resolve(cfg.root, cfg.hf_dataset)
+    return path if path.exists() else cfg.hf_dataset
+
+
+def load_hf_split(cfg: QuestionDataConfig, split: str, limit: int | None):
+    """A split of the Hugging Face dataset `data.hf_dataset` (a save_to_disk folder, data files or a hub id),
+    its columns mapped by `hf_columns`, read row by row when `hf_streaming`."""
     from gpt2mm.data.sources import load_hf
 
     return load_hf(
-        resolve(cfg.root, cfg.hf_dataset),
+        hf_source(cfg),
         columns=cfg.hf_columns or None,
         split=cfg.hf_train_split if split == "train" else cfg.hf_val_split,
         image_cache=resolve(cfg.root, cfg.hf_image_cache),
         image_root=cfg.root,
         limit=limit,
         skip_bad=cfg.skip_bad,
+        config=cfg.hf_config,
+        streaming=cfg.hf_streaming,
     )
 
 
-def load_csv_split(cfg: DataConfig, split: str, limit: int | None):
+def load_csv_split(cfg: QuestionDataConfig, split: str, limit: int | None):
     """The seed's CSV of `split` (rows of image path, "Q: ... A: ..."; images relative to the CSV's folder)."""
     from gpt2mm.data.sources import load_csv
 

@@ -1,4 +1,5 @@
-"""Answering VQA questions in batches, and scoring the answers with the official metric.
+"""Answering VQA questions in batches, and scoring the answers (the official metric; exact match for samples
+with fewer than 10 answers).
 
 The same `answer_questions` serves training-time evaluation, `gpt2mm eval` and the demo, so a number
 printed anywhere in the project comes from one code path.
@@ -84,13 +85,59 @@ def left_padded(prompts: Sequence[list[int]], pad_token_id: int) -> dict[str, to
 
 
 def score_samples(samples: Sequence[Any], answers: Sequence[str]) -> float:
-    """Mean official VQA accuracy, in percent, of answers against each sample's human answers."""
-    from gpt2mm.eval.vqa_metric import vqa_accuracy
+    """Mean score, in percent, of answers against each sample's human answers (its answer when it has none):
+    `answer_score`, the official VQA accuracy with 10 answers, normalized exact match with fewer."""
+    from gpt2mm.eval.vqa_metric import answer_score
 
     if not samples:
         return 0.0
     total = 0.0
     for s, a in zip(samples, answers, strict=True):
-        refs = s.answers if s.answers else [s.turns[1].text]
-        total += vqa_accuracy(a, refs)
+        total += answer_score(a, references(s))
     return 100.0 * total / len(samples)
+
+
+def references(sample: Any) -> list[str]:
+    """What a sample's answer is scored against: its human answers, else its (first) answer."""
+    return list(sample.answers) if sample.answers else [sample.turns[1].text]
+
+
+def score_split(samples: Sequence[Any], answers: Sequence[str]) -> dict[str, Any]:
+    """`gpt2mm eval`'s scores of answers to samples that have no official records (a Hugging Face dataset, a
+    CSV), in percent, rounded as the official tool rounds: each sample by `answer_score` (VQA accuracy with
+    10 human answers, normalized exact match with fewer), and `scoring` says which ("vqa accuracy",
+    "exact match", or both "vqa accuracy + exact match", then each has its own figure as well).
+
+    Returns {"scoring", "overall", "questions", "by_scoring": {scoring: {"overall", "questions"}},
+    "perAnswerType" (the samples that have an answer type), "perQuestion" (sample id -> score)}.
+    """
+    from gpt2mm.eval.vqa_metric import answer_score, round_half_away, scoring_for
+
+    if not samples:
+        raise ValueError("no samples to score")
+    values, per_question = [], {}
+    by_scoring: dict[str, list[float]] = {}
+    by_type: dict[str, list[float]] = {}
+    for s, a in zip(samples, answers, strict=True):
+        refs = references(s)
+        v = answer_score(a, refs)
+        values.append(v)
+        by_scoring.setdefault(scoring_for(refs), []).append(v)
+        if s.answer_type is not None:
+            by_type.setdefault(s.answer_type, []).append(v)
+        per_question[s.id] = round_half_away(100 * v, 2)
+
+    def percent(vs: list[float]) -> float:
+        return round_half_away(100 * sum(vs) / len(vs), 2)
+
+    return {
+        "scoring": " + ".join(sorted(by_scoring, reverse=True)),  # "vqa accuracy + exact match"
+        "overall": percent(values),
+        "questions": len(values),
+        "by_scoring": {
+            k: {"overall": percent(v), "questions": len(v)}
+            for k, v in sorted(by_scoring.items(), reverse=True)
+        },
+        "perAnswerType": {t: percent(v) for t, v in sorted(by_type.items())},
+        "perQuestion": per_question,
+    }

@@ -17,6 +17,7 @@ from typing import Any
 
 from gpt2mm.errors import UsageError
 from gpt2mm.eval.run_eval import (
+    Split,
     answer_and_score,
     unreadable_images,
 )
@@ -129,9 +130,11 @@ def score_descriptions(texts: Sequence[str], scenes: Sequence[dict]) -> dict[str
 
 def _columns(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, str]]:
     """(header, section, key) of every column, answer types in sorted order across all rows."""
-    cols = [("VQA overall", "vqa", "overall")]
+    scoring = rows[0]["vqa"].get("scoring", "vqa accuracy") if rows else "vqa accuracy"
+    name = {"vqa accuracy": "VQA", "exact match": "exact match"}.get(scoring, "score")  # score: both mixed
+    cols = [(f"{name} overall", "vqa", "overall")]
     types = sorted({t for r in rows for t in r["vqa"]["perAnswerType"]})
-    cols += [(f"VQA {t}", "perAnswerType", t) for t in types]
+    cols += [(f"{name} {t}", "perAnswerType", t) for t in types]
     if any(r.get("description") for r in rows):
         cols += [(f"desc {k}", "description", k) for k in DESCRIPTION_KEYS]
     return cols
@@ -198,21 +201,18 @@ def write_png(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> No
 def evaluate_checkpoint(
     model: Any,
     processor: Any,
-    vqa: tuple[Sequence[Any], Sequence[dict], Sequence[dict]],
+    split: Split,
     describe: tuple[Sequence[Any], Sequence[dict]] | None,
     batch_size: int,
     max_new_tokens: int,
     describe_max_new_tokens: int,
 ) -> dict[str, Any]:
-    """One row of the report: vqa-score's scores (without the per-question ones), throughput and, with a
-    world, the description scores."""
-    samples, questions, annotations = vqa
+    """One row of the report: `gpt2mm eval`'s scores of the split (without the per-question ones; official
+    files: vqa-score's), throughput and, with a world, the description scores."""
     results, scores, seconds = answer_and_score(
         model,
         processor,
-        samples,
-        questions,
-        annotations,
+        split,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
     )

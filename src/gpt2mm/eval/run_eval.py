@@ -1,19 +1,23 @@
 """The pieces of `gpt2mm eval` (and of `gpt2mm report`, which shares them): load a model for
-evaluation, load a VQA v2 split restricted to the questions answered, answer and score with the official
-metric, and refuse outputs that would overwrite an input. The command itself is `gpt2mm.commands.eval`.
+evaluation, load the split to score (official VQA v2 files restricted to the questions answered, or the
+validation split of a Hugging Face dataset or a CSV), answer and score, and refuse outputs that would
+overwrite an input. The command itself is `gpt2mm.commands.eval`.
 
 Answers are greedy, in batches with left padding (`gpt2mm.eval.evaluate.answer_questions`, the code path
-of training-time evaluation), and are scored by the very `evaluate` function of `gpt2mm vqa-score`, so the
-commands print the same numbers for the same results. When only some questions are answered (`--limit`,
-`--skip-bad`), the official questions and annotations are restricted to the answered question ids, so the
-official coverage check (the results answer exactly the question set) still holds.
+of training-time evaluation). Official files are scored by the very `evaluate` function of `gpt2mm
+vqa-score`, so the commands print the same numbers for the same results; when only some questions are
+answered (`--limit`, `--skip-bad`), the official questions and annotations are restricted to the answered
+question ids, so the official coverage check (the results answer exactly the question set) still holds.
+Other splits are scored sample by sample (`gpt2mm.eval.evaluate.score_split`): the official VQA accuracy
+where a sample has 10 human answers, normalized exact match where it has fewer.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +104,35 @@ def unreadable_images(paths: Sequence[str], progress: bool = False) -> dict[str,
     return {p: w for p, w in zip(paths, found) if w is not None}
 
 
+def load_skipping_unreadable(
+    load: Callable[[int | None], tuple[list[Any], Any]],
+    limit: int | None,
+    where: Callable[[Any], str],
+    progress: bool = False,
+) -> tuple[list[Any], Any]:
+    """`load(limit)` (a loader run with skip_bad, returning samples and its load report) that also skips,
+    and counts as "unreadable image", the samples whose image does not decode, the report naming each as
+    `where(sample)`; as for the loaders' own skips, skipped samples do not count towards `limit`."""
+    bad: dict[str, str] = {}
+    checked: set[str] = set()
+    want = limit
+    while True:
+        samples, report = load(want)
+        new = sorted({s.image for s in samples if s.image and s.image not in checked})
+        bad.update(unreadable_images(new, progress=progress))
+        checked.update(new)
+        n_bad = sum(s.image in bad for s in samples)
+        if limit is None or len(samples) - n_bad >= limit or len(samples) < want:
+            break  # enough readable samples, or no more in the source
+        want = limit + n_bad  # more than before: these samples held more unreadable images than last time
+    for s in samples:
+        if s.image in bad:
+            report.bad("unreadable image", f"{where(s)}: {bad[s.image]}")
+    kept = [s for s in samples if s.image not in bad]
+    report.loaded = len(kept)
+    return kept, report
+
+
 def load_vqa_skipping_unreadable(
     questions: Path,
     annotations: Path,
@@ -109,29 +142,15 @@ def load_vqa_skipping_unreadable(
     image_pattern: str | None = None,
 ) -> tuple[list[Any], Any]:
     """`load_vqa(..., skip_bad=True)` that also skips (and counts, as "unreadable image") the questions
-    about an image that does not decode; as there, skipped questions do not count towards `limit`."""
+    about an image that does not decode (`load_skipping_unreadable`)."""
     from gpt2mm.data.vqa import load_vqa
 
-    bad: dict[str, str] = {}
-    checked: set[str] = set()
-    want = limit
-    while True:
-        samples, report = load_vqa(
-            questions, annotations, images, limit=want, skip_bad=True, image_pattern=image_pattern
-        )
-        new = sorted({s.image for s in samples if s.image and s.image not in checked})
-        bad.update(unreadable_images(new, progress=progress))
-        checked.update(new)
-        n_bad = sum(s.image in bad for s in samples)
-        if limit is None or len(samples) - n_bad >= limit or len(samples) < want:
-            break  # enough readable questions, or no more in the file
-        want = limit + n_bad  # more than before: these samples held more unreadable images than last time
-    for s in samples:
-        if s.image in bad:
-            report.bad("unreadable image", f"{questions}: question_id {s.question_id}: {bad[s.image]}")
-    kept = [s for s in samples if s.image not in bad]
-    report.loaded = len(kept)
-    return kept, report
+    def load(n: int | None) -> tuple[list[Any], Any]:
+        return load_vqa(questions, annotations, images, limit=n, skip_bad=True, image_pattern=image_pattern)
+
+    return load_skipping_unreadable(
+        load, limit, lambda s: f"{questions}: question_id {s.question_id}", progress
+    )
 
 
 def load_questions_and_samples(
@@ -176,22 +195,82 @@ def load_questions_and_samples(
     return samples, q_sub, a_sub, report
 
 
+@dataclass
+class Split:
+    """What `eval` and `report` score: the samples, their load report and a name for captions; for official
+    VQA files also their question and annotation records, restricted to the samples (scored by vqa-score's
+    `evaluate`), and those files' names; otherwise the samples are scored one by one (`score_split`)."""
+
+    name: str
+    samples: list[Any]
+    report: Any
+    official: tuple[list[dict[str, Any]], list[dict[str, Any]], tuple[str, str]] | None = None
+
+
+def load_eval_split(cfg: Any, limit: int | None = None, progress: bool = False) -> Split:
+    """The validation split of a data config (`train.config.QuestionDataConfig`, format vqa, hf or csv: its
+    `val_questions` / `hf_val_split` / `csv_val`), the first `limit` samples; with `cfg.skip_bad`, bad
+    records and the samples of an unreadable image are skipped and counted. Data errors are `UsageError`s."""
+    from gpt2mm.data.splits import load_csv_split, load_hf_split, resolve
+
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit must be at least 1, not {limit}")
+    if cfg.format == "vqa":
+        q, a = resolve(cfg.root, cfg.val_questions), resolve(cfg.root, cfg.val_annotations)
+        samples, questions, annotations, report = load_questions_and_samples(
+            q, a, resolve(cfg.root, cfg.val_images), limit, cfg.skip_bad, progress, cfg.image_pattern
+        )
+        return Split(q.name, samples, report, (questions, annotations, (str(q), str(a))))
+    if cfg.format == "hf":
+        if cfg.hf_val_split is None:
+            raise UsageError(
+                "data.hf_val_split is null: set it to the split to score (--data.hf_val_split NAME)"
+            )
+        name = f"{cfg.hf_dataset} ({cfg.hf_val_split})"
+
+        def load(n: int | None) -> tuple[list[Any], Any]:
+            return load_hf_split(cfg, "val", n)
+
+        def where(s: Any) -> str:
+            return f"{name}: id {s.id}"
+    elif cfg.format == "csv":
+        name = Path(cfg.csv_val).name
+
+        def load(n: int | None) -> tuple[list[Any], Any]:
+            return load_csv_split(cfg, "val", n)
+
+        def where(s: Any) -> str:
+            return f"{resolve(cfg.root, cfg.csv_val)}: line {s.id}"  # a CSV sample's id is its line
+    else:
+        raise UsageError(f"data.format {cfg.format!r}: eval scores short answers, from vqa, hf or csv data")
+    try:
+        if cfg.skip_bad:
+            samples, report = load_skipping_unreadable(load, limit, where, progress)
+        else:
+            samples, report = load(limit)
+    except DataError as e:
+        raise UsageError(str(e)) from None
+    if not samples:
+        raise UsageError(f"{report.source}: no question could be loaded ({report.summary()})")
+    return Split(name, samples, report)
+
+
 def answer_and_score(
     model: Any,
     processor: Any,
-    samples: Sequence[Any],
-    questions: Sequence[dict[str, Any]],
-    annotations: Sequence[dict[str, Any]],
+    split: Split,
     batch_size: int = 64,
     max_new_tokens: int = 8,
     progress: bool = True,
-    names: tuple[str, str, str] = ("questions", "annotations", "results"),
+    results_name: str = "results",
 ) -> tuple[list[dict[str, Any]], dict[str, Any], float]:
-    """(official results, official scores, generation seconds): one code path for `eval` and `report`, so
-    both print the number `vqa-score` gives on the same results."""
+    """(results, scores, generation seconds): one code path for `eval` and `report`. Official files: the
+    official results format and vqa-score's `evaluate` scores, so both commands print the number `vqa-score`
+    gives on the same results. Other splits: a result per sample (`id`, `question_id` when it has one,
+    `question`, `answer`, and the `references` it is scored against) and `score_split`'s scores."""
     import torch
 
-    from gpt2mm.eval.evaluate import answer_questions
+    from gpt2mm.eval.evaluate import answer_questions, references, score_split
     from gpt2mm.eval.vqa_metric import evaluate
 
     model.eval()
@@ -201,7 +280,7 @@ def answer_and_score(
             answers = answer_questions(
                 model,
                 processor,
-                samples,
+                split.samples,
                 batch_size=batch_size,
                 max_new_tokens=max_new_tokens,
                 progress=progress,
@@ -209,9 +288,24 @@ def answer_and_score(
     except DataError as e:  # an image that does not decode
         raise UsageError(f"{e} (--skip-bad skips the questions about unreadable images)") from None
     seconds = time.perf_counter() - start
-    results = [{"question_id": s.question_id, "answer": a} for s, a in zip(samples, answers, strict=True)]
+    if split.official is None:
+        results = [
+            {
+                "id": s.id,
+                **({"question_id": s.question_id} if s.question_id is not None else {}),
+                "question": s.turns[0].text,
+                "answer": a,
+                "references": references(s),
+            }
+            for s, a in zip(split.samples, answers, strict=True)
+        ]
+        return results, score_split(split.samples, answers), seconds
+    questions, annotations, (q_name, a_name) = split.official
+    results = [
+        {"question_id": s.question_id, "answer": a} for s, a in zip(split.samples, answers, strict=True)
+    ]
     try:
-        scores = evaluate(questions, annotations, results, names=names)
+        scores = evaluate(questions, annotations, results, names=(q_name, a_name, results_name))
     except DataError as e:
         raise UsageError(str(e)) from None
     return results, scores, seconds

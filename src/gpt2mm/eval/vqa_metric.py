@@ -1,7 +1,9 @@
 """The official VQA v2 accuracy, reproduced bit for bit from the published evaluation rules.
 
 Every number the project reports (training-time eval, `gpt2mm vqa-score`, `gpt2mm eval`) and the RL
-reward come from `vqa_accuracy`, so they agree with the leaderboard's evaluation. Pure Python, no I/O.
+reward come from `vqa_accuracy`, so they agree with the leaderboard's evaluation. Samples with fewer than 10
+answers (a CSV's or a Hugging Face dataset's single answer) are scored by `exact_match` after the same
+normalization; `answer_score` picks one of the two per sample. Pure Python, no I/O.
 
 The rules, in the official order, for one question with a prediction and its human answers:
 
@@ -190,6 +192,36 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
         others = matches - 1 if ref == pred else matches
         total += others / 3 if others < 3 else 1.0
     return total / n
+
+
+VQA_ANSWERS = 10  # a question with this many human answers is scored by the VQA metric, others by exact match
+VQA_SCORING, EXACT_MATCH = "vqa accuracy", "exact match"
+
+
+def exact_match(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 when the prediction equals one of the answers after the full official normalization of both
+    (`normalize_answer`: "Two." == "2", "the dog" == "dog"), else 0.0."""
+    if isinstance(answers, str):
+        raise TypeError("answers must be a sequence of strings, not one string")
+    if not answers:
+        raise ValueError("exact_match needs at least one reference answer")
+    return float(normalize_answer(prediction) in {normalize_answer(a) for a in answers})
+
+
+def scoring_for(answers: Sequence[str]) -> str:
+    """`VQA_SCORING` for a question with (at least) 10 human answers, else `EXACT_MATCH`."""
+    return VQA_SCORING if len(answers) >= VQA_ANSWERS else EXACT_MATCH
+
+
+def answer_score(prediction: str, answers: Sequence[str]) -> float:
+    """A sample's score (0..1), the one `gpt2mm eval`, training-time evaluation and the RL reward give: the
+    official `vqa_accuracy` with VQA's 10 human answers, `exact_match` with fewer (one reference answer,
+    as a CSV or a Hugging Face dataset's `answer` column gives)."""
+    return (
+        vqa_accuracy(prediction, answers)
+        if scoring_for(answers) == VQA_SCORING
+        else exact_match(prediction, answers)
+    )
 
 
 def round_half_away(x: float, ndigits: int = 2) -> float:

@@ -1,4 +1,5 @@
-"""Stage 2's recipe: the policy to start from, the VQA files (`train.config.VQADataConfig`), the rollouts, the
+"""Stage 2's recipe: the policy to start from, the questions (`train.config.QuestionDataConfig`: official VQA
+files, a Hugging Face dataset or the seed's CSV), the rollouts, the
 PPO / RLOO / GRPO hyper-parameters on top of the run layer's `RunConfig`, and the reward.
 
 `gpt2mm ppo RECIPE.yaml --section.key value` builds a `PPORecipe` (see `gpt2mm.train.args`)."""
@@ -8,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gpt2mm.rl.reward import parse_reward
-from gpt2mm.train.config import RunConfig, VQADataConfig
+from gpt2mm.train.config import QuestionDataConfig, RunConfig
 
 
 @dataclass
@@ -75,7 +76,7 @@ class PPOTrainConfig(RunConfig):
 @dataclass
 class PPORecipe:
     model: PolicyConfig = field(default_factory=PolicyConfig)
-    data: VQADataConfig = field(default_factory=VQADataConfig)
+    data: QuestionDataConfig = field(default_factory=QuestionDataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     train: PPOTrainConfig = field(default_factory=PPOTrainConfig)
     reward: str = field(
@@ -85,6 +86,7 @@ class PPORecipe:
     def __post_init__(self):
         t, r = self.train, self.rollout
         t.check()
+        self.data.check(formats=("vqa", "hf", "csv"))
         if t.algo != "ppo" and r.samples_per_prompt < 2:
             raise ValueError(f"train.algo {t.algo} needs rollout.samples_per_prompt >= 2")
         if r.prompts < 1 or r.max_new_tokens < 1 or t.minibatch_size < 1 or t.ppo_epochs < 1:

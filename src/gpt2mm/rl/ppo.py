@@ -5,9 +5,11 @@
     gpt2mm ppo configs/tiny-ppo.yaml --train.algo rloo --rollout.samples_per_prompt 4
     gpt2mm ppo configs/tiny-ppo.yaml --resume
 
-One update: sample answers from the policy for a batch of training questions (a rollout); score each answer
-(the reward: the official VQA accuracy against the 10 human answers, the very function `gpt2mm eval`
-uses, or a learned reward model, or a weighted sum); compute the log-probabilities of the sampled tokens
+The questions come from official VQA files, a Hugging Face dataset or the seed's CSV (`data.format`, as in
+`gpt2mm train`). One update: sample answers from the policy for a batch of training questions (a rollout);
+score each answer (the reward: the official VQA accuracy against the 10 human answers, or normalized exact
+match against a single answer, the very function `gpt2mm eval` uses; or a learned reward model, or a
+weighted sum); compute the log-probabilities of the sampled tokens
 under the policy and under the frozen stage-1 reference, and the value head's estimates; turn them into
 per-token rewards (score at the last token, -kl_coef * KL at every token), advantages (GAE) and returns;
 then a few epochs of minibatch steps on the clipped policy loss + the clipped value loss. The math lives in
@@ -126,7 +128,9 @@ class PPOTrainer(Trainer):
         self.val_samples = self._load_split("val") if t.eval_every else []
         missing = sum(s.image is None for s in self.train_samples)
         if missing:
-            raise UsageError(f"{missing} training questions have no image; PPO here is for VQA-format data")
+            raise UsageError(
+                f"{missing} training questions have no image; PPO here is for questions about images"
+            )
         self.pixels = PixelStore(self.processor, cache=d.cache_pixels)  # also what the demo scores with
         self.images = self.pixels
         if d.feature_cache:
@@ -136,17 +140,17 @@ class PPOTrainer(Trainer):
             self.log(f"feature cache {self.images.dir}: {added} images added, {len(paths) - added} reused")
 
     def _load_split(self, split: str) -> list:
-        """A split's VQA questions; no validation file means no evaluation, no training file is an error."""
-        from gpt2mm.data.splits import load_vqa_split, resolve
+        """A split's questions, in the recipe's format; no validation data means no evaluation, no training
+        data is an error."""
+        from gpt2mm.data.splits import has_split, load_samples, split_location
 
         d = self.cfg.data
-        questions = resolve(d.root, d.train_questions if split == "train" else d.val_questions)
-        if not questions.is_file():
+        if not has_split(d, split):
             if split == "val":
-                self.log(f"no validation questions at {questions}: no evaluation")
+                self.log(f"no validation questions at {split_location(d, 'val')}: no evaluation")
                 return []
-            raise UsageError(f"data: no training questions at {questions}")
-        samples, summary = load_vqa_split(d, split, d.limit if split == "train" else d.val_limit)
+            raise UsageError(f"data: no training questions at {split_location(d, 'train')}")
+        samples, summary = load_samples(d, split)
         if not samples:
             raise UsageError(f"no {split} questions: {summary}")
         self.log(f"{split} data: {summary}")

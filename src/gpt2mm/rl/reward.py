@@ -1,6 +1,7 @@
 """Stage 2's reward: what a sampled answer scores. The official VQA accuracy against the question's human
-answers (the metric `gpt2mm eval` reports), a learned reward model's P(correct), or a weighted sum of them,
-as the recipe's `reward:` spec says."""
+answers (normalized exact match against the answer of a sample with fewer than 10: the score `gpt2mm eval`
+reports), a learned reward model's P(correct), or a weighted sum of them, as the recipe's `reward:` spec
+says."""
 
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ def parse_reward(spec: str) -> list[tuple[float, str]]:
 
 class Reward:
     """Answers -> scores (B,): the weighted sum of the recipe's terms. `vqa` is the official VQA accuracy
-    against each sample's human answers (`gpt2mm.eval.vqa_metric.vqa_accuracy`, the metric of every
-    evaluation in the project); `model:DIR` is a reward model's P(correct)."""
+    against each sample's 10 human answers, or normalized exact match against the answer of a sample with
+    fewer (`gpt2mm.eval.vqa_metric.answer_score`, the score of every evaluation in the project);
+    `model:DIR` is a reward model's P(correct)."""
 
     def __init__(self, spec: str, device: str | torch.device = "cpu"):
         self.terms = parse_reward(spec)
@@ -48,12 +50,13 @@ class Reward:
                 self.scorers[source] = RewardScorer(path, device=device)
 
     def __call__(self, samples: list, answers: list[str]) -> torch.Tensor:
-        from gpt2mm.eval.vqa_metric import vqa_accuracy
+        from gpt2mm.eval.evaluate import references
+        from gpt2mm.eval.vqa_metric import answer_score
 
         total = torch.zeros(len(answers))
         for weight, source in self.terms:
             if source == "vqa":
-                values = [vqa_accuracy(a, s.answers or [s.turns[1].text]) for s, a in zip(samples, answers)]
+                values = [answer_score(a, references(s)) for s, a in zip(samples, answers)]
             else:
                 values = self.scorers[source](
                     [s.image for s in samples], [s.turns[0].text for s in samples], answers

@@ -160,6 +160,25 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str]) -> 
     return build(cls, data)
 
 
+def load_section(
+    cls: type[T],
+    path: str | Path | None,
+    section: str,
+    overrides: dict[str, Any],
+    defaults: dict[str, Any] | None = None,
+) -> T:
+    """One section of a recipe file (optional; its other sections are not read) with `defaults` under it and
+    `overrides` (key -> value as typed) over it: how `gpt2mm eval` reads a training recipe's `data:`."""
+    values = dict(defaults or {})
+    if path is not None:
+        recipe = read_recipe(Path(path)).get(section) or {}
+        if not isinstance(recipe, dict):
+            raise UsageError(f"{path}: {section}: expected a mapping, got {type(recipe).__name__}")
+        values.update(recipe)
+    values.update({k: _flow_value(v) if isinstance(v, str) else v for k, v in overrides.items()})
+    return build(cls, values, prefix=f"{section}.")
+
+
 def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
     """`["--train.lr", "1e-3", "--data.skip_bad=true"]` -> `[("train.lr", "1e-3"), ("data.skip_bad", "true")]`."""
     out = []
@@ -211,6 +230,39 @@ def describe(cls: type, prefix: str = "") -> list[str]:
         help_ = f.metadata.get("help", "")
         lines.append(f"  --{prefix}{f.name} (default {default!r}) {help_}".rstrip())
     return lines
+
+
+def add_section_arguments(
+    parser, section: str, cls: type, exclude: tuple[str, ...] = (), defaults: dict[str, Any] | None = None
+) -> None:
+    """`--{section}.{field} VALUE` for every field of `cls` but `exclude` (generated, not copied: one source
+    of truth), each absent from the namespace unless given; `section_overrides` collects them. `defaults`:
+    the defaults the command uses instead of the dataclass's, for the help."""
+    import argparse
+
+    for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        )
+        default = (defaults or {}).get(f.name, default)
+        help_ = f.metadata.get("help", "")
+        parser.add_argument(
+            f"--{section}.{f.name}",
+            dest=f"{section}.{f.name}",
+            default=argparse.SUPPRESS,
+            metavar="VALUE",
+            help=f"(default {default!r}) {help_}".rstrip(),
+        )
+
+
+def section_overrides(args: Any, section: str) -> dict[str, str]:
+    """The `--{section}.key` values given on the command line (`add_section_arguments`), by key."""
+    prefix = f"{section}."
+    return {k[len(prefix) :]: v for k, v in vars(args).items() if k.startswith(prefix)}
 
 
 def add_recipe_arguments(parser, command: str, cls: type) -> None:

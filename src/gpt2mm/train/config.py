@@ -117,21 +117,24 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig(VQADataConfig):
+class QuestionDataConfig(VQADataConfig):
+    """Questions with short answers in one of three formats: official VQA files (the fields above), a Hugging
+    Face dataset, or the seed's CSV. What `gpt2mm ppo` trains on and `gpt2mm eval` scores; `DataConfig` adds
+    LLaVA conversations and the shaping of SFT samples."""
+
     format: str = field(
         default="vqa",
-        metadata={"help": "vqa (official files) | llava (JSON) | hf (a datasets folder) | csv (the seed's)"},
+        metadata={"help": "vqa (official files) | hf (a Hugging Face dataset) | csv (the seed's)"},
     )
-    synth: bool = field(
-        default=True, metadata={"help": "render the synthetic world into root if it is absent"}
-    )
-    synth_args: dict = field(
-        default_factory=dict, metadata={"help": "gpt2mm.data.synthetic.write_world args"}
-    )
-    llava_train: str = "train_llava.json"
-    llava_images: str = "images"
     hf_dataset: str | None = field(
-        default=None, metadata={"help": "format hf: a datasets.save_to_disk folder (relative to root)"}
+        default=None,
+        metadata={
+            "help": "format hf: a datasets.save_to_disk folder, a folder (or file) of parquet/JSON/CSV data files "
+            "(relative to root), or a hub id (online)"
+        },
+    )
+    hf_config: str | None = field(
+        default=None, metadata={"help": "format hf: the dataset's configuration name"}
     )
     hf_train_split: str = "train"
     hf_val_split: str | None = field(
@@ -143,10 +146,45 @@ class DataConfig(VQADataConfig):
     hf_image_cache: str = field(
         default="hf_images", metadata={"help": "format hf: where image data held in the dataset is written"}
     )
+    hf_streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "format hf: read rows one at a time (IterableDataset): no conversion to Arrow first, and only "
+            "the rows up to limit / val_limit samples are read"
+        },
+    )
     csv_train: str = field(
         default="train.csv", metadata={"help": "format csv: rows of image, 'Q: ... A: ...'"}
     )
     csv_val: str = "val.csv"
+
+    def check(self, formats: tuple[str, ...] = ("vqa", "hf", "csv")) -> None:
+        """A known format, with what it needs (ValueError naming the option)."""
+        if self.format not in formats:
+            choices = f"{', '.join(formats[:-1])} or {formats[-1]}"
+            raise ValueError(f"data.format must be {choices}, got {self.format!r}")
+        if self.format == "hf" and not self.hf_dataset:
+            raise ValueError(
+                "data.format hf needs data.hf_dataset (a save_to_disk folder, data files or a hub id)"
+            )
+
+
+@dataclass
+class DataConfig(QuestionDataConfig):
+    format: str = field(
+        default="vqa",
+        metadata={
+            "help": "vqa (official files) | llava (JSON) | hf (a Hugging Face dataset) | csv (the seed's)"
+        },
+    )
+    synth: bool = field(
+        default=True, metadata={"help": "render the synthetic world into root if it is absent"}
+    )
+    synth_args: dict = field(
+        default_factory=dict, metadata={"help": "gpt2mm.data.synthetic.write_world args"}
+    )
+    llava_train: str = "train_llava.json"
+    llava_images: str = "images"
     conversation_mix: bool = field(
         default=False,
         metadata={
@@ -216,10 +254,7 @@ class SFTConfig:
 
         if self.model.preset not in PRESETS:
             raise ValueError(f"model.preset must be one of {', '.join(PRESETS)}, got {self.model.preset!r}")
-        if d.format not in ("vqa", "llava", "hf", "csv"):
-            raise ValueError(f"data.format must be vqa, llava, hf or csv, got {d.format!r}")
-        if d.format == "hf" and not d.hf_dataset:
-            raise ValueError("data.format hf needs data.hf_dataset (a datasets.save_to_disk folder)")
+        d.check(formats=("vqa", "llava", "hf", "csv"))
         if d.conversation_mix and d.format != "vqa":
             raise ValueError(
                 "data.conversation_mix adds conversations to VQA questions: it needs format: vqa"
