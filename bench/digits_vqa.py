@@ -15,7 +15,8 @@ with noise, each digit scaled to 14-24 px in its own dark ink at a free position
 It is written in every input format gpt2mm reads, all from the same pictures and questions:
 
     DIR/vqa/    {split}_questions.json, {split}_annotations.json (10 answers each), images/{split}/{id}.png
-                (not COCO-named: data.image_pattern '{image_id}.png')
+                (not COCO-named: data.image_pattern '{image_id}.png'); scenes/{split}_scenes.json (each
+                picture's digits and boxes, for experiments with data.difficulty: objects)
     DIR/llava/  {split}_llava.json (one record per picture, its questions as turns), images -> ../vqa/images
     DIR/hf/     a datasets.DatasetDict saved with save_to_disk (train / validation / test), image data inside
     DIR/csv/    {split}.csv in the seed's format (image path, "Q: ... A: ...")
@@ -115,16 +116,21 @@ def build(out: str | Path, n_train: int = 6000, n_val: int = 100, n_test: int = 
         rng = random.Random(f"digits-vqa/{seed}/{split}")
         image_dir = out / "vqa" / "images" / split
         image_dir.mkdir(parents=True, exist_ok=True)
-        rows[split] = []
+        rows[split], scenes = [], []
         for i in range(counts[split]):
             image_id = ID_OFFSET[split] + i + 1
             image, digits = compose(rng, pools[split])
             image.save(image_dir / f"{image_id}.png")
+            scenes.append({"image_id": image_id, "file_name": f"{image_id}.png", "objects": digits})
             for k, (family, question, answer) in enumerate(questions_for(rng, digits)):
                 rows[split].append(
                     dict(image_id=image_id, question_id=image_id * 10 + k, family=family,
                          question=question, answer=answer, image=f"images/{split}/{image_id}.png")
                 )  # fmt: skip
+        # what the picture holds, as the shapes world's scene records (data.difficulty: objects reads them:
+        # for experiments only; the general recipe does not use them)
+        (out / "vqa" / "scenes").mkdir(exist_ok=True)
+        (out / "vqa" / "scenes" / f"{split}_scenes.json").write_text(json.dumps(scenes))
     _write_vqa(out / "vqa", rows)
     _write_llava(out / "llava", rows)
     _write_csv(out / "csv", rows)

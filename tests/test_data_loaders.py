@@ -3,6 +3,8 @@ files written into tmp_path."""
 
 from __future__ import annotations
 
+import hashlib
+
 import io
 import json
 import struct
@@ -655,7 +657,8 @@ def test_hf_dataset_with_column_mapping_and_image_cache(tmp_path):
     s = samples[0]
     assert s.id == "5" and s.question_id == 5 and s.answers == ["black"] * 10
     assert s.turns == [Turn("user", "what color?"), Turn("assistant", "black")]
-    assert Path(s.image) == tmp_path / "cache" / ds._fingerprint / "00000000.png"
+    data = Path(s.image).read_bytes()
+    assert Path(s.image) == tmp_path / "cache" / ds._fingerprint / f"{hashlib.sha256(data).hexdigest()[:32]}.png"
     assert load_image(s.image).size == (5, 4)
     mtime = Path(s.image).stat().st_mtime_ns
     again, _ = load_hf(ds, columns, image_cache=tmp_path / "cache")

@@ -106,3 +106,15 @@ def test_blind_baseline_is_the_question_prior(digits):
     blind = mod.blind_baseline(root)
     assert set(blind) == {"all", *mod.FAMILIES}
     assert all(0.0 <= v <= 100.0 for v in blind.values())
+
+
+def test_hf_rows_of_one_picture_share_one_cached_file_and_pack(digits, tmp_path):
+    """The hf copy holds each picture's bytes once per question: the image cache names files by content, so
+    the questions about one picture pack into one sample, as they do from the VQA files."""
+    from gpt2mm.data.sources import load_hf
+    from gpt2mm.data.splits import pack_by_image
+
+    mod, root = digits
+    hf, _ = load_hf(root / "hf", split="train", image_cache=tmp_path / "cache")
+    assert len({s.image for s in hf}) == 12
+    assert len(pack_by_image(hf, 8, seed=0)) == 12

@@ -16,7 +16,7 @@ from gpt2mm.train.config import DataConfig, SFTConfig
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # What configs/demo-sft.yaml adds to configs/tiny-vqa.yaml: the shapes world and where the demo writes.
 WORLD_EXTRAS = {
-    "data.root", "data.synth", "data.synth_args", "data.conversation_mix", "data.difficulty",
+    "model.overrides", "data.root", "data.synth", "data.synth_args", "data.conversation_mix", "data.difficulty",
     "train.output_dir", "train.max_minutes", "train.curriculum_steps",
 }  # fmt: skip
 

@@ -87,3 +87,20 @@ def test_a_stop_by_time_and_patience_at_once_is_the_time_budgets(tmp_path, monke
     monkeypatch.setattr(trainer_module, "time_is_up", lambda minutes, seconds: s.step >= 4)
     s = Stage(tmp_path, [50.0, 40.0], max_steps=100, max_minutes=1.0, eval_every=2, early_stopping_patience=1)
     assert s.train()["stop_reason"] == "max_minutes" and s.step == 4
+
+
+def test_default_tracker_starts_without_an_accelerator_state(tmp_path):
+    """TensorBoard, the default tracker, in a process that started no accelerator (PPO, the reward trainer):
+    a tracker when its package is there, left out quietly when not; never accelerate's state error."""
+    import subprocess
+    import sys
+
+    code = (
+        "from pathlib import Path; from accelerate.tracking import get_available_trackers;"
+        "from gpt2mm.train.logging import start_trackers;"
+        f"t = start_trackers(['tensorboard'], Path({str(tmp_path)!r}), {{}});"
+        "have = 'tensorboard' in {str(k) for k in get_available_trackers()};"
+        "assert len(t) == int(have), (t, have); print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

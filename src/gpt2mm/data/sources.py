@@ -7,7 +7,8 @@ a `datasets` object, a `save_to_disk` folder, a folder (or one file) of parquet 
 not converted to Arrow first, and with `limit` the rows after the first N samples are never read. A
 `Sample.image` is always a path: image columns that hold image data (a `datasets.Image` feature, or dicts
 of `{"bytes", "path"}`) are written once, as they are encoded (no re-encoding), into
-`{image_cache}/{dataset key}/{row index:08d}.{format}` and reused by later loads of the same dataset (the
+`{image_cache}/{dataset key}/{content hash}.{format}` and reused by later loads of the same dataset (rows
+holding the same picture share one file, so their questions pack into one sample like VQA's; the
 key is the dataset's fingerprint, which a `load_from_disk` or `load_dataset` dataset keeps from run to run;
 one built in memory may get a new one each run; a streamed one's key hashes its source, split and, for
 local files, their names, sizes and modification times). String columns are paths, relative to
@@ -73,15 +74,18 @@ def _answers(value: Any) -> list[str] | None:
     raise ValueError("answers must be a list of strings or of {answer: str} objects")
 
 
-def _cache_image(data: bytes, folder: Path, index: int) -> Path:
-    """Write image bytes once (atomically) under a name with their format's extension."""
+def _cache_image(data: bytes, folder: Path) -> Path:
+    """Write image bytes once (atomically), named by their SHA-256 with their format's extension: the same
+    picture in several rows is one file."""
+    import hashlib
+
     from PIL import Image
 
     try:
         fmt = Image.open(io.BytesIO(data)).format  # the header only
     except Exception as e:
         raise ValueError(f"image data that is not an image ({e})") from e
-    path = folder / f"{index:08d}.{(fmt or 'img').lower()}"
+    path = folder / f"{hashlib.sha256(data).hexdigest()[:32]}.{(fmt or 'img').lower()}"
     if not (path.is_file() and path.stat().st_size == len(data)):
         folder.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -240,7 +244,7 @@ def _image_path(
     if isinstance(image, dict) and image.get("bytes") is not None:
         if cache_dir is None:
             raise UsageError(f"{source}: the dataset holds image data; pass image_cache= (a folder)")
-        return _cache_image(image["bytes"], cache_dir, i)
+        return _cache_image(image["bytes"], cache_dir)
     if isinstance(image, dict | str):
         p = image.get("path") if isinstance(image, dict) else image
         if not isinstance(p, str) or not p:

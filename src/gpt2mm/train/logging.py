@@ -31,10 +31,14 @@ def check_trackers(names: list[str]) -> None:
 def start_trackers(names: list[str], out: Path, config: dict[str, Any]) -> list:
     """accelerate's trackers, started as `Accelerator.init_trackers` starts them: TensorBoard into
     OUT/tensorboard, Weights & Biases in project $WANDB_PROJECT (else gpt2mm) with the run named after OUT."""
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, filter_trackers
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, filter_trackers, get_available_trackers
 
+    # without their packages (TensorBoard, the default, where it is not installed) trackers are left out here:
+    # accelerate's own filter would log that through its logger, which needs an accelerator state (PPO's
+    # and the reward trainer's runs start none)
+    available = {str(t) for t in get_available_trackers()}
     trackers = []
-    for kind in filter_trackers(names, logging_dir=out):
+    for kind in filter_trackers([n for n in names if n in available], logging_dir=out):
         cls = LOGGER_TYPE_TO_CLASS[str(kind)]
         if str(kind) == "tensorboard":
             tracker = cls("tensorboard", out)
