@@ -334,6 +334,39 @@ def test_eval_on_hf_data_files_with_10_answers_is_the_official_vqa_accuracy(
         assert {r["question_id"]: r["answer"] for r in results} == answered
 
 
+def test_eval_on_llava_records_scores_each_first_reply_with_its_images(world, models, tmp_path, capsys):
+    """LLaVA records (two images each, placeholders where they stand, a later exchange that is not asked):
+    eval answers each record's first user turn with its images, and its exact-match score is the mean of
+    (normalized answer == normalized first reply); the answers are those of `answer_questions` on the same
+    first exchanges (the generation path of training-time evaluation)."""
+    from gpt2mm.data.llava import load_llava
+    from gpt2mm.eval.evaluate import answer_questions
+    from gpt2mm.eval.vqa_metric import normalize_answer, round_half_away
+    from gpt2mm.loading import load_model
+
+    images = sorted(p.name for p in (world / "images" / "test").iterdir())
+    records = [
+        {"id": f"r{i}", "image": [images[i], images[(i + 1) % len(images)]],
+         "conversations": [{"from": "human", "value": f"Is <image> the same as <image> ? ({i})"},
+                           {"from": "gpt", "value": "yes" if i % 2 else "no"},
+                           {"from": "human", "value": "Why?"}, {"from": "gpt", "value": "colour"}]}
+        for i in range(len(images))
+    ]  # fmt: skip
+    (tmp_path / "val_llava.json").write_text(json.dumps(records))
+    args = ["--data.format", "llava", "--data.root", str(tmp_path), "--data.llava_images", str(world / "images" / "test")]
+    results, scores, printed = _eval_on(models["stage1"], args, tmp_path, capsys)
+    assert [r["id"] for r in results] == [r["id"] for r in records]
+    refs = [r["conversations"][1]["value"] for r in records]
+    hits = [normalize_answer(r["answer"]) == normalize_answer(a) for r, a in zip(results, refs)]
+    assert scores["scoring"] == "exact match"
+    assert scores["overall"] == round_half_away(100 * sum(hits) / len(hits), 2)
+    samples, _ = load_llava(tmp_path / "val_llava.json", world / "images" / "test")
+    for s in samples:
+        s.turns = s.turns[:2]
+    model, processor = load_model(models["stage1"])
+    assert [r["answer"] for r in results] == answer_questions(model, processor, samples, max_new_tokens=8)
+
+
 @pytest.mark.parametrize("fmt", ["csv", "hf"])
 def test_eval_skip_bad_counts_a_bad_record_of_a_csv_or_hf_split(
     sources, models, tmp_path, capsys, hf_cache, fmt

@@ -9,9 +9,10 @@
 
 The split: official VQA v2 files (`--questions`, `--annotations`, `--images`), or the validation split of a
 data source as a training recipe's `data:` section names it (`--recipe RECIPE.yaml`, whose other sections
-are not read, and/or `--data.KEY VALUE` for any key of `QuestionDataConfig`: format vqa, hf or csv, as in
-`gpt2mm train`): `val_questions` / `val_annotations` / `val_images`, `hf_val_split` of `hf_dataset`, or
-`csv_val`. Without `--recipe`, `data.root` is the current folder. `data.limit` and `data.val_limit` are
+are not read, and/or `--data.KEY VALUE` for any key of `QuestionDataConfig`: format vqa, hf, csv or llava,
+as in `gpt2mm train`): `val_questions` / `val_annotations` / `val_images`, `hf_val_split` of `hf_dataset`,
+`csv_val`, or `llava_val` (each record's first user turn, with its images, answered and scored against its
+first reply by exact match). Without `--recipe`, `data.root` is the current folder. `data.limit` and `data.val_limit` are
 not read: `--limit N` takes the first N questions.
 
 The model (a saved directory or a hub id) answers each question greedily, in batches with left padding
@@ -158,15 +159,18 @@ def split_config(args: argparse.Namespace):
         defaults = {} if args.recipe is not None else DATA_DEFAULTS
         cfg = load_section(DataConfig, args.recipe, "data", overrides, defaults)
         try:
-            cfg.check(formats=("vqa", "hf", "csv"))
+            cfg.check(formats=("vqa", "hf", "csv", "llava"))
         except ValueError as e:
-            raise UsageError(f"{e} (eval scores short answers: vqa, hf or csv)") from None
+            raise UsageError(str(e)) from None
+        if cfg.format == "llava" and not resolve(cfg.root, cfg.llava_val).is_file():
+            raise UsageError(f"data.llava_val: no such file {resolve(cfg.root, cfg.llava_val)}")
         if args.image_pattern is not None:
             cfg.image_pattern = args.image_pattern
         inputs = {
             "vqa": [("data.val_questions", cfg.val_questions), ("data.val_annotations", cfg.val_annotations)],
             "csv": [("data.csv_val", cfg.csv_val)],
             "hf": [("data.hf_dataset", cfg.hf_dataset)],
+            "llava": [("data.llava_val", cfg.llava_val)],
         }[cfg.format]
         inputs = [(flag, resolve(cfg.root, path)) for flag, path in inputs]
     cfg.skip_bad = cfg.skip_bad or args.skip_bad

@@ -62,6 +62,20 @@ def load_samples(cfg: QuestionDataConfig, split: str) -> tuple[list, str]:
     return load_vqa_split(cfg, split, limit)
 
 
+def load_first_exchanges(cfg: QuestionDataConfig, limit: int | None):
+    """The LLaVA records of `data.llava_val` cut to their first exchange: the first user turn (with its
+    images) to answer, the first reply as the reference (what `gpt2mm eval` scores, by exact match).
+    Returns (samples, load report)."""
+    from gpt2mm.data.llava import load_llava
+
+    samples, report = load_llava(
+        resolve(cfg.root, cfg.llava_val), resolve(cfg.root, cfg.llava_images), limit=limit, skip_bad=cfg.skip_bad
+    )
+    for s in samples:
+        s.turns = s.turns[:2]
+    return samples, report
+
+
 def hf_source(cfg: QuestionDataConfig) -> str | Path:
     """`data.hf_dataset` as a path under `data.root` when one is there, else as written (a hub id)."""
     path = resolve(cfg.root, cfg.hf_dataset)

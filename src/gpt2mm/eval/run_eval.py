@@ -208,10 +208,10 @@ class Split:
 
 
 def load_eval_split(cfg: Any, limit: int | None = None, progress: bool = False) -> Split:
-    """The validation split of a data config (`train.config.QuestionDataConfig`, format vqa, hf or csv: its
-    `val_questions` / `hf_val_split` / `csv_val`), the first `limit` samples; with `cfg.skip_bad`, bad
+    """The validation split of a data config (`train.config.QuestionDataConfig`, format vqa, hf, csv or llava:
+    its `val_questions` / `hf_val_split` / `csv_val` / `llava_val`, LLaVA records cut to their first exchange), the first `limit` samples; with `cfg.skip_bad`, bad
     records and the samples of an unreadable image are skipped and counted. Data errors are `UsageError`s."""
-    from gpt2mm.data.splits import load_csv_split, load_hf_split, resolve
+    from gpt2mm.data.splits import load_csv_split, load_first_exchanges, load_hf_split, resolve
 
     if limit is not None and limit < 1:
         raise UsageError(f"--limit must be at least 1, not {limit}")
@@ -241,8 +241,16 @@ def load_eval_split(cfg: Any, limit: int | None = None, progress: bool = False) 
 
         def where(s: Any) -> str:
             return f"{resolve(cfg.root, cfg.csv_val)}: line {s.id}"  # a CSV sample's id is its line
+    elif cfg.format == "llava":
+        name = Path(cfg.llava_val).name
+
+        def load(n: int | None) -> tuple[list[Any], Any]:
+            return load_first_exchanges(cfg, n)
+
+        def where(s: Any) -> str:
+            return f"{resolve(cfg.root, cfg.llava_val)}: record id {s.id}"
     else:
-        raise UsageError(f"data.format {cfg.format!r}: eval scores short answers, from vqa, hf or csv data")
+        raise UsageError(f"data.format {cfg.format!r}: eval scores vqa, hf, csv or llava data")
     try:
         if cfg.skip_bad:
             samples, report = load_skipping_unreadable(load, limit, where, progress)

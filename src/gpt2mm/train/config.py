@@ -118,9 +118,9 @@ class ModelConfig:
 
 @dataclass
 class QuestionDataConfig(VQADataConfig):
-    """Questions with short answers in one of three formats: official VQA files (the fields above), a Hugging
-    Face dataset, or the seed's CSV. What `gpt2mm ppo` trains on and `gpt2mm eval` scores; `DataConfig` adds
-    LLaVA conversations and the shaping of SFT samples."""
+    """Questions with short answers: official VQA files (the fields above), a Hugging Face dataset, the seed's
+    CSV, or LLaVA records (training: their conversations; `gpt2mm eval`: their first exchange). What `gpt2mm
+    ppo` trains on (not LLaVA) and `gpt2mm eval` scores; `DataConfig` adds the shaping of SFT samples."""
 
     format: str = field(
         default="vqa",
@@ -157,6 +157,12 @@ class QuestionDataConfig(VQADataConfig):
         default="train.csv", metadata={"help": "format csv: rows of image, 'Q: ... A: ...'"}
     )
     csv_val: str = "val.csv"
+    llava_train: str = "train_llava.json"
+    llava_val: str = field(
+        default="val_llava.json",
+        metadata={"help": "format llava, for gpt2mm eval: each record's first reply scored (exact match)"},
+    )
+    llava_images: str = "images"
 
     def check(self, formats: tuple[str, ...] = ("vqa", "hf", "csv")) -> None:
         """A known format, with what it needs (ValueError naming the option)."""
@@ -183,8 +189,6 @@ class DataConfig(QuestionDataConfig):
     synth_args: dict = field(
         default_factory=dict, metadata={"help": "gpt2mm.data.synthetic.write_world args"}
     )
-    llava_train: str = "train_llava.json"
-    llava_images: str = "images"
     conversation_mix: bool = field(
         default=False,
         metadata={
