@@ -697,6 +697,11 @@ def test_hf_from_disk_paths_conversations_and_bad_rows(tmp_path):
     ds.save_to_disk(str(tmp_path / "plain"))
     samples, _ = load_hf(tmp_path / "plain", check_images=False, limit=1)
     assert [s.id for s in samples] == ["r0"] and samples[0].image == "a.jpg"
+    again, _ = load_hf(tmp_path / "plain", split="train", check_images=False, limit=1)
+    assert [s.id for s in again] == ["r0"]
+    # one Dataset has no validation split: asking for one is an error, not its training rows again
+    with pytest.raises(DataError, match="no split 'validation'.*hf_val_split null"):
+        load_hf(tmp_path / "plain", split="validation", check_images=False)
 
 
 # --- the seed's CSV --------------------------------------------------------------------------------------

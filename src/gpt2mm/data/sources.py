@@ -177,6 +177,11 @@ def _open_dataset(
             if split not in loaded:
                 raise DataError(f"{source}: a DatasetDict; pass split= one of {', '.join(loaded)}")
             loaded = loaded[split]
+        elif split not in (None, "train"):  # one Dataset has no splits: never validate on the training rows
+            raise DataError(
+                f"{source}: one dataset without splits, so no split {split!r}: use data.hf_val_split null "
+                "(no validation), 'train' (all its rows), or save a DatasetDict"
+            )
         return (loaded.to_iterable_dataset() if streaming else loaded), source, loaded._fingerprint
     split = split or "train"
     if path.is_file():
