@@ -335,36 +335,39 @@ def test_eval_on_hf_data_files_with_10_answers_is_the_official_vqa_accuracy(
 
 
 def test_eval_on_llava_records_scores_each_first_reply_with_its_images(world, models, tmp_path, capsys):
-    """LLaVA records (two images each, placeholders where they stand, a later exchange that is not asked):
-    eval answers each record's first user turn with its images, and its exact-match score is the mean of
-    (normalized answer == normalized first reply); the answers are those of `answer_questions` on the same
-    first exchanges (the generation path of training-time evaluation)."""
-    from gpt2mm.data.llava import load_llava
+    """LLaVA records with two images each, placeholders where they stand (both in the first question, or one
+    in a later question that is not asked): eval answers each record's first user turn with that turn's
+    images, and its exact-match score is the mean of (normalized answer == normalized first reply); the
+    answers are those of `answer_questions` on first exchanges built by hand."""
+    from gpt2mm.data.samples import Sample, Turn
     from gpt2mm.eval.evaluate import answer_questions
     from gpt2mm.eval.vqa_metric import normalize_answer, round_half_away
     from gpt2mm.loading import load_model
 
-    images = sorted(p.name for p in (world / "images" / "test").iterdir())
-    records = [
-        {"id": f"r{i}", "image": [images[i], images[(i + 1) % len(images)]],
-         "conversations": [{"from": "human", "value": f"Is <image> the same as <image> ? ({i})"},
-                           {"from": "gpt", "value": "yes" if i % 2 else "no"},
-                           {"from": "human", "value": "Why?"}, {"from": "gpt", "value": "colour"}]}
-        for i in range(len(images))
-    ]  # fmt: skip
+    folder = world / "images" / "test"
+    images = sorted(p.name for p in folder.iterdir())
+    records, expected = [], []
+    for i in range(len(images)):
+        pair = [images[i], images[(i + 1) % len(images)]]
+        first = f"Is <image> the same as <image> ? ({i})" if i % 2 == 0 else f"Is <image> round? ({i})"
+        later = "Why?" if i % 2 == 0 else "And <image> ?"
+        reply = "yes" if i % 2 else "no"
+        records.append({"id": f"r{i}", "image": pair, "conversations": [
+            {"from": "human", "value": first}, {"from": "gpt", "value": reply},
+            {"from": "human", "value": later}, {"from": "gpt", "value": "colour"}]})  # fmt: skip
+        shown = [str(folder / p) for p in (pair if i % 2 == 0 else pair[:1])]
+        expected.append(Sample(id=f"r{i}", image=shown[0], more_images=shown[1:],
+                               turns=[Turn("user", first), Turn("assistant", reply)]))  # fmt: skip
     (tmp_path / "val_llava.json").write_text(json.dumps(records))
-    args = ["--data.format", "llava", "--data.root", str(tmp_path), "--data.llava_images", str(world / "images" / "test")]
+    args = ["--data.format", "llava", "--data.root", str(tmp_path), "--data.llava_images", str(folder)]
     results, scores, printed = _eval_on(models["stage1"], args, tmp_path, capsys)
     assert [r["id"] for r in results] == [r["id"] for r in records]
     refs = [r["conversations"][1]["value"] for r in records]
     hits = [normalize_answer(r["answer"]) == normalize_answer(a) for r, a in zip(results, refs)]
     assert scores["scoring"] == "exact match"
     assert scores["overall"] == round_half_away(100 * sum(hits) / len(hits), 2)
-    samples, _ = load_llava(tmp_path / "val_llava.json", world / "images" / "test")
-    for s in samples:
-        s.turns = s.turns[:2]
     model, processor = load_model(models["stage1"])
-    assert [r["answer"] for r in results] == answer_questions(model, processor, samples, max_new_tokens=8)
+    assert [r["answer"] for r in results] == answer_questions(model, processor, expected, max_new_tokens=8)
 
 
 @pytest.mark.parametrize("fmt", ["csv", "hf"])

@@ -67,3 +67,12 @@ def test_length_difficulties_count_words_and_packing_keeps_the_hardest():
     assert packed == {"x.png": 3, "y.png": 5}
     with pytest.raises(UsageError, match="data.difficulty must be one of"):
         set_difficulty(samples, DataConfig(difficulty="colour"), "train")
+    with pytest.raises(UsageError, match="data.difficulty must be one of"):  # refused before any data loads
+        load_config(SFTConfig, CONFIGS / "tiny-vqa.yaml", ["--data.difficulty", "length"])
+
+
+def test_bad_yaml_is_one_line_naming_where(tmp_path):
+    (tmp_path / "bad.yaml").write_text("train:\n  lr: [1\n")
+    with pytest.raises(UsageError) as e:
+        load_config(SFTConfig, tmp_path / "bad.yaml", [])
+    assert "\n" not in str(e.value) and "bad.yaml: not valid YAML at line" in str(e.value)

@@ -476,17 +476,22 @@ def test_exact_match_normalizes_both_sides():
         exact_match("a", [])
 
 
-def test_answer_score_is_vqa_accuracy_with_10_answers_and_exact_match_with_fewer():
+def test_answer_score_is_vqa_accuracy_with_human_answers_and_exact_match_with_one():
+    """Any list of human answers is scored as the official tool scores it (so official files with fewer than
+    10 answers score the same in training, the reward and `gpt2mm eval`); a single reference by exact match."""
     from gpt2mm.eval.vqa_metric import EXACT_MATCH, VQA_SCORING, answer_score, exact_match, scoring_for
 
     ten = ["red"] * 2 + ["dark red"] * 8
-    for pred in ("red", "Dark red.", "blue"):
-        assert answer_score(pred, ten) == vqa_accuracy(pred, ten)
-    assert answer_score("red", ten) == pytest.approx(0.6) and scoring_for(ten) == VQA_SCORING
-    five = ["red", "red", "dark red", "maroon", "red"]  # the leave-one-out rule would give 0.5 for "maroon"
-    assert scoring_for(five) == scoring_for(["x"]) == EXACT_MATCH
-    for pred in ("maroon", "Red", "blue"):
-        assert answer_score(pred, five) == exact_match(pred, five)
+    five = ["red", "red", "dark red", "maroon", "red"]
+    for answers in (ten, five):
+        for pred in ("red", "Dark red.", "maroon", "blue"):
+            assert answer_score(pred, answers) == vqa_accuracy(pred, answers)
+        assert scoring_for(answers) == VQA_SCORING
+    assert answer_score("red", ten) == pytest.approx(0.6)
+    assert scoring_for(["x"]) == EXACT_MATCH
+    for pred in ("Two", "2", "three"):
+        assert answer_score(pred, ["2"]) == exact_match(pred, ["2"])
+    assert answer_score("Two.", ["2"]) == 1.0
 
 
 def test_score_split_equals_a_naive_recomputation_and_names_its_scoring():

@@ -83,7 +83,7 @@ OFFICIAL_FLAGS = ("questions", "annotations", "images")
 # the data options eval does not read (the training split, the caps --limit replaces, training's caches)
 NOT_READ = (
     "train_questions", "train_annotations", "train_images", "limit", "val_limit", "cache_pixels",
-    "feature_cache", "hf_train_split", "csv_train",
+    "feature_cache", "hf_train_split", "csv_train", "llava_train",
 )  # fmt: skip
 DATA_DEFAULTS = {"root": "."}  # without a recipe
 SPLIT_USAGE = (

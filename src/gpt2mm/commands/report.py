@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         del model, processor
         gc.collect()
 
-    scoring = "VQA accuracy" if split.official else rows[0]["vqa"]["scoring"]
+    scoring = "VQA accuracy" if split.official else rows[0]["vqa"]["scoring"].replace("vqa", "VQA")
     caption = f"{scoring[0].upper()}{scoring[1:]} (%) on {split.name}: {len(split.samples)} questions"
     if split.report.num_skipped:
         caption += f" ({split.report.num_skipped} skipped: {skipped_reasons(split.report)})"

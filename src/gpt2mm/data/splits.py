@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gpt2mm.data.samples import IMAGE_PLACEHOLDER
 from gpt2mm.errors import UsageError
 
 if TYPE_CHECKING:
@@ -72,6 +73,10 @@ def load_first_exchanges(cfg: QuestionDataConfig, limit: int | None):
         resolve(cfg.root, cfg.llava_val), resolve(cfg.root, cfg.llava_images), limit=limit, skip_bad=cfg.skip_bad
     )
     for s in samples:
+        per_turn = [t.text.count(IMAGE_PLACEHOLDER) for t in s.turns if t.role == "user"]
+        if s.more_images and sum(per_turn):  # images stand where their placeholders do: the first turn's only
+            first = s.images[: per_turn[0]]
+            s.image, s.more_images = (first[0] if first else None), first[1:]
         s.turns = s.turns[:2]
     return samples, report
 
@@ -122,7 +127,8 @@ def load_conversations(cfg: DataConfig, first_exchange_last: bool = False) -> tu
     samples = samples[: cfg.limit] if cfg.limit else samples
     if first_exchange_last:
         for s in samples:
-            s.turns = s.turns[2:] + s.turns[:2]
+            if not s.more_images:  # several images stand in their turns: moving turns would move them
+                s.turns = s.turns[2:] + s.turns[:2]
     return samples, report.summary()
 
 

@@ -1,5 +1,5 @@
 """Answering VQA questions in batches, and scoring the answers (the official metric; exact match for samples
-with fewer than 10 answers).
+with a single reference answer).
 
 The same `answer_questions` serves training-time evaluation, `gpt2mm eval` and the demo, so a number
 printed anywhere in the project comes from one code path.
@@ -86,7 +86,7 @@ def left_padded(prompts: Sequence[list[int]], pad_token_id: int) -> dict[str, to
 
 def score_samples(samples: Sequence[Any], answers: Sequence[str]) -> float:
     """Mean score, in percent, of answers against each sample's human answers (its answer when it has none):
-    `answer_score`, the official VQA accuracy with 10 answers, normalized exact match with fewer."""
+    `answer_score`, the official VQA accuracy with human answers, normalized exact match with one."""
     from gpt2mm.eval.vqa_metric import answer_score
 
     if not samples:
@@ -105,7 +105,7 @@ def references(sample: Any) -> list[str]:
 def score_split(samples: Sequence[Any], answers: Sequence[str]) -> dict[str, Any]:
     """`gpt2mm eval`'s scores of answers to samples that have no official records (a Hugging Face dataset, a
     CSV), in percent, rounded as the official tool rounds: each sample by `answer_score` (VQA accuracy with
-    10 human answers, normalized exact match with fewer), and `scoring` says which ("vqa accuracy",
+    human answers, normalized exact match with a single reference), and `scoring` says which ("vqa accuracy",
     "exact match", or both "vqa accuracy + exact match", then each has its own figure as well).
 
     Returns {"scoring", "overall", "questions", "by_scoring": {scoring: {"overall", "questions"}},

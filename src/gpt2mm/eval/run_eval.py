@@ -9,7 +9,7 @@ vqa-score`, so the commands print the same numbers for the same results; when on
 answered (`--limit`, `--skip-bad`), the official questions and annotations are restricted to the answered
 question ids, so the official coverage check (the results answer exactly the question set) still holds.
 Other splits are scored sample by sample (`gpt2mm.eval.evaluate.score_split`): the official VQA accuracy
-where a sample has 10 human answers, normalized exact match where it has fewer.
+where a sample has human answers (VQA's 10), normalized exact match where it has a single reference.
 """
 
 from __future__ import annotations
@@ -111,24 +111,26 @@ def load_skipping_unreadable(
     progress: bool = False,
 ) -> tuple[list[Any], Any]:
     """`load(limit)` (a loader run with skip_bad, returning samples and its load report) that also skips,
-    and counts as "unreadable image", the samples whose image does not decode, the report naming each as
+    and counts as "unreadable image", the samples with an image that does not decode, the report naming each as
     `where(sample)`; as for the loaders' own skips, skipped samples do not count towards `limit`."""
     bad: dict[str, str] = {}
     checked: set[str] = set()
     want = limit
     while True:
         samples, report = load(want)
-        new = sorted({s.image for s in samples if s.image and s.image not in checked})
+        new = sorted({p for s in samples for p in s.images if p not in checked})
         bad.update(unreadable_images(new, progress=progress))
         checked.update(new)
-        n_bad = sum(s.image in bad for s in samples)
+        n_bad = sum(any(p in bad for p in s.images) for s in samples)
         if limit is None or len(samples) - n_bad >= limit or len(samples) < want:
             break  # enough readable samples, or no more in the source
         want = limit + n_bad  # more than before: these samples held more unreadable images than last time
     for s in samples:
-        if s.image in bad:
-            report.bad("unreadable image", f"{where(s)}: {bad[s.image]}")
-    kept = [s for s in samples if s.image not in bad]
+        for p in s.images:
+            if p in bad:
+                report.bad("unreadable image", f"{where(s)}: {bad[p]}")
+                break
+    kept = [s for s in samples if not any(p in bad for p in s.images)]
     report.loaded = len(kept)
     return kept, report
 

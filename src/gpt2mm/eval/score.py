@@ -30,7 +30,7 @@ def format_report(scores: dict[str, Any], annotations: list[dict[str, Any]]) -> 
 
 
 SCORING_NOTES = {
-    "vqa accuracy": "the official VQA accuracy against 10 human answers",
+    "vqa accuracy": "the official VQA accuracy against the human answers",
     "exact match": "the normalized answer equals a reference answer",
 }
 

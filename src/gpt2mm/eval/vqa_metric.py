@@ -1,8 +1,8 @@
 """The official VQA v2 accuracy, reproduced bit for bit from the published evaluation rules.
 
 Every number the project reports (training-time eval, `gpt2mm vqa-score`, `gpt2mm eval`) and the RL
-reward come from `vqa_accuracy`, so they agree with the leaderboard's evaluation. Samples with fewer than 10
-answers (a CSV's or a Hugging Face dataset's single answer) are scored by `exact_match` after the same
+reward come from `vqa_accuracy`, so they agree with the leaderboard's evaluation. Samples with a single
+reference answer (a CSV's or a Hugging Face dataset's `answer`) are scored by `exact_match` after the same
 normalization; `answer_score` picks one of the two per sample. Pure Python, no I/O.
 
 The rules, in the official order, for one question with a prediction and its human answers:
@@ -194,7 +194,7 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     return total / n
 
 
-VQA_ANSWERS = 10  # a question with this many human answers is scored by the VQA metric, others by exact match
+VQA_ANSWERS = 2  # a question with several human answers is scored by the VQA metric, one answer by exact match
 VQA_SCORING, EXACT_MATCH = "vqa accuracy", "exact match"
 
 
@@ -209,14 +209,15 @@ def exact_match(prediction: str, answers: Sequence[str]) -> float:
 
 
 def scoring_for(answers: Sequence[str]) -> str:
-    """`VQA_SCORING` for a question with (at least) 10 human answers, else `EXACT_MATCH`."""
+    """`VQA_SCORING` for a question with several human answers (VQA v2: 10), `EXACT_MATCH` for one: the
+    official tool scores any list of human answers by its rule, so official files score the same here."""
     return VQA_SCORING if len(answers) >= VQA_ANSWERS else EXACT_MATCH
 
 
 def answer_score(prediction: str, answers: Sequence[str]) -> float:
     """A sample's score (0..1), the one `gpt2mm eval`, training-time evaluation and the RL reward give: the
-    official `vqa_accuracy` with VQA's 10 human answers, `exact_match` with fewer (one reference answer,
-    as a CSV or a Hugging Face dataset's `answer` column gives)."""
+    official `vqa_accuracy` with human answers (VQA's 10), `exact_match` with a single reference answer
+    (what a CSV or a Hugging Face dataset's `answer` column gives, normalized on both sides)."""
     return (
         vqa_accuracy(prediction, answers)
         if scoring_for(answers) == VQA_SCORING

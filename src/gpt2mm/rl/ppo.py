@@ -7,7 +7,7 @@
 
 The questions come from official VQA files, a Hugging Face dataset or the seed's CSV (`data.format`, as in
 `gpt2mm train`). One update: sample answers from the policy for a batch of training questions (a rollout);
-score each answer (the reward: the official VQA accuracy against the 10 human answers, or normalized exact
+score each answer (the reward: the official VQA accuracy against the human answers, or normalized exact
 match against a single answer, the very function `gpt2mm eval` uses; or a learned reward model, or a
 weighted sum); compute the log-probabilities of the sampled tokens
 under the policy and under the frozen stage-1 reference, and the value head's estimates; turn them into

@@ -1,5 +1,5 @@
 """Stage 2's reward: what a sampled answer scores. The official VQA accuracy against the question's human
-answers (normalized exact match against the answer of a sample with fewer than 10: the score `gpt2mm eval`
+answers (normalized exact match against a sample's single answer: the score `gpt2mm eval`
 reports), a learned reward model's P(correct), or a weighted sum of them, as the recipe's `reward:` spec
 says."""
 
@@ -33,8 +33,8 @@ def parse_reward(spec: str) -> list[tuple[float, str]]:
 
 class Reward:
     """Answers -> scores (B,): the weighted sum of the recipe's terms. `vqa` is the official VQA accuracy
-    against each sample's 10 human answers, or normalized exact match against the answer of a sample with
-    fewer (`gpt2mm.eval.vqa_metric.answer_score`, the score of every evaluation in the project);
+    against each sample's human answers, or normalized exact match against a sample's single answer
+    (`gpt2mm.eval.vqa_metric.answer_score`, the score of every evaluation in the project);
     `model:DIR` is a reward model's P(correct)."""
 
     def __init__(self, spec: str, device: str | torch.device = "cpu"):

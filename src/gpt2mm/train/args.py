@@ -125,7 +125,9 @@ def read_recipe(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise UsageError(f"{path}: not valid YAML ({e})") from None
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        raise UsageError(f"{path}: not valid YAML{at} ({getattr(e, 'problem', None) or type(e).__name__})") from None
     if not isinstance(data, dict):
         raise UsageError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
     base = data.pop("base", None)

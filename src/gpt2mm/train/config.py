@@ -124,7 +124,10 @@ class QuestionDataConfig(VQADataConfig):
 
     format: str = field(
         default="vqa",
-        metadata={"help": "vqa (official files) | hf (a Hugging Face dataset) | csv (the seed's)"},
+        metadata={
+            "help": "vqa (official files) | hf (a Hugging Face dataset) | csv (the seed's) | llava (eval: each "
+            "record's first exchange; not ppo)"
+        },
     )
     hf_dataset: str | None = field(
         default=None,
@@ -259,6 +262,10 @@ class SFTConfig:
         if self.model.preset not in PRESETS:
             raise ValueError(f"model.preset must be one of {', '.join(PRESETS)}, got {self.model.preset!r}")
         d.check(formats=("vqa", "llava", "hf", "csv"))
+        from gpt2mm.data.splits import DIFFICULTIES
+
+        if d.difficulty is not None and d.difficulty not in DIFFICULTIES:
+            raise ValueError(f"data.difficulty must be one of {', '.join(DIFFICULTIES)}, got {d.difficulty!r}")
         if d.conversation_mix and d.format != "vqa":
             raise ValueError(
                 "data.conversation_mix adds conversations to VQA questions: it needs format: vqa"
