@@ -767,6 +767,18 @@ def test_csv_bad_rows(tmp_path):
 # --- Hugging Face data files, streaming, the hub -------------------------------------------------------------
 
 
+def test_streamed_json_with_a_bad_first_row_is_one_line(tmp_path, hf):
+    """Streaming reads the first row to learn the columns: a malformed one is the loader's one-line error,
+    as it is without streaming."""
+    from gpt2mm.data.sources import load_hf
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "train.jsonl").write_text('{"question": "q", "answer": \n')
+    with pytest.raises(DataError) as e:
+        load_hf(tmp_path / "d", streaming=True, check_images=False)
+    assert "\n" not in str(e.value) and "row 0: cannot read the data" in str(e.value)
+
+
 @pytest.fixture
 def hf(tmp_path, monkeypatch):
     """The datasets package, its cache (where load_dataset converts data files to Arrow) under tmp_path."""
@@ -865,6 +877,15 @@ def test_hf_hub_id_offline_and_missing_paths_are_one_line_errors(hf, tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(DataError, match=r"notes\.txt: not a data file"):
         load_hf(tmp_path / "notes.txt")
+    # a recipe's hf_dataset that is not under data.root: the message names where it was looked for
+    from gpt2mm.data.splits import load_hf_split
+    from gpt2mm.train.config import DataConfig
+
+    cfg = DataConfig(format="hf", root=str(tmp_path), hf_dataset="my-set")
+    with pytest.raises(DataError) as e:
+        load_hf_split(cfg, "train", None)
+    assert str(e.value).startswith(f"no {tmp_path / 'my-set'}, so data.hf_dataset was tried as a hub id: ")
+    assert "\n" not in str(e.value)
 
 
 def bad_record_data(tmp_path: Path, fmt: str, datasets) -> tuple[dict, str]:

@@ -366,7 +366,7 @@ def load_hf(
     report = LoadReport(source, skip_bad=skip_bad)
     names = dataset.column_names
     if names is None:  # a streamed dataset of unknown features: the first row's keys
-        names = list(next(iter(dataset), {}))
+        names = list(next((row for _, row in _rows(dataset, source, datasets)), {}))  # read errors: one line
     columns = _check_columns(columns, list(names), source)
     dataset = dataset.select_columns(sorted(set(columns.values())))
     image_col = columns.get("image")

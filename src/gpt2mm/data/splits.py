@@ -91,9 +91,20 @@ def load_hf_split(cfg: QuestionDataConfig, split: str, limit: int | None):
     """A split of the Hugging Face dataset `data.hf_dataset` (a save_to_disk folder, data files or a hub id),
     its columns mapped by `hf_columns`, read row by row when `hf_streaming`."""
     from gpt2mm.data.sources import load_hf
+    from gpt2mm.errors import DataError
 
+    source = hf_source(cfg)
+    try:
+        return _load_hf(cfg, split, limit, source, load_hf)
+    except DataError as e:
+        if isinstance(source, Path):
+            raise
+        raise DataError(f"no {resolve(cfg.root, cfg.hf_dataset)}, so data.hf_dataset was tried as a hub id: {e}") from None
+
+
+def _load_hf(cfg: QuestionDataConfig, split: str, limit: int | None, source, load_hf):
     return load_hf(
-        hf_source(cfg),
+        source,
         columns=cfg.hf_columns or None,
         split=cfg.hf_train_split if split == "train" else cfg.hf_val_split,
         image_cache=resolve(cfg.root, cfg.hf_image_cache),
