@@ -4,7 +4,6 @@ files written into tmp_path."""
 from __future__ import annotations
 
 import hashlib
-
 import io
 import json
 import struct
@@ -415,6 +414,12 @@ def test_llava_formats(tmp_path):
     assert [s.id for s in load_llava(path, images, limit=2)[0]] == ["000000033471", "wgByO4Y_0"]
 
 
+def _two_images(question: str, answer: str) -> dict:
+    """A LLaVA record with two images and one exchange."""
+    conversation = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+    return {"id": "b", "image": ["a.jpg", "b.jpg"], "conversations": conversation}
+
+
 @pytest.mark.parametrize(
     "record, message",
     [
@@ -442,36 +447,15 @@ def test_llava_formats(tmp_path):
         ({"id": "b", "image": [], "conversations": []}, "a non-empty list"),
         ({"id": "b", "image": ["a.jpg", 3], "conversations": []}, "a non-empty list"),
         (
-            {
-                "id": "b",
-                "image": ["a.jpg", "b.jpg"],
-                "conversations": [
-                    {"from": "human", "value": "Is <image> red?"},
-                    {"from": "gpt", "value": "no"},
-                ],
-            },
+            _two_images("Is <image> red?", "no"),
             "the user turns hold 1 <image> placeholders for 2 images",
         ),
         (
-            {
-                "id": "b",
-                "image": ["a.jpg", "b.jpg"],
-                "conversations": [
-                    {"from": "human", "value": "<image> <image> <image> Which?"},
-                    {"from": "gpt", "value": "the first"},
-                ],
-            },
+            _two_images("<image> <image> <image> Which?", "the first"),
             "the user turns hold 3 <image> placeholders for 2 images",
         ),
         (
-            {
-                "id": "b",
-                "image": ["a.jpg", "b.jpg"],
-                "conversations": [
-                    {"from": "human", "value": "<image> <image> Which?"},
-                    {"from": "gpt", "value": "<image>"},
-                ],
-            },
+            _two_images("<image> <image> Which?", "<image>"),
             "<image> in an assistant turn",
         ),
         ("not a record", "expected a JSON object"),
@@ -658,7 +642,9 @@ def test_hf_dataset_with_column_mapping_and_image_cache(tmp_path):
     assert s.id == "5" and s.question_id == 5 and s.answers == ["black"] * 10
     assert s.turns == [Turn("user", "what color?"), Turn("assistant", "black")]
     data = Path(s.image).read_bytes()
-    assert Path(s.image) == tmp_path / "cache" / ds._fingerprint / f"{hashlib.sha256(data).hexdigest()[:32]}.png"
+    assert (
+        Path(s.image) == tmp_path / "cache" / ds._fingerprint / f"{hashlib.sha256(data).hexdigest()[:32]}.png"
+    )
     assert load_image(s.image).size == (5, 4)
     mtime = Path(s.image).stat().st_mtime_ns
     again, _ = load_hf(ds, columns, image_cache=tmp_path / "cache")

@@ -162,8 +162,6 @@ def split_config(args: argparse.Namespace):
             cfg.check(formats=("vqa", "hf", "csv", "llava"))
         except ValueError as e:
             raise UsageError(str(e)) from None
-        if cfg.format == "llava" and not resolve(cfg.root, cfg.llava_val).is_file():
-            raise UsageError(f"data.llava_val: no such file {resolve(cfg.root, cfg.llava_val)}")
         if args.image_pattern is not None:
             cfg.image_pattern = args.image_pattern
         inputs = {

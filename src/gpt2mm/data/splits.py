@@ -70,7 +70,10 @@ def load_first_exchanges(cfg: QuestionDataConfig, limit: int | None):
     from gpt2mm.data.llava import load_llava
 
     samples, report = load_llava(
-        resolve(cfg.root, cfg.llava_val), resolve(cfg.root, cfg.llava_images), limit=limit, skip_bad=cfg.skip_bad
+        resolve(cfg.root, cfg.llava_val),
+        resolve(cfg.root, cfg.llava_images),
+        limit=limit,
+        skip_bad=cfg.skip_bad,
     )
     for s in samples:
         per_turn = [t.text.count(IMAGE_PLACEHOLDER) for t in s.turns if t.role == "user"]
@@ -95,25 +98,23 @@ def load_hf_split(cfg: QuestionDataConfig, split: str, limit: int | None):
 
     source = hf_source(cfg)
     try:
-        return _load_hf(cfg, split, limit, source, load_hf)
+        return load_hf(
+            source,
+            columns=cfg.hf_columns or None,
+            split=cfg.hf_train_split if split == "train" else cfg.hf_val_split,
+            image_cache=resolve(cfg.root, cfg.hf_image_cache),
+            image_root=cfg.root,
+            limit=limit,
+            skip_bad=cfg.skip_bad,
+            config=cfg.hf_config,
+            streaming=cfg.hf_streaming,
+        )
     except DataError as e:
         if isinstance(source, Path):
             raise
-        raise DataError(f"no {resolve(cfg.root, cfg.hf_dataset)}, so data.hf_dataset was tried as a hub id: {e}") from None
-
-
-def _load_hf(cfg: QuestionDataConfig, split: str, limit: int | None, source, load_hf):
-    return load_hf(
-        source,
-        columns=cfg.hf_columns or None,
-        split=cfg.hf_train_split if split == "train" else cfg.hf_val_split,
-        image_cache=resolve(cfg.root, cfg.hf_image_cache),
-        image_root=cfg.root,
-        limit=limit,
-        skip_bad=cfg.skip_bad,
-        config=cfg.hf_config,
-        streaming=cfg.hf_streaming,
-    )
+        raise DataError(
+            f"no {resolve(cfg.root, cfg.hf_dataset)}, so data.hf_dataset was tried as a hub id: {e}"
+        ) from None
 
 
 def load_csv_split(cfg: QuestionDataConfig, split: str, limit: int | None):

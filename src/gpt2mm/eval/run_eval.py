@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -223,36 +224,23 @@ def load_eval_split(cfg: Any, limit: int | None = None, progress: bool = False) 
             q, a, resolve(cfg.root, cfg.val_images), limit, cfg.skip_bad, progress, cfg.image_pattern
         )
         return Split(q.name, samples, report, (questions, annotations, (str(q), str(a))))
-    if cfg.format == "hf":
-        if cfg.hf_val_split is None:
-            raise UsageError(
-                "data.hf_val_split is null: set it to the split to score (--data.hf_val_split NAME)"
-            )
-        name = f"{cfg.hf_dataset} ({cfg.hf_val_split})"
-
-        def load(n: int | None) -> tuple[list[Any], Any]:
-            return load_hf_split(cfg, "val", n)
-
-        def where(s: Any) -> str:
-            return f"{name}: id {s.id}"
-    elif cfg.format == "csv":
-        name = Path(cfg.csv_val).name
-
-        def load(n: int | None) -> tuple[list[Any], Any]:
-            return load_csv_split(cfg, "val", n)
-
-        def where(s: Any) -> str:
-            return f"{resolve(cfg.root, cfg.csv_val)}: line {s.id}"  # a CSV sample's id is its line
-    elif cfg.format == "llava":
-        name = Path(cfg.llava_val).name
-
-        def load(n: int | None) -> tuple[list[Any], Any]:
-            return load_first_exchanges(cfg, n)
-
-        def where(s: Any) -> str:
-            return f"{resolve(cfg.root, cfg.llava_val)}: record id {s.id}"
-    else:
+    if cfg.format == "hf" and cfg.hf_val_split is None:
+        raise UsageError("data.hf_val_split is null: set it to the split to score (--data.hf_val_split NAME)")
+    hf_name = f"{cfg.hf_dataset} ({cfg.hf_val_split})"
+    sources = {  # format: (name for captions, loader, where a sample is named, what its id is)
+        "hf": (hf_name, partial(load_hf_split, cfg, "val"), hf_name, "id"),
+        "csv": (Path(cfg.csv_val).name, partial(load_csv_split, cfg, "val"), resolve(cfg.root, cfg.csv_val),
+                "line"),  # a CSV sample's id is its line
+        "llava": (Path(cfg.llava_val).name, partial(load_first_exchanges, cfg), resolve(cfg.root, cfg.llava_val),
+                  "record id"),
+    }  # fmt: skip
+    if cfg.format not in sources:
         raise UsageError(f"data.format {cfg.format!r}: eval scores vqa, hf, csv or llava data")
+    name, load, place, label = sources[cfg.format]
+
+    def where(s: Any) -> str:
+        return f"{place}: {label} {s.id}"
+
     try:
         if cfg.skip_bad:
             samples, report = load_skipping_unreadable(load, limit, where, progress)
