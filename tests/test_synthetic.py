@@ -338,3 +338,215 @@ def test_cli_refuses_user_data_and_bad_arguments(tmp_path, capsys):
         assert e.value.code == 2
     with pytest.raises(UsageError):
         syn.parse_holdout("red")
+
+
+# --- the free layout ------------------------------------------------------------------------------------
+# Written independently of the module: regions by centre, the margin rules, pixel colours with noise.
+
+
+@pytest.fixture(scope="module")
+def free_world(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("free")
+    syn.write_world(out, n_train=40, n_val=10, n_test=30, seed=7, layout="free")
+    return out
+
+
+def free_scenes(world: Path):
+    for split in ("train", "val", "test"):
+        for scene in syn.load_scenes(world, split):
+            yield world / "images" / split / scene["file_name"], scene
+
+
+def color_masks(img: Image.Image) -> dict[str, np.ndarray]:
+    """Per colour, the pixels within the noise of it (every channel within NOISE levels)."""
+    px = np.asarray(img.convert("RGB")).astype(int)
+    return {name: (np.abs(px - rgb) <= syn.NOISE).all(axis=-1) for name, rgb in syn.COLORS.items()}
+
+
+def alone(scene: dict, obj: dict) -> np.ndarray:
+    """The pixels of the object's colour when it is rendered alone on the scene's background."""
+    return color_masks(syn.render({**scene, "objects": [obj]}))[obj["color"]]
+
+
+# Pixels a shape of extent e covers, / e^2 (diamonds 0.7 times as wide as tall, cross arms a third thick).
+SHAPE_AREA = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5, "diamond": 0.35, "cross": 5 / 9}
+
+
+def test_free_scene_record_agrees_with_its_pixels(free_world):
+    sizes = {"small": [], "large": []}
+    for png, scene in free_scenes(free_world):
+        img = Image.open(png)
+        w, h = img.size
+        assert (w, h) == (scene["width"], scene["height"]) == (48, 48) and scene["layout"] == "free"
+        seen = color_masks(img)
+        covered = np.zeros((h, w), bool)
+        objs = scene["objects"]
+        for o in objs:
+            row, col = int(3 * o["y"] / h), int(3 * o["x"] / w)
+            assert (o["row"], o["col"], o["position"]) == (row, col, cell_name(row, col))
+            assert o["angle"] == 0 if o["shape"] == "circle" else abs(o["angle"]) <= 15
+            mine = alone(scene, o)
+            ys, xs = np.nonzero(mine)
+            assert o["bbox"] == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]  # inside the image, tight
+            area = SHAPE_AREA[o["shape"]] * o["extent"] ** 2
+            assert 0.7 * area <= mine.sum() <= 1.3 * area + 4, o
+            visible = seen[o["color"]] & mine
+            assert visible.sum() >= 0.75 * mine.sum(), f"{o} of {png.name} is mostly hidden"
+            assert visible[int(o["y"]), int(o["x"])], f"the centre of {o} in {png.name} is hidden"
+            covered |= mine
+            sizes[o["size"]].append(o["extent"])
+        for a in objs:  # objects of one colour never touch: they stay countable
+            for b in objs:
+                if a is not b and a["color"] == b["color"]:
+                    ma, mb = alone(scene, a), np.pad(alone(scene, b), 1)
+                    near = [
+                        mb[1 + dy : h + 1 + dy, 1 + dx : w + 1 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+                    ]
+                    assert not (ma & np.any(near, axis=0)).any(), (a, b, png.name)
+        background = np.asarray(img.convert("RGB")).astype(int)[~covered]
+        assert not any(m[~covered].any() for m in seen.values())  # never mistaken for an object colour
+        assert background.max() <= 110 and (background.max(-1) - background.min(-1)).max() <= 60
+    assert max(sizes["small"]) < min(sizes["large"]) and min(sizes["small"]) >= 8
+    assert max(sizes["large"]) <= 22
+
+
+def clear_region(v: float, side: int) -> bool:
+    return abs(v - side / 3) >= 0.1 * side and abs(v - 2 * side / 3) >= 0.1 * side
+
+
+def maybe_in(o: dict, name: str, side: int) -> bool:
+    """Whether o's centre is in the named region or within 10% of the image side outside its inner borders."""
+    (r, c) = next((r, c) for r in range(3) for c in range(3) if cell_name(r, c) == name)
+    m = 0.1 * side
+    return all(
+        k * side / 3 - (m if k else 0) <= v <= (k + 1) * side / 3 + (m if k < 2 else 0)
+        for k, v in ((c, o["x"]), (r, o["y"]))
+    )
+
+
+def free_relation(a: dict, rel: str, b: dict, side: int) -> bool | None:
+    """By centres; None when the centres are within 1/8 of the image side along the axis (not asked)."""
+    d = a["x"] - b["x"] if rel in ("to the left of", "to the right of") else a["y"] - b["y"]
+    if abs(d) < side / 8:
+        return None
+    return d < 0 if rel in ("to the left of", "above") else d > 0
+
+
+def free_answer(question: str, objs: list[dict], side: int) -> str:
+    """Re-derive an answer from the record, asserting the free layout's rules for positions and relations."""
+    rel = "(to the left of|to the right of|above|below)"
+    if m := re.fullmatch(r"What (color|shape) is the object in the (.+)\?", question):
+        (o,) = [o for o in objs if maybe_in(o, m[2], side)]
+        assert clear_region(o["x"], side) and clear_region(o["y"], side)
+        return o[m[1]]
+    if m := re.fullmatch(rf"What color is the object {rel} the (.+)\?", question):
+        b = the(objs, m[2])
+        holds = [(a, free_relation(a, m[1], b, side)) for a in objs if a is not b]
+        assert all(h is not None for _, h in holds), f"'{question}' has an unclear candidate"
+        (a,) = [a for a, h in holds if h]
+        return a["color"]
+    if m := re.fullmatch(r"Where is the (.+)\?", question):
+        o = the(objs, m[1])
+        assert clear_region(o["x"], side) and clear_region(o["y"], side)
+        return cell_name(int(3 * o["y"] / side), int(3 * o["x"] / side))
+    if m := re.fullmatch(rf"Is the (.+) {rel} the (.+)\?", question):
+        holds = free_relation(the(objs, m[1]), m[2], the(objs, m[3]), side)
+        assert holds is not None, f"'{question}' is unclear"
+        return "yes" if holds else "no"
+    return answer(question, objs)
+
+
+def test_free_answers_follow_the_record_and_the_margin_rules(free_world):
+    checked = Counter()
+    for _, scene in free_scenes(free_world):
+        assert 1 <= len(scene["objects"]) <= 6
+        for qa in scene["questions"]:
+            assert free_answer(qa["question"], scene["objects"], scene["width"]) == qa["answer"], qa
+            checked[qa["template"]] += 1
+    assert set(checked) == set(syn.TEMPLATES), checked
+
+
+def test_free_descriptions_and_conversations(free_world):
+    conv = read(free_world / "test_llava.json")
+    scenes = {s["image_id"]: s for s in syn.load_scenes(free_world, "test")}
+    for rec in conv:
+        scene = scenes[int(rec["id"])]
+        turns = rec["conversations"]
+        assert syn.score_description(turns[1]["value"], scene)["f1"] == 1.0
+        assert [t["value"] for t in turns[3::2]] == [q["answer"] for q in scene["questions"]]
+    manifest = read(free_world / "world.json")
+    assert manifest["params"]["layout"] == "free" and manifest["blind_accuracy"]["overall"] is not None
+
+
+def test_free_blind_accuracy_is_low():
+    def scenes(split: str, n: int) -> list[dict]:
+        rng = random.Random(f"blind/{split}")
+        out = []
+        for i in range(n):
+            s = syn.make_scene(rng, i + 1, split, layout="free")
+            s["questions"] = syn.make_questions(s, rng, 5)
+            out.append(s)
+        return out
+
+    blind = syn.blind_accuracy(scenes("train", 1500), scenes("test", 300))
+    assert blind["questions"] == 1500
+    assert blind["overall"] < 0.4, blind
+    for family, acc in blind["by_family"].items():
+        assert acc < (0.6 if family in ("exist",) else 0.45), blind
+
+
+def test_free_layout_is_deterministic_and_grid_is_the_default(tmp_path):
+    def files(d: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+    args = dict(n_train=8, n_val=2, n_test=4)
+    syn.write_world(tmp_path / "a", seed=1, layout="free", **args)
+    syn.write_world(tmp_path / "b", seed=1, layout="free", **args)
+    syn.write_world(tmp_path / "c", seed=2, layout="free", **args)
+    a, b, c = files(tmp_path / "a"), files(tmp_path / "b"), files(tmp_path / "c")
+    assert a == b
+    assert a.keys() == c.keys() and a["train_questions.json"] != c["train_questions.json"]
+    syn.write_world(tmp_path / "grid", seed=1, layout="grid", **args)
+    syn.write_world(tmp_path / "default", seed=1, **args)
+    assert files(tmp_path / "grid") == files(tmp_path / "default")
+    assert "layout" not in read(tmp_path / "grid" / "world.json")["params"]
+    assert "layout" not in syn.load_scenes(tmp_path / "grid", "train")[0]
+
+
+def test_free_layout_scales_and_packs_nine_objects():
+    for size in (24, 96):
+        scene = syn.make_scene(
+            random.Random(size), 1, image_size=size, min_objects=9, max_objects=9, layout="free"
+        )
+        assert len(scene["objects"]) == 9 and syn.render(scene).size == (size, size)
+        for o in scene["objects"]:
+            x0, y0, x1, y1 = o["bbox"]
+            assert 0 <= x0 < x1 <= size and 0 <= y0 < y1 <= size
+    with pytest.raises(ValueError, match="layout"):
+        syn.make_scene(random.Random(0), 1, layout="hex")
+    with pytest.raises(UsageError, match="layout"):
+        syn.write_world(Path("unused"), layout="hex")
+
+
+def test_cli_layout_flag(tmp_path, capsys):
+    out = tmp_path / "free"
+    assert main(["synth", str(out), "--train", "6", "--val", "0", "--test", "4", "--layout", "free"]) == 0
+    assert "blind" in capsys.readouterr().out
+    assert read(out / "world.json")["params"]["layout"] == "free"
+    assert all(s["layout"] == "free" for s in syn.load_scenes(out, "train"))
+    with pytest.raises(SystemExit) as e:
+        main(["synth", str(tmp_path / "bad"), "--layout", "hex"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "invalid choice: 'hex'" in err[-1] and not (tmp_path / "bad").exists()
+
+
+def test_recipe_synth_args_carry_the_layout(tmp_path):
+    from gpt2mm.data.splits import ensure_synthetic_world
+    from gpt2mm.train.args import load_config
+    from gpt2mm.train.config import SFTConfig
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "demo-sft.yaml"
+    world = "{n_train: 4, n_val: 1, n_test: 2, layout: free}"
+    cfg = load_config(SFTConfig, recipe, ["--data.synth_args", world])
+    ensure_synthetic_world(tmp_path / "w", cfg.data.synth_args, log=lambda *_: None)
+    assert read(tmp_path / "w" / "world.json")["params"]["layout"] == "free"

@@ -1,6 +1,7 @@
 """`gpt2mm synth OUT_DIR`: render the synthetic shapes world (VQA v2 + LLaVA formats) into a directory.
 
     gpt2mm synth data/synth --train 8000 --val 500 --test 500 --seed 0 --holdout-combos red:circle
+    gpt2mm synth data/synth-free --layout free     # objects anywhere, varied sizes, textured backgrounds
 
 Parses the arguments, calls `gpt2mm.data.synthetic.write_world` and prints the counts, the blind
 (question-only) accuracy and the held-out combinations. OUT_DIR must be absent or empty unless
@@ -12,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gpt2mm.data.synthetic import FAMILIES, write_world
+from gpt2mm.data.synthetic import FAMILIES, LAYOUTS, write_world
 from gpt2mm.errors import UsageError
 
 
@@ -24,7 +25,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test", type=int, default=500, help="test images")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed -> identical files)")
     parser.add_argument(
-        "--image-size", type=int, default=48, help="image side in pixels (a 3x3 grid of cells)"
+        "--layout",
+        default="grid",
+        choices=LAYOUTS,
+        help="grid: one object per cell of a 3x3 grid on a flat background; free: objects anywhere, of "
+        "varied size and angle, overlapping a little, on textured noisy backgrounds (positions are then "
+        "the 3x3 regions holding the centres, asked about only where clear)",
+    )
+    parser.add_argument(
+        "--image-size", type=int, default=48, help="image side in pixels (3x3 cells or regions)"
     )
     parser.add_argument("--questions-per-image", type=int, default=5, help="VQA questions per image")
     parser.add_argument("--min-objects", type=int, default=1, help="fewest objects per image")
@@ -66,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         max_objects=args.max_objects,
         answer_noise=args.answer_noise,
         families=families,
+        layout=args.layout,
     )
     counts = ", ".join(
         f"{s} {c['images']} images / {c['questions']} questions" for s, c in m["counts"].items()

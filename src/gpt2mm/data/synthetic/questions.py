@@ -2,6 +2,8 @@
 
 Eleven regular templates in six families; answers are balanced within each template (`make_questions`),
 so a question-only ("blind") model cannot do well: `blind_accuracy` measures the best such predictor.
+In the free layout a position or relation question is asked only when the pixels make its answer clear
+(`clearly_in_region`, `near_region`, `relation_holds` in `world`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from gpt2mm.data.synthetic.world import (
     SHAPES,
     YES_NO,
     article,
+    clearly_in_region,
+    near_region,
+    relation_holds,
 )
 
 QID_FACTOR = 100  # question_id = image_id * 100 + k, as VQA derives question ids from image ids
@@ -71,15 +76,14 @@ def _refer(objs: list[dict], obj: dict, kind: str) -> str | None:
     return None
 
 
-def _holds(a: dict, relation: str, b: dict) -> bool:
-    """Grid relations: "left of" compares columns only, "above" rows only (anywhere in the image)."""
-    if relation == "to the left of":
-        return a["col"] < b["col"]
-    if relation == "to the right of":
-        return a["col"] > b["col"]
-    if relation == "above":
-        return a["row"] < b["row"]
-    return a["row"] > b["row"]
+def _alone_in_region(obj: dict, scene: dict) -> bool:
+    """Whether "the object in the <obj's position>" can only mean `obj`: it is clearly in its region and no
+    other object could be taken for one there."""
+    objs = scene["objects"]
+    return (
+        clearly_in_region(obj, scene)
+        and sum(near_region(o, obj["row"], obj["col"], scene) for o in objs) == 1
+    )
 
 
 def _candidates(scene: dict, template: str, banned: set[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -110,19 +114,21 @@ def _candidates(scene: dict, template: str, banned: set[tuple[str, str]]) -> lis
                     out.append((f"Is there {article(c)} {c} {s}?", "yes" if (c, s) in present else "no"))
     elif template == "where":
         for o in objs:
-            if ref := _refer(objs, o, "where"):
+            if clearly_in_region(o, scene) and (ref := _refer(objs, o, "where")):
                 out.append((f"Where is the {ref}?", o["position"]))
     elif template in ("color_at", "shape_at"):
         key = "color" if template == "color_at" else "shape"
         for o in objs:
-            out.append((f"What {key} is the object in the {o['position']}?", o[key]))
+            if _alone_in_region(o, scene):
+                out.append((f"What {key} is the object in the {o['position']}?", o[key]))
     elif template == "rel_color":
         for b in objs:
             if not (ref := _refer(objs, b, "anchor")):
                 continue
             for rel in RELATIONS:
-                hits = [a for a in objs if a is not b and _holds(a, rel, b)]
-                if len(hits) == 1:
+                holds = [(a, relation_holds(a, rel, b, scene)) for a in objs if a is not b]
+                hits = [a for a, h in holds if h]
+                if len(hits) == 1 and all(h is not None for _, h in holds):  # none in doubt
                     out.append((f"What color is the object {rel} the {ref}?", hits[0]["color"]))
     elif template == "rel_yesno":
         refs = [(o, r) for o in objs if (r := _refer(objs, o, "anchor"))]
@@ -130,7 +136,8 @@ def _candidates(scene: dict, template: str, banned: set[tuple[str, str]]) -> lis
             for b, rb in refs:
                 if a is not b:
                     for rel in RELATIONS:
-                        out.append((f"Is the {ra} {rel} the {rb}?", "yes" if _holds(a, rel, b) else "no"))
+                        if (holds := relation_holds(a, rel, b, scene)) is not None:
+                            out.append((f"Is the {ra} {rel} the {rb}?", "yes" if holds else "no"))
     else:
         raise ValueError(f"unknown template {template!r}")
     return out

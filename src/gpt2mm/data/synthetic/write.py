@@ -27,6 +27,7 @@ from gpt2mm.data.synthetic.questions import (
 from gpt2mm.data.synthetic.world import (
     COLORS,
     GRID,
+    LAYOUTS,
     MAX_OBJECTS,
     POSITIONS,
     RELATIONS,
@@ -71,6 +72,7 @@ def _check_params(
     max_objects: int,
     answer_noise: float,
     families: Sequence[str],
+    layout: str,
 ) -> None:
     """Refuse arguments the formats cannot hold (ids, grid cells) before anything is written."""
     for name, v in zip(("n_train", "n_val", "n_test"), counts):
@@ -88,6 +90,8 @@ def _check_params(
         raise UsageError(f"answer_noise must be in [0, 1], got {answer_noise}")
     if bad := [f for f in families if f not in FAMILIES]:
         raise UsageError(f"unknown question families {bad}; choose from {list(FAMILIES)}")
+    if layout not in LAYOUTS:
+        raise UsageError(f"unknown layout {layout!r}; choose from {list(LAYOUTS)}")
 
 
 def _prepare_dir(out_dir: str | Path) -> Path:
@@ -190,6 +194,7 @@ def _write_split(
     max_objects: int,
     answer_noise: float,
     families: Sequence[str],
+    layout: str,
 ) -> list[dict[str, Any]]:
     """Render `n` scenes of a split with their images and files; return the scene records."""
     rng = random.Random(f"gpt2mm-synth/{seed}/{split}")  # string seeds hash with SHA-512: stable everywhere
@@ -199,7 +204,8 @@ def _write_split(
     img_dir.mkdir(parents=True, exist_ok=True)
     scenes, questions, annotations, llava = [], [], [], []
     for i in range(n):
-        scene = make_scene(rng, ID_OFFSET[split] + i + 1, split, image_size, min_objects, max_objects, banned)
+        scene_id = ID_OFFSET[split] + i + 1
+        scene = make_scene(rng, scene_id, split, image_size, min_objects, max_objects, banned, layout)
         scene["holdout"] = any((o["color"], o["shape"]) in held for o in scene["objects"])
         scene["questions"] = make_questions(scene, rng, questions_per_image, families, banned)
         render(scene).save(img_dir / scene["file_name"], format="PNG")
@@ -260,23 +266,27 @@ def write_world(
     max_objects: int = 6,
     answer_noise: float = 0.05,
     families: Sequence[str] | None = None,
+    layout: str = "grid",
 ) -> dict[str, Any]:
     """Render a world into `out_dir` and return its manifest (also written to `out_dir/world.json`, last,
     so its presence means the world is complete). Same arguments -> byte-identical files: each split
     draws from its own `random.Random` seeded from (seed, split), so split sizes do not affect each other.
     Files of the world's own names are overwritten; nothing else in `out_dir` is touched except stale
-    `images/{split}/COCO_{split}2014_*.png` of an earlier world."""
+    `images/{split}/COCO_{split}2014_*.png` of an earlier world. `layout`: "grid" (one object per cell of a
+    3x3 grid) or "free" (objects anywhere, varied sizes and angles, textured backgrounds; see `world`)."""
     holdout_list = parse_holdout(holdout)
     families = tuple(families) if families else FAMILIES
     counts = (n_train, n_val, n_test)
-    _check_params(counts, image_size, questions_per_image, min_objects, max_objects, answer_noise, families)
+    _check_params(
+        counts, image_size, questions_per_image, min_objects, max_objects, answer_noise, families, layout
+    )
     out = _prepare_dir(out_dir)
     t0 = time.perf_counter()
     scenes: dict[str, list[dict]] = {}
     for split, n in zip(SPLITS, counts):
         scenes[split] = _write_split(
             out, split, n, seed, image_size, holdout_list, questions_per_image, min_objects, max_objects,
-            answer_noise, families,
+            answer_noise, families, layout,
         )  # fmt: skip
     params = {
         "n_train": n_train,
@@ -291,6 +301,7 @@ def write_world(
         "max_objects": max_objects,
         "answer_noise": answer_noise,
         "families": list(families),
+        **({"layout": layout} if layout != "grid" else {}),  # absent: a grid world
     }
     manifest = _manifest(params, scenes)
     _dump(out / "world.json", manifest, indent=2)
