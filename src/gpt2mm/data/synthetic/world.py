@@ -5,9 +5,11 @@ question, answer or description needs. Two layouts:
 
 - "grid": objects sit one per cell of a 3x3 grid (one cell per 16 px patch of the `tiny` preset's 48 px
   images) on a flat background, so a pixel's colour names its object exactly;
-- "free": objects of varied size anywhere (continuous centres), polygons turned by a small angle (diamonds
-  taller than wide, so a turned square never passes for one), at most a little overlap, on a dark textured background with per-pixel noise, so a model must learn to see rather
-  than read cells. Positions are the 3x3 regions holding the centres; `clearly_in_region`, `near_region` and
+- "free": objects of two size ranges anywhere (continuous centres), polygons turned by a small angle
+  (diamonds taller than wide, so a turned square never passes for one), overlapping a little, on a dark
+  textured background with per-pixel noise, so a model must learn to see rather than read cells. Every
+  object stays mostly visible and objects of one colour never touch, so counts and attributes stay
+  readable. Positions are the 3x3 regions holding the centres; `clearly_in_region`, `near_region` and
   `relation_holds` say when a position or relation is clear enough from the pixels to be asked about.
 """
 
@@ -227,19 +229,7 @@ def _place(
         wx, wy = _half_spans(shape, extent, angle)
         x = round(rng.uniform(wx, image_size - wx), 1)
         y = round(rng.uniform(wy, image_size - wy), 1)
-        row, col = region_of(x, y, image_size, image_size)
-        obj = {
-            "shape": shape,
-            "color": color,
-            "size": size,
-            "row": row,
-            "col": col,
-            "position": position_name(row, col),
-            "x": x,
-            "y": y,
-            "extent": extent,
-            "angle": angle,
-        }
+        obj = _free_object(shape, color, size, x, y, extent, angle, image_size)
         if cover[_centre_pixel(obj, image_size, image_size)]:
             continue  # its centre would be hidden (checked before drawing: the commonest miss)
         mask = object_mask(obj, image_size, image_size)
@@ -248,6 +238,26 @@ def _place(
             obj["bbox"] = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
             return obj, mask
     return None
+
+
+def _free_object(
+    shape: str, color: str, size: str, x: float, y: float, extent: int, angle: int, image_size: int
+) -> dict[str, Any]:
+    """A free-layout object record (without its bbox): the grid's fields, "row", "col" and "position" naming
+    the region that holds its centre, then the centre, extent and angle the rendering draws from."""
+    row, col = region_of(x, y, image_size, image_size)
+    return {
+        "shape": shape,
+        "color": color,
+        "size": size,
+        "row": row,
+        "col": col,
+        "position": position_name(row, col),
+        "x": x,
+        "y": y,
+        "extent": extent,
+        "angle": angle,
+    }
 
 
 def _corners(shape: str, h: float) -> list[tuple[float, float]]:
