@@ -494,3 +494,38 @@ def test_hidden_states_are_what_the_lm_head_reads(tiny_pair):
             alone = model.hidden_states(single["input_ids"], single["attention_mask"], single["pixel_values"])
             n = alone.shape[1]
             torch.testing.assert_close(padded[i, -n:], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_conv_stem_is_a_stack_of_strided_convolutions_on_clips_grid(tmp_path):
+    """vision_stem="conv": CLIP's patch embedding becomes 3x3 stride-2 convolutions down to the same patch
+    grid; the tower's embeddings equal a naive re-computation (F.conv2d + GELU, CLS and positions added),
+    and the model saves and loads bit-identically."""
+    import torch.nn.functional as F
+
+    cfg = MultimodalGPT2Config.from_preset(
+        "tiny", vision_stem="conv", vision_config={"patch_size": 8}, vision_feature_layer=0
+    )
+    assert cfg.num_image_tokens == 37
+    model = MultimodalGPT2ForConditionalGeneration(cfg).eval()
+    emb = model.vision_tower.embeddings
+    pixels = torch.randn(2, 3, 48, 48)
+    x = pixels
+    convs = [m for m in emb.patch_embedding if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [32, 64, 128]
+    for i, conv in enumerate(convs):
+        x = F.conv2d(x, conv.weight, conv.bias, stride=2, padding=1)
+        if i < len(convs) - 1:
+            x = F.gelu(x)
+    patches = x.flatten(2).transpose(1, 2)  # (2, 36, 128)
+    ref = torch.cat([emb.class_embedding.expand(2, 1, -1), patches], 1) + emb.position_embedding.weight
+    with torch.no_grad():
+        ours = model.get_vision_hidden_states(pixels)
+        torch.testing.assert_close(ours, model.vision_tower.pre_layrnorm(ref))
+    model.save_pretrained(tmp_path)
+    loaded = MultimodalGPT2ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="power of 2"):
+        MultimodalGPT2Config.from_preset("tiny", vision_stem="conv", vision_config={"patch_size": 12})
+    with pytest.raises(ValueError, match="vision_stem"):
+        MultimodalGPT2Config.from_preset("tiny", vision_stem="resnet")

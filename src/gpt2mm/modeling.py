@@ -66,6 +66,28 @@ class MultimodalProjector(nn.Module):
         return x
 
 
+class ConvStem(nn.Sequential):
+    """A convolutional patch embedding: log2(patch) 3x3 convolutions of stride 2 (GELU between them), widths
+    doubling up to the tower's, so an image of side S becomes the same (S / patch)^2 grid of vectors as CLIP's
+    patch embedding, each seeing an overlapping window instead of its own patch alone (a ViT's "early
+    convolutions", Xiao et al. 2021). Drop-in for `CLIPVisionEmbeddings.patch_embedding`."""
+
+    def __init__(self, in_channels: int, width: int, patch_size: int):
+        n = patch_size.bit_length() - 1  # patch_size = 2 ** n
+        widths = [in_channels] + [max(8, width >> (n - 1 - i)) for i in range(n)]
+        layers: list[nn.Module] = []
+        for i in range(n):
+            layers.append(nn.Conv2d(widths[i], widths[i + 1], kernel_size=3, stride=2, padding=1))
+            if i < n - 1:
+                layers.append(nn.GELU())
+        super().__init__(*layers)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The first convolution's weight: CLIP reads the stem's dtype from `patch_embedding.weight`."""
+        return self[0].weight
+
+
 class MultimodalGPT2PreTrainedModel(PreTrainedModel):
     config_class = MultimodalGPT2Config
     config: MultimodalGPT2Config
@@ -88,6 +110,9 @@ class MultimodalGPT2PreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+        elif isinstance(module, ConvStem):
+            for conv in module[::2]:
+                conv.reset_parameters()  # PyTorch's convolution init (also after a meta-device build)
 
 
 class MultimodalGPT2ForConditionalGeneration(MultimodalGPT2PreTrainedModel, GenerationMixin):
@@ -98,6 +123,11 @@ class MultimodalGPT2ForConditionalGeneration(MultimodalGPT2PreTrainedModel, Gene
     def __init__(self, config: MultimodalGPT2Config):
         super().__init__(config)
         self.vision_tower = CLIPVisionModel(config.vision_config)
+        if config.vision_stem == "conv":
+            vc = config.vision_config
+            self.vision_tower.embeddings.patch_embedding = ConvStem(
+                vc.num_channels, vc.hidden_size, vc.patch_size
+            )
         self.projector = MultimodalProjector(config)
         self.language_model = GPT2Model(config.text_config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
