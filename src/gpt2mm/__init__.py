@@ -5,14 +5,26 @@
     model = gpt2mm.MultimodalGPT2ForConditionalGeneration(config)
 
 Importing the package registers the model with `transformers.AutoConfig` / `AutoModel` /
-`AutoModelForImageTextToText` / `AutoProcessor`.
+`AutoModelForImageTextToText` / `AutoProcessor`. The registration lives here, not in config.py, modeling.py
+or processing.py, because those modules are also shipped inside every saved checkpoint as its remote code
+(`gpt2mm.hub`), where transformers registers the classes itself.
 """
 
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+
 from gpt2mm.config import MultimodalGPT2Config
+from gpt2mm.hub import save_model
 from gpt2mm.loading import build_model, from_backbones, load_model
 from gpt2mm.modeling import MultimodalGPT2ForConditionalGeneration
 from gpt2mm.presets import PRESETS
 from gpt2mm.processing import MultimodalGPT2Processor
+
+AutoConfig.register("gpt2mm", MultimodalGPT2Config, exist_ok=True)
+AutoModel.register(MultimodalGPT2Config, MultimodalGPT2ForConditionalGeneration, exist_ok=True)
+AutoModelForImageTextToText.register(
+    MultimodalGPT2Config, MultimodalGPT2ForConditionalGeneration, exist_ok=True
+)
+AutoProcessor.register(MultimodalGPT2Config, MultimodalGPT2Processor, exist_ok=True)
 
 __version__ = "0.1.0"
 __all__ = [
@@ -23,4 +35,5 @@ __all__ = [
     "build_model",
     "from_backbones",
     "load_model",
+    "save_model",
 ]

@@ -40,6 +40,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "ask": ("gpt2mm.commands.ask", "answer a question about an image on the command line"),
     "serve": ("gpt2mm.commands.serve", "serve an OpenAI-compatible chat API and a web page, with batching"),
+    "push": (
+        "gpt2mm.commands.push",
+        "publish a checkpoint on the Hugging Face Hub (loads there without gpt2mm)",
+    ),
 }
 
 

@@ -19,9 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForImageTextToText,
     CLIPVisionModel,
     GenerationConfig,
     GenerationMixin,
@@ -479,10 +476,3 @@ def _reduce(total: torch.Tensor, keep: torch.Tensor, num_items_in_batch) -> torc
     if isinstance(denom, torch.Tensor):
         denom = denom.to(total.device)
     return total / denom
-
-
-AutoConfig.register("gpt2mm", MultimodalGPT2Config, exist_ok=True)
-AutoModel.register(MultimodalGPT2Config, MultimodalGPT2ForConditionalGeneration, exist_ok=True)
-AutoModelForImageTextToText.register(
-    MultimodalGPT2Config, MultimodalGPT2ForConditionalGeneration, exist_ok=True
-)

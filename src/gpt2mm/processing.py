@@ -15,7 +15,9 @@ after the first `Q:` (`Q: <image> <image> {user 1} A:`); one image keeps the see
 `MultimodalGPT2Processor.encode_turns` is the one encoder of that format: training (`encode_conversation`,
 `encode_example`), serving (`gpt2mm.serve.engine.Engine.encode_turns`), PPO's rollout prompts and the reward
 model's inputs all go through it, so their ids agree token for token. `STOP_STRINGS` are what end an answer
-besides end-of-text, for `postprocess_answer` and the serving engine alike.
+besides end-of-text, for `postprocess_answer` and the serving engine alike. The processor's chat template
+(`CHAT_TEMPLATE_SOURCE`) writes the same format from chat messages, for `apply_chat_template` where gpt2mm is
+not installed (this module is shipped with every checkpoint: `gpt2mm.hub`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,90 @@ USER_PREFIX = "Q:"
 ASSISTANT_PREFIX = " A:"
 # What ends an answer besides end-of-text: the model starting a new turn, or a blank line.
 STOP_STRINGS = (f"\n{USER_PREFIX}", f" {USER_PREFIX} ", "\n\n")
+
+# The prompt format as a Jinja chat template, for `processor.apply_chat_template` (and so for code that knows
+# transformers but not gpt2mm). It renders what `encode_turns` encodes, the way the server maps OpenAI
+# messages onto turns (gpt2mm.serve.schema.messages_to_turns): system and developer messages are skipped;
+# consecutive messages of one role are merged, their text parts stripped and joined by a space; a user turn
+# with one image has it after `Q:`, with several each where its part stands; ` A:` opens each assistant turn
+# and, with `add_generation_prompt`, the answer to come; an answer ends with end-of-text. Image parts are
+# `{"type": "image"}` (transformers turns OpenAI's `image_url` parts into these). __IMAGE__ is replaced by
+# the processor's image token. Tests check that its ids are `encode_turns`'s for every shape the API takes.
+CHAT_TEMPLATE_SOURCE = """\
+{#- gpt2mm: Q: <image> {question} A: {answer}<|endoftext|>Q: {question} A: ... -#}
+{%- set image = '__IMAGE__' -%}
+{%- set ns = namespace(turns=[], role=none, pieces=[], message=[]) -%}
+{%- for message in messages if message['role'] not in ['system', 'developer'] -%}
+    {%- if message['role'] not in ['user', 'assistant'] -%}
+        {{- raise_exception('gpt2mm conversations hold user and assistant messages, not ' ~ message['role']) -}}
+    {%- endif -%}
+    {%- set content = message.get('content') -%}
+    {%- if content is none -%}
+        {%- set content = [] -%}
+    {%- elif content is string -%}
+        {%- set content = [{'type': 'text', 'text': content}] -%}
+    {%- endif -%}
+    {%- set ns.message = [] -%}
+    {%- for part in content -%}
+        {%- if part['type'] == 'text' -%}
+            {%- if image in part['text'] -%}
+                {{- raise_exception('text may not hold ' ~ image ~ '; send images as image parts') -}}
+            {%- endif -%}
+            {%- set ns.message = ns.message + [part['text'] | trim] -%}
+        {%- elif part['type'] in ['image', 'image_url'] -%}
+            {%- if message['role'] != 'user' -%}
+                {{- raise_exception('only user messages can hold images') -}}
+            {%- endif -%}
+            {%- set ns.message = ns.message + [image] -%}
+        {%- else -%}
+            {{- raise_exception('gpt2mm reads text and image parts, not ' ~ part['type']) -}}
+        {%- endif -%}
+    {%- endfor -%}
+    {%- if message['role'] == ns.role -%}
+        {%- set ns.pieces = ns.pieces + ns.message -%}
+    {%- else -%}
+        {%- if ns.role is not none -%}
+            {%- set ns.turns = ns.turns + [[ns.role, ns.pieces]] -%}
+        {%- endif -%}
+        {%- set ns.role = message['role'] -%}
+        {%- set ns.pieces = ns.message -%}
+    {%- endif -%}
+{%- endfor -%}
+{%- if ns.role is not none -%}
+    {%- set ns.turns = ns.turns + [[ns.role, ns.pieces]] -%}
+{%- endif -%}
+{%- if not ns.turns or ns.turns[0][0] != 'user' -%}
+    {{- raise_exception('the conversation must start with a user message') -}}
+{%- endif -%}
+{%- if add_generation_prompt and ns.turns[-1][0] != 'user' -%}
+    {{- raise_exception('the last message must be a user message to answer') -}}
+{%- endif -%}
+{%- for role, pieces in ns.turns -%}
+    {%- set words = pieces | reject('equalto', '') | list -%}
+    {%- set text = words | reject('equalto', image) | join(' ') -%}
+    {%- set n_images = words | select('equalto', image) | list | length -%}
+    {%- if role == 'user' -%}
+        {%- if add_generation_prompt and not text -%}
+            {{- raise_exception('the question is empty: ask something, e.g. Describe the image in detail.') -}}
+        {%- endif -%}
+        {%- if n_images > 1 -%}
+            {{- 'Q: ' ~ words | join(' ') -}}
+        {%- else -%}
+            {{- 'Q:' ~ (' ' ~ image) * n_images ~ ' ' ~ text -}}
+        {%- endif -%}
+        {%- if not loop.last or add_generation_prompt -%}
+            {{- ' A:' -}}
+        {%- endif -%}
+    {%- else -%}
+        {{- ' ' ~ text ~ eos_token -}}
+    {%- endif -%}
+{%- endfor -%}
+"""
+
+
+def default_chat_template(image_token: str = "<image>") -> str:
+    """The chat template for a processor whose image placeholder is `image_token`."""
+    return CHAT_TEMPLATE_SOURCE.replace("__IMAGE__", image_token.replace("\\", "\\\\").replace("'", "\\'"))
 
 
 class MultimodalGPT2Processor(ProcessorMixin):
@@ -54,6 +140,8 @@ class MultimodalGPT2Processor(ProcessorMixin):
     ):
         self.num_image_tokens = num_image_tokens
         self.image_token = image_token
+        if chat_template is None:  # a processor saved before it had one gets it too
+            chat_template = default_chat_template(image_token)
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
         vocab = tokenizer.get_vocab()
         if image_token not in vocab:
@@ -75,8 +163,12 @@ class MultimodalGPT2Processor(ProcessorMixin):
     ) -> BatchFeature:
         """Tokenize `text` (each `<image>` placeholder expanded) and preprocess `images` (in placeholder order).
 
-        Raises ValueError when the number of placeholders differs from the number of images.
+        Raises ValueError when the number of placeholders differs from the number of images. Images are PIL
+        images, arrays, or paths and URLs (what `apply_chat_template` collects from image parts).
         """
+        for other in ("videos", "audio"):  # apply_chat_template passes every modality
+            if kwargs.pop(other, None) is not None:
+                raise ValueError(f"gpt2mm reads text and images, not {other}")
         flat_images = _flatten_images(images)
         data: dict[str, Any] = {}
         if text is not None:
@@ -105,7 +197,10 @@ class MultimodalGPT2Processor(ProcessorMixin):
         return text.replace(self.image_token, self.image_token * self.num_image_tokens)
 
     def preprocess_images(self, images: Sequence[Any]) -> torch.Tensor:
-        """PIL images (any size, converted to RGB) -> (N, 3, H, W) float pixel values."""
+        """PIL images (any size, converted to RGB), arrays, paths or URLs -> (N, 3, H, W) float pixel values."""
+        from transformers.image_utils import load_image
+
+        images = [load_image(im) if isinstance(im, str) else im for im in images]
         images = [im.convert("RGB") if hasattr(im, "convert") else im for im in images]
         return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
 
@@ -225,12 +320,3 @@ def default_image_processor(config: MultimodalGPT2Config):
 
     size = config.vision_config.image_size
     return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-
-
-def _register() -> None:
-    from transformers import AutoProcessor
-
-    AutoProcessor.register(MultimodalGPT2Config, MultimodalGPT2Processor, exist_ok=True)
-
-
-_register()

@@ -22,6 +22,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoConfig, AutoTokenizer, CLIPImageProcessor
 
+    from gpt2mm.hub import save_model
     from gpt2mm.processing import MultimodalGPT2Processor, default_image_processor
     from gpt2mm.tokenizer import add_image_token
 
@@ -56,7 +57,13 @@ def run(args: argparse.Namespace) -> int:
         num_image_tokens=model.config.num_image_tokens,
         image_token=model.config.image_token,
     )
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
+    save_model(
+        model,
+        processor,
+        out,
+        stage="convert-seed",
+        vision_backbone=str(args.vision),
+        text_backbone=str(args.text),
+    )
     print(f"converted {args.seed_checkpoint} -> {out}")
     return 0

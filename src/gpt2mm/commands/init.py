@@ -23,6 +23,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from gpt2mm.hub import preset_backbones, save_model
     from gpt2mm.loading import build_model
 
     out: Path = args.out_dir
@@ -33,8 +34,8 @@ def run(args: argparse.Namespace) -> int:
         model, processor = build_model(args.preset, pretrained=args.pretrained)
     except ValueError as e:
         raise UsageError(str(e)) from e
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
+    vision, text = preset_backbones(args.preset, args.pretrained)
+    save_model(model, processor, out, stage="init", vision_backbone=vision, text_backbone=text)
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.preset} model ({n / 1e6:.1f}M parameters) and processor to {out}")
     return 0

@@ -182,18 +182,20 @@ class RewardModel(nn.Module):
 
     # --- saving and loading ---------------------------------------------------------------------------
 
-    def write_files(self, path: str | os.PathLike) -> None:
-        """Write the model, processor, head and marker into an existing directory (not atomic: see
-        `save_pretrained`, and `gpt2mm.reward.train`, which adds metrics.json before the rename)."""
+    def write_files(self, path: str | os.PathLike, base: str | os.PathLike | None = None) -> None:
+        """Write the model (self-contained, with its card: `gpt2mm.hub.save_model`; `base` is the checkpoint
+        it was trained from), processor, head and marker into an existing directory (not atomic: see
+        `save_pretrained`, and `gpt2mm.reward.train`, which writes metrics.json first, for the card)."""
         from safetensors.torch import save_file
+
+        from gpt2mm.hub import save_model
 
         if self.processor is None:
             raise ValueError(
                 "RewardModel.save_pretrained needs the processor (RewardModel(model, processor))"
             )
         path = Path(path)
-        self.model.save_pretrained(path)
-        self.processor.save_pretrained(path)
+        save_model(self.model, self.processor, path, stage="reward", init_from=base)
         save_file(self._head_state(), str(path / REWARD_HEAD), metadata={"format": "pt"})
         marker = {
             "format": FORMAT,

@@ -476,8 +476,10 @@ class RewardTrainer:
         """DIR, atomically: the reward model, its processor, metrics.json; then the report."""
 
         def write(tmp: Path) -> None:
-            self.reward.write_files(tmp)
-            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            (tmp / "metrics.json").write_text(
+                json.dumps(metrics, indent=2) + "\n"
+            )  # first: the card reads it
+            self.reward.write_files(tmp, base=self.cfg.base)
 
         out = Path(self.cfg.out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -388,11 +388,16 @@ class PPOTrainer(Trainer):
     # --- checkpoints ---
 
     def write_model(self, out: Path) -> None:
-        """The policy (a plain gpt2mm model), its processor and the value head (value_head.safetensors)."""
+        """The policy (a plain gpt2mm model, self-contained: `gpt2mm.hub.save_model`), its processor and the
+        value head (value_head.safetensors)."""
+        from dataclasses import asdict
+
         from safetensors.torch import save_file
 
-        self.policy.save_pretrained(out)
-        self.processor.save_pretrained(out)
+        from gpt2mm.hub import save_model
+
+        init = self.cfg.model.init_from
+        save_model(self.policy, self.processor, out, stage="ppo", recipe=asdict(self.cfg), init_from=init)
         if self.value_head is not None:
             save_file(
                 {k: v.contiguous() for k, v in self.value_head.state_dict().items()},

@@ -368,7 +368,9 @@ class SFTTrainer(Trainer):
             prune_checkpoints(self.out, self.cfg.train.keep_last)
 
     def _write_weights(self, state_dict: dict, out: Path) -> None:
-        """model.safetensors (merged LoRA weights: a plain model), the processor, and the LoRA adapters."""
+        """model.safetensors (merged LoRA weights: a plain model), the processor, the remote code, recipe and
+        card (`gpt2mm.hub.save_model`), and the LoRA adapters."""
+        from gpt2mm.hub import recipe_provenance, save_model
         from gpt2mm.train.lora import ADAPTER_FILE, adapter_state_dict, merged_state_dict
 
         model = self.acc.unwrap_model(self.model)
@@ -378,8 +380,15 @@ class SFTTrainer(Trainer):
         if self.lora:
             adapter = adapter_state_dict(model, state_dict)
             state_dict = merged_state_dict(model, state_dict)
-        model.save_pretrained(out, state_dict=state_dict)
-        self.processor.save_pretrained(out)
+        save_model(
+            model,
+            self.processor,
+            out,
+            stage="sft",
+            state_dict=state_dict,
+            recipe=asdict(self.cfg),
+            **recipe_provenance(self.cfg.model),
+        )
         if adapter is not None:
             from safetensors.torch import save_file
 
