@@ -13,7 +13,7 @@ import argparse
 import importlib
 import sys
 
-from gpt2mm.errors import DataError, UsageError
+from gpt2mm.errors import DamagedFileError, DataError, UsageError, WriteError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         args = cmd_parser.parse_args(argv[1:])
     try:
         code = module.run(args, extra) if takes_overrides else module.run(args)
+    except (WriteError, DamagedFileError) as e:  # a full disk, a damaged checkpoint: one line, no usage
+        cmd_parser.exit(2, f"{cmd_parser.prog}: error: {e}\n")
     except (UsageError, DataError) as e:  # the user's input, not our bug: a message, no traceback
         cmd_parser.error(str(e))  # exits with code 2
     except BrokenPipeError:  # `gpt2mm ... | head`: the reader left; not an error of ours

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from gpt2mm.config import MultimodalGPT2Config
-from gpt2mm.errors import ModelNotFoundError
+from gpt2mm.errors import DamagedFileError, ModelNotFoundError
 from gpt2mm.modeling import MultimodalGPT2ForConditionalGeneration
 from gpt2mm.presets import get_preset
 from gpt2mm.processing import MultimodalGPT2Processor, default_image_processor
@@ -131,18 +131,32 @@ def processor_for(config: MultimodalGPT2Config, preset: str) -> MultimodalGPT2Pr
 
 
 def load_model(
-    name_or_path: str | os.PathLike, **kwargs: Any
+    name_or_path: str | os.PathLike, verify: bool = True, **kwargs: Any
 ) -> tuple[MultimodalGPT2ForConditionalGeneration, MultimodalGPT2Processor]:
-    """Load a saved model and its processor from a directory or a hub id."""
+    """Load a saved model and its processor from a directory or a hub id.
+
+    A directory written with a manifest (every checkpoint, `best`, the reward model) is checked against it
+    first (`verify`): a missing, truncated or changed file is a `DamagedFileError` naming it, as is a
+    weights file that cannot be parsed in a directory without one (written before manifests)."""
+    from safetensors import SafetensorError
+
+    from gpt2mm.outputs import verify_manifest
+
     path = Path(name_or_path)
     if not path.exists() and str(name_or_path).startswith(("/", "./", "../", "~")):
         raise FileNotFoundError(f"{path}: no such model directory")  # a path, not a hub id
     if path.exists() and not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a gpt2mm model directory: it has no config.json")
     local = path.exists()
-    with hub_errors(str(path) if local else f"{name_or_path}: no such directory; as a hub id", not local):
-        model = MultimodalGPT2ForConditionalGeneration.from_pretrained(name_or_path, **kwargs)
-        processor = MultimodalGPT2Processor.from_pretrained(name_or_path)
+    if local and verify:
+        verify_manifest(path)
+    try:
+        with hub_errors(str(path) if local else f"{name_or_path}: no such directory; as a hub id", not local):
+            model = MultimodalGPT2ForConditionalGeneration.from_pretrained(name_or_path, **kwargs)
+            processor = MultimodalGPT2Processor.from_pretrained(name_or_path)
+    except SafetensorError as e:
+        weights = path / "model.safetensors"
+        raise DamagedFileError(f"{weights if weights.is_file() else path}: cannot be read ({e})") from None
     return model, processor
 
 

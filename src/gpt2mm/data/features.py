@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from gpt2mm.errors import DataError, UsageError
+from gpt2mm.outputs import atomic_file, write_text, writing
 
 
 class PixelStore:
@@ -203,14 +204,16 @@ class FeatureCache:
         index = dict(self.index)
         for i, ident in enumerate(new_ids):
             index[ident] = len(old) + i
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp_array = self.dir / "features.npy.tmp"
-        with open(tmp_array, "wb") as f:
+        # the array first: it keeps the old rows where they were, so the old index still fits it when the
+        # index's write fails; each file is whole or not written (a full disk: a one-line WriteError)
+        with writing(self.dir, "the feature cache"):
+            self.dir.mkdir(parents=True, exist_ok=True)
+        with (
+            atomic_file(self.dir / "features.npy", "the feature cache's features") as tmp,
+            open(tmp, "wb") as f,
+        ):
             np.save(f, merged)
-        tmp_index = self.dir / "index.json.tmp"
-        tmp_index.write_text(json.dumps(index))
-        os.replace(tmp_array, self.dir / "features.npy")
-        os.replace(tmp_index, self.dir / "index.json")
+        write_text(self.dir / "index.json", json.dumps(index), "the feature cache's index")
         self.array = None
         self._load()
         return len(new_ids)

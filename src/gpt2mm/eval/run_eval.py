@@ -22,7 +22,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from gpt2mm.errors import DataError, UsageError
+from gpt2mm.errors import DamagedFileError, DataError, UsageError
 
 
 def check_model_path(name_or_path: str | Path) -> None:
@@ -43,6 +43,8 @@ def load_for_eval(name_or_path: str | Path, device: str) -> tuple[Any, Any]:
     check_model_path(name_or_path)
     try:
         model, processor = load_model(name_or_path)
+    except DamagedFileError:  # names the damaged file itself
+        raise
     except (OSError, ValueError) as e:
         raise UsageError(
             f"cannot load the model {name_or_path!s}: not a gpt2mm model directory, nor a hub id that "

@@ -17,7 +17,7 @@ import json
 import os
 from typing import Any
 
-from gpt2mm.errors import DataError, UsageError
+from gpt2mm.errors import DataError
 
 PathLike = str | os.PathLike
 
@@ -158,12 +158,13 @@ def check_pairing(
 
 
 def write_json(path: PathLike, obj: Any, flag: str) -> None:
-    """Write a command's JSON output; an unwritable path is the user's error, named by its flag."""
+    """Write a command's JSON output atomically (an earlier file is replaced only by a whole new one); an
+    unwritable path or a full disk is a one-line `WriteError` naming the flag, the path and the free space."""
     from pathlib import Path
 
+    from gpt2mm.outputs import write_text, writing
+
     path = Path(path)
-    try:
+    with writing(path, f"the {flag} file"):
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
-    except OSError as e:
-        raise UsageError(f"{flag} {path}: cannot write ({e})") from None
+        write_text(path, json.dumps(obj, indent=1) + "\n", f"the {flag} file")

@@ -219,7 +219,7 @@ class RewardModel(nn.Module):
 
         final = Path(path)
         final.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save_dir(final, self.write_files)
+        atomic_save_dir(final, self.write_files, what="the reward model")
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> RewardModel:

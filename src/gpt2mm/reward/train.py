@@ -483,7 +483,7 @@ class RewardTrainer:
 
         out = Path(self.cfg.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save_dir(out, write)
+        atomic_save_dir(out, write, what="the reward model")
         self.log(format_report(metrics))
         self.log(f"wrote {out}")
 

@@ -28,7 +28,6 @@ as `generate` masks it, and the logits divided by the sampling temperature.
 from __future__ import annotations
 
 import copy
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from gpt2mm.rl.policy import Rollout, answer_logits, answer_mask
 from gpt2mm.rl.reward import Reward
 from gpt2mm.train.checkpoints import (
     claim_output_dir,
+    clean_output_dir,
     load_resume_checkpoint,
     replace_earlier_run,
     seed_everything,
@@ -85,8 +85,7 @@ class PPOTrainer(Trainer):
         self.initial_val_accuracy: float | None = None
         replace_earlier_run(self.out, earlier, self.log)
         self.out.mkdir(parents=True, exist_ok=True)
-        for stale in self.out.glob("*.tmp"):
-            shutil.rmtree(stale)
+        clean_output_dir(self.out, self.log)
         if resume:
             self._resume(resume)
 
@@ -410,7 +409,7 @@ class PPOTrainer(Trainer):
     def _resume(self, resume: str | bool) -> None:
         from safetensors.torch import load_file
 
-        path, state, weights = load_resume_checkpoint(self.out, resume)
+        path, state, weights = load_resume_checkpoint(self.out, resume, self.log)
         if state["config"]["train"]["algo"] != self.cfg.train.algo:
             raise UsageError(f"--resume: {path} was trained with algo {state['config']['train']['algo']}")
         missing, unexpected = self.policy.load_state_dict(weights, strict=False)

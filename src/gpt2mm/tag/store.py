@@ -163,15 +163,18 @@ def _read_jsonl(path: Path) -> list[TagRecord]:
 
 
 def write_jsonl(records: Iterable[TagRecord], path: str | Path) -> int:
-    """Write records as JSONL (to a temporary name, then renamed into place); returns the count."""
+    """Write records as JSONL (to a temporary name, then renamed into place: an earlier export is replaced
+    only by a whole new one); returns the count. A failure is a one-line `WriteError`."""
+    from gpt2mm.outputs import atomic_file, writing
+
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(asdict(r)) + "\n")
-            n += 1
-    tmp.replace(path)
+    with writing(path, "the tag export"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path, "the tag export") as tmp, open(tmp, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(asdict(r)) + "\n")
+                n += 1
     return n
 
 

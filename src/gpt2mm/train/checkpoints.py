@@ -2,13 +2,14 @@
 random-number state, and the rule that a new run never mixes itself into an earlier run's folder.
 
 A checkpoint is `checkpoint-STEP/`: the model (`config.json` + `model.safetensors`, loadable by itself), the
-processor, and `trainer_state.pt` (counters, optimizer, schedule, RNG, config) for an exact `--resume`. It is
-written under `checkpoint-STEP.tmp` and renamed into place, so a crash never leaves a half checkpoint under the
-final name."""
+processor, `trainer_state.pt` (counters, optimizer, schedule, RNG, config) for an exact `--resume`, and
+`manifest.json` (each file's size and SHA-256). It is written under `checkpoint-STEP.tmp` and renamed into
+place, so a crash never leaves a half checkpoint under the final name, and an I/O failure is one line naming
+the path and the free space (`gpt2mm.outputs`). `--resume` checks the manifest: a truncated or changed file is
+named, and without a path the newest checkpoint that verifies is taken."""
 
 from __future__ import annotations
 
-import contextlib
 import random
 import shutil
 from collections.abc import Callable
@@ -18,7 +19,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from gpt2mm.errors import UsageError
+from gpt2mm.errors import DamagedFileError, UsageError
+from gpt2mm.outputs import (  # atomic_dir, commit_dir: for the stages that write checkpoints themselves
+    atomic_dir,
+    commit_dir,  # noqa: F401
+    recover_interrupted_saves,
+    torch_save,
+    verify_manifest,
+    writing,
+)
 
 # --- output folders ------------------------------------------------------------------------------------------
 
@@ -70,39 +79,14 @@ def replace_earlier_run(out: Path, names: list[str], log) -> None:
         log(f"train.overwrite: removed the earlier run's {', '.join(names)} from {out}")
 
 
-# --- writing -------------------------------------------------------------------------------------------------
+# --- writing ---------------------------------------------------------------------------------------------------
 
 
-def atomic_save_dir(final: Path, write: Callable[[Path], None]) -> None:
-    """Write a directory under a temporary name, then rename it into place (a crash leaves no half
-    checkpoint under the final name; stale temporaries are removed on the next start)."""
-    with atomic_dir(final) as tmp:
+def atomic_save_dir(final: Path, write: Callable[[Path], None], what: str | None = None) -> None:
+    """`write(folder)` into a temporary folder renamed into place, with a manifest (`gpt2mm.outputs.atomic_dir`:
+    a crash or an I/O failure leaves no half folder under the final name)."""
+    with atomic_dir(final, what) as tmp:
         write(tmp)
-
-
-@contextlib.contextmanager
-def atomic_dir(final: Path):
-    """`atomic_save_dir` as a context: the body writes into the temporary directory it is given, which takes
-    the final name when the body ends without an error."""
-    tmp = final.with_name(final.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    yield tmp
-    commit_dir(tmp, final)
-
-
-def commit_dir(tmp: Path, final: Path) -> None:
-    """Give a written temporary directory its final name, replacing what had it."""
-    old = None
-    if final.exists():
-        old = final.with_name(final.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        final.rename(old)
-    tmp.rename(final)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 def save_checkpoint(
@@ -112,15 +96,28 @@ def save_checkpoint(
     the newest `keep_last` checkpoints removed."""
     name = "best" if state is None else f"checkpoint-{step}"
     with atomic_dir(out / name) as tmp:
-        write_model(tmp)
+        write_weights(write_model, tmp, name)
         if state is not None:
-            torch.save(state, tmp / "trainer_state.pt")
+            write_trainer_state(state, tmp, name)
     if state is not None:
         prune_checkpoints(out, keep_last)
 
 
+def write_weights(write_model: Callable[[Path], None], folder: Path, name: str) -> None:
+    """`write_model(folder)`, its I/O failure named as `name`'s model weights and processor."""
+    with writing(folder, f"{name} (model weights and processor)"):
+        write_model(folder)
+
+
+def write_trainer_state(state: dict[str, Any], folder: Path, name: str) -> None:
+    """`trainer_state.pt`; a failed write names the file (torch's own error says only "unexpected pos")."""
+    with writing(folder / "trainer_state.pt", f"{name} (trainer state)"):
+        torch_save(state, folder / "trainer_state.pt")
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a temporary `.tmp` directory is never complete)."""
+    """Complete checkpoints, oldest first (a temporary `.tmp` directory is never complete, and a damaged one
+    set aside as `.damaged` is not listed)."""
     found = []
     for p in run_dir.glob("checkpoint-*"):
         if p.is_dir() and is_checkpoint_name(p.name) and (p / "trainer_state.pt").is_file():
@@ -138,26 +135,79 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
         shutil.rmtree(old)
 
 
+def clean_output_dir(out: Path, log) -> None:
+    """At the start of a run, after a crash: a `best` or checkpoint caught between `commit_dir`'s renames is
+    put back, unfinished `.tmp` folders removed."""
+    for name in recover_interrupted_saves(out):
+        log(f"{out / name}: put back (a save was interrupted while replacing it)")
+
+
 # --- resuming ------------------------------------------------------------------------------------------------
 
 
-def load_resume_checkpoint(run_dir: Path, resume: str | bool) -> tuple[Path, dict, dict[str, torch.Tensor]]:
-    """What `--resume` names: the given checkpoint, or the last complete one in `run_dir` when it names
-    none. Returns (path, trainer state, model weights); a UsageError says what is missing."""
+def load_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A checkpoint's trainer state and model weights, checked against its manifest first; a
+    `DamagedFileError` names the file that fails (or that cannot be parsed, in a checkpoint written before
+    manifests)."""
     from safetensors.torch import load_file
 
+    verify_manifest(path)
+    file = path / "trainer_state.pt"
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=False)
+        if not isinstance(state, dict):
+            raise ValueError(f"holds a {type(state).__name__}, not a dict")
+        file = path / "model.safetensors"
+        weights = load_file(str(file))
+    except Exception as e:  # whatever a damaged pickle or safetensors file raises
+        if isinstance(e, FileNotFoundError):
+            raise DamagedFileError(f"{file}: missing") from None
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise DamagedFileError(f"{file}: cannot be read ({type(e).__name__}: {first})") from None
+    return state, weights
+
+
+def load_resume_checkpoint(
+    run_dir: Path, resume: str | bool, log=print, set_aside: bool = True
+) -> tuple[Path, dict, dict[str, torch.Tensor]]:
+    """What `--resume` names: the given checkpoint, or the newest complete one in `run_dir` that verifies
+    when it names none. Returns (path, trainer state, model weights).
+
+    A named checkpoint that fails its manifest (or cannot be read) is a `DamagedFileError` naming the file.
+    Without a name, a damaged checkpoint is skipped with one log line saying why, and (`set_aside`: the main
+    process) renamed `checkpoint-N.damaged`, so that it is neither resumed nor counted by `keep_last` again;
+    the run then continues from the newest checkpoint that verifies. A UsageError says what is missing."""
     path = Path(resume) if isinstance(resume, str) else None
-    if path is None:
-        found = list_checkpoints(run_dir)
-        if not found:
-            raise UsageError(f"--resume: no complete checkpoint in {run_dir}")
-        path = found[-1]
-    if not path.exists():
-        raise UsageError(f"--resume {path}: no such checkpoint")
-    if not (path / "trainer_state.pt").is_file():
-        raise UsageError(f"--resume: {path} is not a complete checkpoint (no trainer_state.pt)")
-    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
-    return path, state, load_file(str(path / "model.safetensors"))
+    if path is not None:
+        if not path.exists():
+            raise UsageError(f"--resume {path}: no such checkpoint")
+        if not (path / "trainer_state.pt").is_file():
+            raise UsageError(f"--resume: {path} is not a complete checkpoint (no trainer_state.pt)")
+        try:
+            return (path, *load_checkpoint(path))
+        except DamagedFileError as e:
+            raise DamagedFileError(
+                f"--resume {path}: damaged: {e}; resume an earlier checkpoint, or --resume without a path "
+                "to take the newest that verifies"
+            ) from None
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise UsageError(f"--resume: no complete checkpoint in {run_dir}")
+    for candidate in reversed(found):
+        try:
+            return (candidate, *load_checkpoint(candidate))
+        except DamagedFileError as e:
+            note = ""
+            if set_aside:
+                aside = candidate.with_name(candidate.name + ".damaged")
+                if aside.exists():
+                    shutil.rmtree(aside)
+                candidate.rename(aside)
+                note = f"; set aside as {aside.name}"
+            log(f"--resume: skipped {candidate.name}: {e}{note}")
+    raise DamagedFileError(
+        f"--resume: none of the {len(found)} checkpoints in {run_dir} verifies (see the lines above)"
+    )
 
 
 def rng_state() -> dict[str, Any]:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2mm.errors import UsageError
+from gpt2mm.outputs import append_line, write_text
 
 
 def check_trackers(names: list[str]) -> None:
@@ -57,8 +58,8 @@ def start_trackers(names: list[str], out: Path, config: dict[str, Any]) -> list:
 
 
 class MetricsLog:
-    """Rows `{"step": ..., <counters>, <values>}` appended to OUT/metrics.jsonl and sent to the trackers. Only
-    the main process records (`enabled`)."""
+    """Rows `{"step": ..., <counters>, <values>}` appended to OUT/metrics.jsonl (whole rows only, even on a
+    full disk) and sent to the trackers. Only the main process records (`enabled`)."""
 
     def __init__(
         self,
@@ -79,8 +80,7 @@ class MetricsLog:
         if self.digits is not None:
             values = {k: (round(v, self.digits) if isinstance(v, float) else v) for k, v in values.items()}
         row = {"step": step, **counters, **values}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_line(self.path, json.dumps(row), "a metrics row")
         for tracker in self.trackers:
             tracker.log({k: v for k, v in row.items() if k != "step"}, step=step)
         return row
@@ -89,6 +89,26 @@ class MetricsLog:
         for tracker in self.trackers:
             tracker.finish()
         self.trackers = []
+
+
+def trim_metrics(path: Path, step: int) -> int:
+    """Drop the rows of `path` (metrics.jsonl) after `step`, and any torn row: a resumed run redoes those
+    steps and records them again, so that the file holds each step once. Returns how many were dropped."""
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row_step = json.loads(line)["step"]
+            if not isinstance(row_step, int) or row_step > step:
+                raise ValueError(row_step)
+        except (ValueError, KeyError, TypeError):
+            dropped += 1
+            continue
+        keep.append(line + "\n")
+    if dropped:
+        write_text(path, "".join(keep), "metrics.jsonl")
+    return dropped
 
 
 class ProgressBar:
@@ -115,6 +135,7 @@ class ProgressBar:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 def budget_bar_total(

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import json
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -32,10 +32,13 @@ from gpt2mm.errors import UsageError
 from gpt2mm.train.checkpoints import (
     atomic_dir,
     claim_output_dir,
+    clean_output_dir,
     load_resume_checkpoint,
     prune_checkpoints,
     replace_earlier_run,
     seed_everything,
+    write_trainer_state,
+    write_weights,
 )
 from gpt2mm.train.config import SFTConfig
 from gpt2mm.train.trainer import Trainer
@@ -79,8 +82,7 @@ class SFTTrainer(Trainer):
         if self.main:
             replace_earlier_run(out, earlier, self.log)
             out.mkdir(parents=True, exist_ok=True)
-            for stale in out.glob("*.tmp"):
-                shutil.rmtree(stale)
+            clean_output_dir(out, self.log)
         if resumed is not None:
             self._resume_state(*resumed)
 
@@ -357,13 +359,13 @@ class SFTTrainer(Trainer):
         with atomic_dir(self.out / name) if main else contextlib.nullcontext() as tmp:
             state_dict = self.acc.get_state_dict(self.model)
             if main:
-                self._write_weights(state_dict, tmp)
+                write_weights(functools.partial(self._write_weights, state_dict), tmp, name)
             del state_dict
             if best:
                 return
             optimizer_state = self._optimizer_state()
             if main:
-                torch.save(self.checkpoint_state(optimizer_state), tmp / "trainer_state.pt")
+                write_trainer_state(self.checkpoint_state(optimizer_state), tmp, name)
         if main:
             prune_checkpoints(self.out, self.cfg.train.keep_last)
 
@@ -409,7 +411,7 @@ class SFTTrainer(Trainer):
         """Load a checkpoint's weights into the (not yet prepared) model; returns (path, trainer state)."""
         from gpt2mm.train.lora import ADAPTER_FILE, restore_lora
 
-        path, state, weights = load_resume_checkpoint(self.out, resume)
+        path, state, weights = load_resume_checkpoint(self.out, resume, self.log, set_aside=self.main)
         may_miss = {"lm_head.weight"}
         if (path / ADAPTER_FILE).is_file() != self.lora:
             raise UsageError(

@@ -13,8 +13,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from gpt2mm.train.checkpoints import rng_state, save_checkpoint, set_rng_state
-from gpt2mm.train.logging import MetricsLog, ProgressBar, time_is_up
+from gpt2mm.errors import DataError, WriteError, add_hint
+from gpt2mm.train.checkpoints import list_checkpoints, rng_state, save_checkpoint, set_rng_state
+from gpt2mm.train.logging import MetricsLog, ProgressBar, time_is_up, trim_metrics
 
 
 class Trainer:
@@ -85,26 +86,32 @@ class Trainer:
         stop_reason = "max_steps"
         seconds_at_start = self.train_seconds
         window_samples, window_start = 0, time.perf_counter()
-        while self.step < t.max_steps:
-            start = time.perf_counter()
-            row, samples = self.train_step()
-            self.step += 1
-            self.samples_seen += samples
-            self.train_seconds += time.perf_counter() - start
-            window_samples += samples
-            if self.rate_name:
-                row[self.rate_name] = window_samples / max(1e-9, time.perf_counter() - window_start)
-            bar.update(
-                self.step, self.train_seconds - seconds_at_start, self.train_seconds, **self.postfix(row)
-            )
-            logged, stop = self._after_step(row)
-            if logged:
-                window_samples, window_start = 0, time.perf_counter()
-            if stop:
-                stop_reason = stop
-                break
-        bar.close()
-        self.save()
+        try:
+            while self.step < t.max_steps:
+                start = time.perf_counter()
+                row, samples = self.train_step()
+                self.step += 1
+                self.samples_seen += samples
+                self.train_seconds += time.perf_counter() - start
+                window_samples += samples
+                if self.rate_name:
+                    row[self.rate_name] = window_samples / max(1e-9, time.perf_counter() - window_start)
+                bar.update(
+                    self.step, self.train_seconds - seconds_at_start, self.train_seconds, **self.postfix(row)
+                )
+                logged, stop = self._after_step(row)
+                if logged:
+                    window_samples, window_start = 0, time.perf_counter()
+                if stop:
+                    stop_reason = stop
+                    break
+            bar.close()
+            self.save()
+        except (WriteError, DataError) as e:  # a full disk, an image unreadable mid-run: say how to go on
+            add_hint(e, self.resume_hint())
+            raise
+        finally:
+            bar.close()
         self.metrics.close()
         summary = self.summary(stop_reason)
         self.log(f"done: {json.dumps(summary)}")
@@ -169,14 +176,26 @@ class Trainer:
             "config": asdict(self.cfg),
         }
 
+    def resume_hint(self) -> str:
+        """Where a run that failed mid-way stands: the checkpoint `--resume` would continue from."""
+        found = list_checkpoints(self.out) if self.main else []
+        where = f"the run stopped after {self.step_name} {self.step}"
+        if not found:
+            return f"{where}, before its first checkpoint: start it again (with --train.overwrite true)"
+        return f"{where}: once that is fixed, continue it from {found[-1].name} with --resume"
+
     def save(self, best: bool = False) -> None:
         """`best` (weights only) or `checkpoint-STEP`, written atomically; older checkpoints pruned."""
         state = None if best else self.checkpoint_state()
         save_checkpoint(self.out, self.step, self.write_model, state, self.cfg.train.keep_last)
 
     def restore_counters(self, path: Path, state: dict[str, Any]) -> None:
-        """The counters and RNG of a checkpoint (a counter an older checkpoint lacks keeps its start value)."""
+        """The counters and RNG of a checkpoint (a counter an older checkpoint lacks keeps its start value);
+        metrics rows after its step, which the resumed run records again, are dropped."""
         for key in self.COUNTERS:
             setattr(self, key, state.get(key, getattr(self, key)))
         set_rng_state(state["rng"])
         self.log(f"resumed from {path} at {self.step_name} {self.step}")
+        dropped = trim_metrics(self.out / "metrics.jsonl", self.step) if self.main else 0
+        if dropped:
+            self.log(f"metrics.jsonl: dropped {dropped} rows after {self.step_name} {self.step} (redone now)")
