@@ -564,3 +564,25 @@ def test_push_refuses_a_directory_that_is_not_a_checkpoint(tmp_path, fake_hub):
 def test_readme_documents_loading_without_gpt2mm():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert "trust_remote_code=True" in readme and "gpt2mm push" in readme
+
+
+def test_push_keeps_a_checkpoints_manifest_true(saved, fake_hub, tmp_path):
+    """push refreshes the code and card in place; a checkpoint that carries a manifest must still verify after
+    it (and a damaged one is not published)."""
+    import shutil
+
+    from gpt2mm.errors import DamagedFileError
+    from gpt2mm.outputs import verify_manifest, write_manifest
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(saved, ckpt)
+    write_manifest(ckpt)
+    hub.push(ckpt, "me/tiny-vqa", token="x", log=lambda *_: None)
+    assert verify_manifest(ckpt)
+    with open(ckpt / "model.safetensors", "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(DamagedFileError, match="model.safetensors"):
+        hub.push(ckpt, "me/tiny-vqa", token="x", log=lambda *_: None)

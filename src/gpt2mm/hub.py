@@ -552,8 +552,13 @@ def push(
     token = token or get_token()
     if not token:
         raise UsageError("no Hugging Face token: log in with `hf auth login` or set HF_TOKEN")
+    from gpt2mm.outputs import verify_manifest, write_manifest
+
+    had_manifest = verify_manifest(path)  # a damaged checkpoint is not published
     write_remote_code(path)
     write_model_card(path, repo_id=repo_id)
+    if had_manifest:
+        write_manifest(path)  # the refreshed code and card, so the folder still verifies
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
