@@ -169,13 +169,19 @@ def save_model(
 
         text = yaml.safe_dump(_plain(recipe), sort_keys=False)
         (path / RECIPE_FILE).write_text(f"# the configuration of the run that wrote this checkpoint\n{text}")
-    about = {"stage": stage, "vision_backbone": vision_backbone, "text_backbone": text_backbone}
+    about: dict[str, Any] = {
+        "stage": stage,
+        "vision_backbone": vision_backbone,
+        "text_backbone": text_backbone,
+    }
     if init_from is not None:
         about["init_from"] = str(init_from)
         parent = read_card_about(Path(init_from))
-        for key in ("vision_backbone", "text_backbone"):
-            if about[key] is None:
+        for key in ("vision_backbone", "text_backbone", "random_init"):
+            if about.get(key) is None:
                 about[key] = parent.get(key)
+    elif vision_backbone is None and text_backbone is None:
+        about["random_init"] = True
     model_card(path, about=about).save(path / CARD_FILE)
 
 
@@ -419,6 +425,11 @@ def model_card(path: str | os.PathLike, repo_id: str | None = None, about: Mappi
         **{PACKAGE: about} if about else {},
     )
 
+    no_backbones = (
+        "none: random initial weights"
+        if about.get("random_init")
+        else "not recorded (it continued a checkpoint without a gpt2mm card)"
+    )
     n_params = _count_parameters(path)
     image_tokens = _num_image_tokens(config)
     model_rows = [
@@ -439,7 +450,7 @@ def model_card(path: str | os.PathLike, repo_id: str | None = None, about: Mappi
             f"context {text.get('n_positions')} tokens",
         ),
         ("image tokens", f"{image_tokens} per image, fusion `{config.get('fusion', 'add')}`"),
-        ("backbones", ", ".join(b for b in backbones if b) or "none: random initial weights"),
+        ("backbones", ", ".join(b for b in backbones if b) or no_backbones),
     ]
     if n_params is not None:
         model_rows.append(("parameters", f"{n_params / 1e6:.1f} M"))
