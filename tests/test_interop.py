@@ -326,7 +326,7 @@ def remote(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("remote")
     model, processor = wide_tiny_model()
     path = tmp / "checkpoint"
-    save_model(model, processor, path, stage="init")
+    save_model(model, processor, path, stage="init", random_init=True)
     paths = []
     for i, im in enumerate([*IMAGES, make_image(12, 48)]):
         paths.append(str(tmp / f"im{i}.png"))

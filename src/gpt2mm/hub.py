@@ -154,12 +154,14 @@ def save_model(
     vision_backbone: str | None = None,
     text_backbone: str | None = None,
     init_from: str | os.PathLike | None = None,
+    random_init: bool = False,
 ) -> None:
     """Write a self-contained checkpoint into `path`: the weights (`state_dict`, if given, instead of the
     model's own), the processor (with its chat template), the remote code and `auto_map`, the recipe of the
     run (`recipe`, as recipe.yaml) and a model card. What made it goes into the card: `stage` (init,
-    convert-seed, sft, ppo, reward), the pretrained backbones (hub ids or directories, None for random
-    weights), and `init_from`, the checkpoint it continued (whose card's backbones it inherits)."""
+    convert-seed, sft, ppo, reward), the pretrained backbones (hub ids or directories), `random_init` (it
+    started from random weights instead), or `init_from`, the checkpoint it continued (whose card's
+    backbones it inherits)."""
     path = Path(path)
     model.save_pretrained(path, **({"state_dict": state_dict} if state_dict is not None else {}))
     processor.save_pretrained(path)
@@ -180,7 +182,7 @@ def save_model(
         for key in ("vision_backbone", "text_backbone", "random_init"):
             if about.get(key) is None:
                 about[key] = parent.get(key)
-    elif vision_backbone is None and text_backbone is None:
+    elif random_init:
         about["random_init"] = True
     model_card(path, about=about).save(path / CARD_FILE)
 
@@ -214,7 +216,7 @@ def recipe_provenance(model_cfg: Any) -> dict[str, Any]:
     if getattr(model_cfg, "init_from", None):
         return {"init_from": model_cfg.init_from}
     vision, text = preset_backbones(model_cfg.preset, getattr(model_cfg, "pretrained", None))
-    return {"vision_backbone": vision, "text_backbone": text}
+    return {"vision_backbone": vision, "text_backbone": text, "random_init": vision is None}
 
 
 # --- the model card --------------------------------------------------------------------------------------
@@ -425,11 +427,12 @@ def model_card(path: str | os.PathLike, repo_id: str | None = None, about: Mappi
         **{PACKAGE: about} if about else {},
     )
 
-    no_backbones = (
-        "none: random initial weights"
-        if about.get("random_init")
-        else "not recorded (it continued a checkpoint without a gpt2mm card)"
-    )
+    if about.get("random_init"):
+        no_backbones = "none: random initial weights"
+    elif about.get("init_from"):
+        no_backbones = "not recorded (it continued a checkpoint without a gpt2mm card)"
+    else:
+        no_backbones = "not recorded"
     n_params = _count_parameters(path)
     image_tokens = _num_image_tokens(config)
     model_rows = [
