@@ -14,7 +14,7 @@ Every model gpt2mm writes (`init`, `convert-seed`, `train`, `ppo`, `reward`, and
 
   load the checkpoint, and `generate` answers token for token as `gpt2mm ask` does (a test checks it in a
   process where gpt2mm cannot be imported). Where gpt2mm is installed, its own registered classes load the
-  checkpoint as before (transformers prefers them unless `trust_remote_code=True`).
+  checkpoint as before (transformers takes them where `trust_remote_code=True` is not given).
 - README.md, a model card (`model_card`): backbones, data, recipe, metrics of the run that made it, and a
   usage snippet that runs without gpt2mm.
 - recipe.yaml, for checkpoints of a run: the run's whole configuration.
@@ -430,7 +430,7 @@ def model_card(path: str | os.PathLike, repo_id: str | None = None, about: Mappi
     if about.get("random_init"):
         no_backbones = "none: random initial weights"
     elif about.get("init_from"):
-        no_backbones = "not recorded (it continued a checkpoint without a gpt2mm card)"
+        no_backbones = "not recorded (the checkpoint it continued does not name them)"
     else:
         no_backbones = "not recorded"
     n_params = _count_parameters(path)
