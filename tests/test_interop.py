@@ -326,7 +326,7 @@ def remote(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("remote")
     model, processor = wide_tiny_model()
     path = tmp / "checkpoint"
-    save_model(model, processor, path, stage="init")
+    save_model(model, processor, path, stage="init", random_init=True)
     paths = []
     for i, im in enumerate([*IMAGES, make_image(12, 48)]):
         paths.append(str(tmp / f"im{i}.png"))
@@ -463,7 +463,9 @@ def test_model_card_reads_the_run(tmp_path, tiny_pair):
     from gpt2mm.train.args import load_config
     from gpt2mm.train.config import SFTConfig
 
-    cfg = load_config(SFTConfig, None, ["--data.format", "hf", "--data.hf_dataset", "x/y", "--train.lr", "3e-4"])
+    cfg = load_config(
+        SFTConfig, None, ["--data.format", "hf", "--data.hf_dataset", "x/y", "--train.lr", "3e-4"]
+    )
     hub.save_model(model, processor, tmp_path / "rt", stage="sft", recipe=asdict(cfg))
     assert load_config(SFTConfig, tmp_path / "rt" / "recipe.yaml", []) == cfg
     # a checkpoint trained from this one inherits its backbones
@@ -478,7 +480,8 @@ def test_init_writes_a_self_contained_checkpoint(tmp_path, capsys):
     names = {p.name for p in out.iterdir()}
     assert set(hub.remote_code()) <= names and {"README.md", "chat_template.jinja"} <= names
     assert "auto_map" in json.loads((out / "config.json").read_text())
-    assert "gpt2mm init" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "gpt2mm init" in card and "| backbones | none: random initial weights |" in card
 
 
 # --- gpt2mm push ----------------------------------------------------------------------------------------------
@@ -539,6 +542,7 @@ def test_push_uploads_the_checkpoint_and_its_card(saved, fake_hub, capsys):
     card = files["README.md"].decode()
     assert 'model_id = "me/tiny-vqa"' in card and hub.LOCAL_MODEL_ID not in card
     assert card_snippet(card) == hub.usage_snippet("me/tiny-vqa") + "\n"
+    assert "gpt2mm train" in card  # the card keeps what the checkpoint's own card said made it
     assert "https://huggingface.co/me/tiny-vqa/commit/1" in capsys.readouterr().out
 
 

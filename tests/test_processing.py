@@ -84,7 +84,7 @@ def test_init_command_writes_a_loadable_model(tmp_path, capsys):
     ).to_dict() | {
         k: v
         for k, v in model.config.to_dict().items()
-        if k in ("architectures", "transformers_version", "dtype")
+        if k in ("architectures", "transformers_version", "dtype", "auto_map")  # auto_map: gpt2mm.hub
     }
     with pytest.raises(SystemExit):  # never writes over what is there
         main(["init", "--preset", "tiny", str(out)])

@@ -73,6 +73,12 @@ def test_stage1_smoke_moves_trainable_keeps_frozen_and_writes_checkpoints(world,
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert sum("val_accuracy" in r for r in rows) == 2
+    # each checkpoint stands alone (gpt2mm.hub): the model's code, a card with the run's metrics, the recipe
+    card = (out / "checkpoint-6" / "README.md").read_text()
+    assert "gpt2mm train" in card and "| best_val_accuracy |" in card and f"`{init}`" in card
+    assert (out / "checkpoint-6" / "modeling_gpt2mm.py").is_file() and (
+        out / "best" / "recipe.yaml"
+    ).is_file()
 
 
 CURRICULUM = ["--data.difficulty", "objects", "--train.curriculum_steps", "4", "--data.pack_questions", "3"]

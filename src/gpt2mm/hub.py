@@ -14,7 +14,7 @@ Every model gpt2mm writes (`init`, `convert-seed`, `train`, `ppo`, `reward`, and
 
   load the checkpoint, and `generate` answers token for token as `gpt2mm ask` does (a test checks it in a
   process where gpt2mm cannot be imported). Where gpt2mm is installed, its own registered classes load the
-  checkpoint as before (transformers prefers them unless `trust_remote_code=True`).
+  checkpoint as before (transformers takes them where `trust_remote_code=True` is not given).
 - README.md, a model card (`model_card`): backbones, data, recipe, metrics of the run that made it, and a
   usage snippet that runs without gpt2mm.
 - recipe.yaml, for checkpoints of a run: the run's whole configuration.
@@ -154,12 +154,14 @@ def save_model(
     vision_backbone: str | None = None,
     text_backbone: str | None = None,
     init_from: str | os.PathLike | None = None,
+    random_init: bool = False,
 ) -> None:
     """Write a self-contained checkpoint into `path`: the weights (`state_dict`, if given, instead of the
     model's own), the processor (with its chat template), the remote code and `auto_map`, the recipe of the
     run (`recipe`, as recipe.yaml) and a model card. What made it goes into the card: `stage` (init,
-    convert-seed, sft, ppo, reward), the pretrained backbones (hub ids or directories, None for random
-    weights), and `init_from`, the checkpoint it continued (whose card's backbones it inherits)."""
+    convert-seed, sft, ppo, reward), the pretrained backbones (hub ids or directories), `random_init` (it
+    started from random weights instead), or `init_from`, the checkpoint it continued (whose card's
+    backbones it inherits)."""
     path = Path(path)
     model.save_pretrained(path, **({"state_dict": state_dict} if state_dict is not None else {}))
     processor.save_pretrained(path)
@@ -169,13 +171,19 @@ def save_model(
 
         text = yaml.safe_dump(_plain(recipe), sort_keys=False)
         (path / RECIPE_FILE).write_text(f"# the configuration of the run that wrote this checkpoint\n{text}")
-    about = {"stage": stage, "vision_backbone": vision_backbone, "text_backbone": text_backbone}
+    about: dict[str, Any] = {
+        "stage": stage,
+        "vision_backbone": vision_backbone,
+        "text_backbone": text_backbone,
+    }
     if init_from is not None:
         about["init_from"] = str(init_from)
         parent = read_card_about(Path(init_from))
-        for key in ("vision_backbone", "text_backbone"):
-            if about[key] is None:
+        for key in ("vision_backbone", "text_backbone", "random_init"):
+            if about.get(key) is None:
                 about[key] = parent.get(key)
+    elif random_init:
+        about["random_init"] = True
     model_card(path, about=about).save(path / CARD_FILE)
 
 
@@ -208,7 +216,7 @@ def recipe_provenance(model_cfg: Any) -> dict[str, Any]:
     if getattr(model_cfg, "init_from", None):
         return {"init_from": model_cfg.init_from}
     vision, text = preset_backbones(model_cfg.preset, getattr(model_cfg, "pretrained", None))
-    return {"vision_backbone": vision, "text_backbone": text}
+    return {"vision_backbone": vision, "text_backbone": text, "random_init": vision is None}
 
 
 # --- the model card --------------------------------------------------------------------------------------
@@ -419,6 +427,12 @@ def model_card(path: str | os.PathLike, repo_id: str | None = None, about: Mappi
         **{PACKAGE: about} if about else {},
     )
 
+    if about.get("random_init"):
+        no_backbones = "none: random initial weights"
+    elif about.get("init_from"):
+        no_backbones = "not recorded (the checkpoint it continued does not name them)"
+    else:
+        no_backbones = "not recorded"
     n_params = _count_parameters(path)
     image_tokens = _num_image_tokens(config)
     model_rows = [
@@ -439,7 +453,7 @@ def model_card(path: str | os.PathLike, repo_id: str | None = None, about: Mappi
             f"context {text.get('n_positions')} tokens",
         ),
         ("image tokens", f"{image_tokens} per image, fusion `{config.get('fusion', 'add')}`"),
-        ("backbones", ", ".join(b for b in backbones if b) or "none: random initial weights"),
+        ("backbones", ", ".join(b for b in backbones if b) or no_backbones),
     ]
     if n_params is not None:
         model_rows.append(("parameters", f"{n_params / 1e6:.1f} M"))

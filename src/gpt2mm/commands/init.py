@@ -35,7 +35,15 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from e
     vision, text = preset_backbones(args.preset, args.pretrained)
-    save_model(model, processor, out, stage="init", vision_backbone=vision, text_backbone=text)
+    save_model(
+        model,
+        processor,
+        out,
+        stage="init",
+        vision_backbone=vision,
+        text_backbone=text,
+        random_init=vision is None,
+    )
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.preset} model ({n / 1e6:.1f}M parameters) and processor to {out}")
     return 0

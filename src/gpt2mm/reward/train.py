@@ -476,9 +476,8 @@ class RewardTrainer:
         """DIR, atomically: the reward model, its processor, metrics.json; then the report."""
 
         def write(tmp: Path) -> None:
-            (tmp / "metrics.json").write_text(
-                json.dumps(metrics, indent=2) + "\n"
-            )  # first: the card reads it
+            # metrics.json first: the model card reads it
+            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
             self.reward.write_files(tmp, base=self.cfg.base)
 
         out = Path(self.cfg.out)
