@@ -231,7 +231,11 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         yield
         await asyncio.to_thread(batcher.stop)
 
-    app = FastAPI(title="gpt2mm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="gpt2mm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json"
+    )
+    document = openapi_document(settings)
+    app.openapi = lambda: document  # type: ignore[method-assign]  (FastAPI cannot infer it: see below)
     app.state.engine = engine
     app.state.batcher = batcher
     app.state.settings = settings
@@ -241,6 +245,77 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     app.add_api_route("/v1/models", models, methods=["GET"])
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
     return app
+
+
+def openapi_document(settings: ServerSettings) -> dict[str, Any]:
+    """The API as OpenAPI 3.1 (`GET /openapi.json`), with this server's limits: the request schema is the
+    one `parse_request` validates with, narrowed by the settings (`max_tokens`, `n`, at most 4 stops, no
+    logprobs), and every status an operation may answer is listed, errors in OpenAI's shape."""
+    from gpt2mm import __version__
+    from gpt2mm.openapi import components, document, errors, json_content
+    from gpt2mm.serve.schema import ChatCompletion, ChatRequest, Health, ModelList
+
+    refs, schemas = components([ChatRequest], [ChatCompletion, ModelList, Health])
+    props = schemas["ChatRequest"]["properties"]
+    for name in ("max_tokens", "max_completion_tokens"):
+        props[name]["anyOf"][0]["maximum"] = settings.max_tokens_limit
+    props["n"]["maximum"] = min(settings.max_n, settings.max_batch_size)
+    props["stop"]["anyOf"][0]["oneOf"][1]["maxItems"] = 4
+    unsupported = "not supported by this server: anything but this is a 400"
+    props["logprobs"] = {"anyOf": [{"const": False}, {"type": "null"}], "description": unsupported}
+    props["top_logprobs"] = {"type": "null", "description": unsupported}
+
+    def operation(summary: str, ok: dict[str, Any], keyed: bool, **more: Any) -> dict[str, Any]:
+        """An operation: its 200 and more responses; where `keyed` and the server has a key, a 401 too."""
+        responses = {"200": ok, **more.pop("responses", {})}
+        if keyed and settings.api_key is not None:
+            more["security"] = [{"bearer": []}]
+            responses.update(errors(refs, _401="missing or incorrect API key"))
+        return {"summary": summary, **more, "responses": responses}
+
+    busy = errors(refs, _503="the queue is full: retry after Retry-After seconds")
+    busy["503"]["headers"] = {"Retry-After": {"schema": {"type": "integer", "minimum": 0}, "required": True}}
+    answer = {
+        "description": "the answer, whole or as server-sent events (`stream`)",
+        "content": {
+            **json_content(refs["ChatCompletion"]),
+            "text/event-stream": {"schema": {"type": "string"}},
+        },
+    }
+    failures = errors(
+        refs,
+        _400="invalid JSON, fields, images or conversation; a prompt over the context",
+        _404="`model` names another model than the served one",
+        _413=f"the body is over {settings.max_body_bytes} bytes",
+        _500="generation failed",
+    )
+    html = {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}
+    paths = {
+        "/v1/chat/completions": {
+            "post": operation(
+                "answer a conversation about images (OpenAI's chat completions)",
+                answer,
+                keyed=True,
+                requestBody={"required": True, "content": json_content(refs["ChatRequest"])},
+                responses={**failures, **busy},
+            )
+        },
+        "/v1/models": {
+            "get": operation(
+                "the served model", {"description": "one", "content": json_content(refs["ModelList"])}, True
+            )
+        },
+        "/health": {
+            "get": operation(
+                "up, which model, how many requests wait (no key needed)",
+                {"description": "up", "content": json_content(refs["Health"])},
+                keyed=False,
+            )
+        },
+        "/": {"get": operation("the chat page", html, keyed=False)},
+    }
+    security = {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}
+    return document("gpt2mm", __version__, paths, schemas, **(security if settings.api_key else {}))
 
 
 def add_error_handlers(app: FastAPI) -> None:

@@ -35,6 +35,7 @@ from pydantic import (
 )
 
 from gpt2mm.data.samples import IMAGE_PLACEHOLDER
+from gpt2mm.openapi import error_body  # noqa: F401  (the error shape, shared with the tagging app)
 
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 
@@ -61,10 +62,6 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.param, self.code)
-
-
-def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 class _Model(BaseModel):
@@ -264,3 +261,54 @@ def messages_to_turns(messages: list[Message]) -> tuple[list[tuple[str, str, int
                 code="empty_question",
             )
     return turns, urls
+
+
+# --- what the server answers (documented in its OpenAPI document: `gpt2mm.serve.api.openapi_document`) ----------
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None
+    finish_reason: Literal["stop", "length", "cancelled"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    """A non-streamed answer (a streamed one is server-sent events of `chat.completion.chunk` objects)."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    system_fingerprint: None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    model: str
+    queue: int

@@ -17,7 +17,8 @@ connection (WAL, busy timeout). An item is done once anyone tags it correct or i
 off that tagger's list only. With `--reward-model`, every open item is scored at start and the next item is
 the one the reward model is least sure about (`store.tagging_order`); without, insertion order.
 
-Endpoints (JSON; errors are 4xx `{"error": {"message", "type"}}` naming what was wrong):
+Endpoints (JSON; errors are 4xx `{"error": {"message", "type", "param", "code"}}`, OpenAI's shape, naming what
+was wrong; the OpenAPI document is at `/openapi.json`):
 `GET /api/next?tagger=NAME`, `POST /api/tag {item_id, tagger, label}`, `POST /api/undo {tagger}`,
 `POST /api/release {tagger}`, `GET /api/stats[?tagger=NAME]`, `GET /images/{item_id}` (only the image of
 an item in the database: no path ever comes from the request), and the page at `/`.
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 
 MAX_TAGGER_CHARS = 64
 MAX_BODY_BYTES = 64 * 1024
+MAX_ITEM_ID = 2**63 - 1  # SQLite's largest integer
 
 
 @dataclass
@@ -179,22 +181,31 @@ def score_items(
 
 
 class TagError(Exception):
-    """A request the app refuses: becomes `{"error": {"message", "type"}}` with this status."""
+    """A request the app refuses: becomes `{"error": {"message", "type", "param", "code"}}` with this status."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error") -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
-        self.status, self.message, self.type = status, message, type
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
 
 def clean_tagger(value: Any, where: str = "tagger") -> str:
     """A tagger's name: a non-empty string of at most 64 printable characters (stripped)."""
     if not isinstance(value, str) or not value.strip():
-        raise TagError(400, f"{where}: give the tagger's name (a non-empty string)")
+        raise TagError(400, f"{where}: give the tagger's name (a non-empty string)", param="tagger")
     name = value.strip()
     if len(name) > MAX_TAGGER_CHARS:
-        raise TagError(400, f"{where}: the name is {len(name)} characters; at most {MAX_TAGGER_CHARS}")
+        raise TagError(
+            400, f"{where}: the name is {len(name)} characters; at most {MAX_TAGGER_CHARS}", param="tagger"
+        )
     if any(unicodedata.category(c).startswith("C") for c in name):
-        raise TagError(400, f"{where}: the name holds control characters")
+        raise TagError(400, f"{where}: the name holds control characters", param="tagger")
     return name
 
 
@@ -217,7 +228,11 @@ def create_app(db_path: str | Path, settings: TagSettings | None = None) -> Fast
     settings = settings or TagSettings()
     db_path = Path(db_path)
     store.open_db(db_path).close()  # the schema and WAL mode, once; requests then use plain connections
-    app = FastAPI(title="gpt2mm tag", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="gpt2mm tag", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+    from gpt2mm.tag.schema import openapi_document
+
+    document = openapi_document()
+    app.openapi = lambda: document  # type: ignore[method-assign]
     app.state.settings = settings
     app.state.db_path = db_path
     add_error_handlers(app)
@@ -232,13 +247,13 @@ def create_app(db_path: str | Path, settings: TagSettings | None = None) -> Fast
 
 
 def add_error_handlers(app: FastAPI) -> None:
-    """Every error as `{"error": {"message", "type"}}`: ours (`TagError`), routing (404, 405), request
-    validation (400) and anything unexpected (500, logged)."""
+    """Every error as `{"error": {"message", "type", "param", "code"}}`: ours (`TagError`), routing (404,
+    405), request validation (400) and anything unexpected (500, logged)."""
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     async def tag_error(request: Request, e: TagError) -> JSONResponse:
-        return error_response(e.status, e.message, e.type)
+        return error_response(e.status, e.message, e.type, e.param, e.code)
 
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
@@ -257,8 +272,16 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, server_error)
 
 
-def error_response(status: int, message: str, type: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type}}, status_code=status)
+def error_response(
+    status: int,
+    message: str,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> JSONResponse:
+    from gpt2mm.openapi import error_body
+
+    return JSONResponse(error_body(message, type, param, code), status_code=status)
 
 
 async def db(request: Request, fn: Callable[..., Any], *args: Any) -> Any:
@@ -278,19 +301,22 @@ async def db(request: Request, fn: Callable[..., Any], *args: Any) -> Any:
 async def json_body(request: Request) -> dict[str, Any]:
     """The body as a JSON object: 413 over `MAX_BODY_BYTES` (declared or sent), 400 when not an object."""
     declared = request.headers.get("content-length")
+    too_large = TagError(
+        413, f"the request body is over the limit of {MAX_BODY_BYTES} bytes", code="body_too_large"
+    )
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise TagError(413, f"the request body is over the limit of {MAX_BODY_BYTES} bytes")
+        raise too_large
     body = bytearray()
     async for piece in request.stream():
         body += piece
         if len(body) > MAX_BODY_BYTES:
-            raise TagError(413, f"the request body is over the limit of {MAX_BODY_BYTES} bytes")
+            raise too_large
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):
-        raise TagError(400, "the body is not valid JSON") from None
+        raise TagError(400, "the body is not valid JSON", code="invalid_json") from None
     if not isinstance(data, dict):
-        raise TagError(400, "the body must be a JSON object")
+        raise TagError(400, "the body must be a JSON object", code="invalid_type")
     return data
 
 
@@ -310,7 +336,13 @@ def tag_and_count(conn: Any, item_id: int, tagger: str, label: str) -> dict[str,
     try:
         store.tag_item(conn, item_id, tagger, label)
     except LookupError:
-        raise TagError(404, f"item_id: no item {item_id} in this database", "not_found_error") from None
+        raise TagError(
+            404,
+            f"item_id: no item {item_id} in this database",
+            "not_found_error",
+            "item_id",
+            "item_not_found",
+        ) from None
     return {"item_id": item_id, "tagger": tagger, "label": label, "stats": store.tag_stats(conn, tagger)}
 
 
@@ -318,7 +350,7 @@ def undo_for(conn: Any, tagger: str, claim_s: float) -> dict[str, Any]:
     """Take back the tagger's last tag, its item claimed by them again; 404 when there is none."""
     item = store.undo_last(conn, tagger, time.time(), claim_s)
     if item is None:
-        raise TagError(404, f"tagger {tagger!r} has no tag to undo", "not_found_error")
+        raise TagError(404, f"tagger {tagger!r} has no tag to undo", "not_found_error", "tagger", "no_tag")
     return {"item": item_json(item), "stats": store.tag_stats(conn, tagger)}
 
 
@@ -326,10 +358,18 @@ def image_of(conn: Any, item_id: int) -> Path:
     """The image file of an item in the database; 404 for an unknown item or a file gone missing."""
     item = store.get_item(conn, item_id)
     if item is None:
-        raise TagError(404, f"no item {item_id} in this database", "not_found_error")
+        raise TagError(
+            404, f"no item {item_id} in this database", "not_found_error", "item_id", "item_not_found"
+        )
     path = Path(item.image)
     if not path.is_file():
-        raise TagError(404, f"the image of item {item_id} is missing on the server", "not_found_error")
+        raise TagError(
+            404,
+            f"the image of item {item_id} is missing on the server",
+            "not_found_error",
+            "item_id",
+            "image_missing",
+        )
     return path
 
 
@@ -354,11 +394,17 @@ async def api_tag(request: Request) -> dict[str, Any]:
     body = await json_body(request)
     item_id = body.get("item_id")
     if not isinstance(item_id, int) or isinstance(item_id, bool):
-        raise TagError(400, f"item_id: expected an integer item id, got {item_id!r:.40}")
+        raise TagError(400, f"item_id: expected an integer item id, got {item_id!r:.40}", param="item_id")
+    if not 1 <= item_id <= MAX_ITEM_ID:  # SQLite's integers are 64-bit: a larger one would be a 500
+        raise TagError(
+            400, f"item_id: {str(item_id)[:40]} is not an item id (1 to {MAX_ITEM_ID})", param="item_id"
+        )
     tagger = clean_tagger(body.get("tagger"))
     label = body.get("label")
     if label not in store.LABELS:
-        raise TagError(400, f"label: expected one of {', '.join(store.LABELS)}, got {label!r:.40}")
+        raise TagError(
+            400, f"label: expected one of {', '.join(store.LABELS)}, got {label!r:.40}", param="label"
+        )
     return await db(request, tag_and_count, item_id, tagger, label)
 
 
@@ -385,7 +431,9 @@ async def api_stats(request: Request) -> dict[str, Any]:
 async def image(request: Request, item_id: str) -> FileResponse:
     """`GET /images/{item_id}`: the image of an item in the database; no path ever comes from the request."""
     if not (item_id.isascii() and item_id.isdigit() and len(item_id) <= 18):
-        raise TagError(404, f"no image {item_id!r:.40}: images are addressed by item id", "not_found_error")
+        raise TagError(
+            404, f"no image {item_id!r:.40}: images are addressed by item id", "not_found_error", "item_id"
+        )
     path = await db(request, image_of, int(item_id))
     return FileResponse(path, headers={"Cache-Control": "private, max-age=3600"})
 

@@ -200,10 +200,13 @@ def load_resume_checkpoint(
             note = ""
             if set_aside:
                 aside = candidate.with_name(candidate.name + ".damaged")
-                if aside.exists():
-                    shutil.rmtree(aside)
-                candidate.rename(aside)
-                note = f"; set aside as {aside.name}"
+                try:
+                    if aside.exists():
+                        shutil.rmtree(aside)
+                    candidate.rename(aside)
+                    note = f"; set aside as {aside.name}"
+                except OSError as error:
+                    note = f"; could not set it aside as {aside.name} ({error.strerror or error})"
             log(f"--resume: skipped {candidate.name}: {e}{note}")
     raise DamagedFileError(
         f"--resume: none of the {len(found)} checkpoints in {run_dir} verifies (see the lines above)"
