@@ -10,6 +10,7 @@ every status it may answer. Every error, in both apps, has OpenAI's shape:
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -34,6 +35,60 @@ class ErrorResponse(BaseModel):
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class APIError(Exception):
+    """A request either app refuses: answered as `error_body(...)` with an HTTP status (and headers, such as
+    a 503's Retry-After)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def add_error_handlers(app: Any, log: logging.Logger) -> None:
+    """Every error of a FastAPI `app` in OpenAI's shape, never a bare 500 page: ours (`APIError`), routing
+    (404, 405), request validation (400) and anything unexpected (500, logged to `log`)."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    async def api_error(request: Any, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    async def http_error(request: Any, e: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(
+            error_body(str(e.detail), kind), status_code=e.status_code, headers=getattr(e, "headers", None)
+        )
+
+    async def validation_error(request: Any, e: RequestValidationError) -> JSONResponse:
+        return JSONResponse(error_body("invalid request", "invalid_request_error"), status_code=400)
+
+    async def server_error(request: Any, e: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return JSONResponse(error_body("internal server error", "server_error"), status_code=500)
+
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, server_error)
 
 
 def components(

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from gpt2mm.errors import DataError
+from gpt2mm.openapi import add_error_handlers
 from gpt2mm.serve.batching import Batcher, QueueFull
 from gpt2mm.serve.engine import Engine, GenerationRequest, SamplingParams
 
@@ -239,7 +240,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     app.state.engine = engine
     app.state.batcher = batcher
     app.state.settings = settings
-    add_error_handlers(app)
+    add_error_handlers(app, log)
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/", index, methods=["GET"], response_class=HTMLResponse)
     app.add_api_route("/v1/models", models, methods=["GET"])
@@ -316,36 +317,6 @@ def openapi_document(settings: ServerSettings) -> dict[str, Any]:
     }
     security = {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}
     return document("gpt2mm", __version__, paths, schemas, **(security if settings.api_key else {}))
-
-
-def add_error_handlers(app: FastAPI) -> None:
-    """Every error as an OpenAI-shaped body (`gpt2mm.serve.schema.error_body`), never a bare 500 page:
-    ours (`APIError`), routing (404, 405), request validation (400) and anything unexpected (500, logged)."""
-    from fastapi.exceptions import RequestValidationError
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
-    from gpt2mm.serve.schema import APIError, error_body
-
-    async def api_error(request: Request, e: APIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return JSONResponse(
-            error_body(str(e.detail), kind), status_code=e.status_code, headers=getattr(e, "headers", None)
-        )
-
-    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
-        return JSONResponse(error_body("invalid request", "invalid_request_error"), status_code=400)
-
-    async def server_error(request: Request, e: Exception) -> JSONResponse:
-        log.exception("unexpected error")
-        return JSONResponse(error_body("internal server error", "server_error"), status_code=500)
-
-    app.add_exception_handler(APIError, api_error)
-    app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(Exception, server_error)
 
 
 def check_auth(request: Request, settings: ServerSettings) -> None:

@@ -35,33 +35,9 @@ from pydantic import (
 )
 
 from gpt2mm.data.samples import IMAGE_PLACEHOLDER
-from gpt2mm.openapi import error_body  # noqa: F401  (the error shape, shared with the tagging app)
+from gpt2mm.openapi import APIError, error_body  # noqa: F401  (the error shape, shared with the tagging app)
 
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
-
-
-class APIError(Exception):
-    """An error answered as `{"error": {"message", "type", "param", "code"}}` with an HTTP status."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return error_body(self.message, self.type, self.param, self.code)
 
 
 class _Model(BaseModel):

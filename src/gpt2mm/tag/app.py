@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from gpt2mm.devices import pick_device
 from gpt2mm.errors import DataError, UsageError
+from gpt2mm.openapi import APIError, add_error_handlers
 from gpt2mm.tag import store
 
 try:  # optional: `pip install 'gpt2-multimodal[serve]'` (`gpt2mm tag` says so when they are missing)
@@ -180,32 +181,17 @@ def score_items(
 # --- the app -----------------------------------------------------------------------------------------------
 
 
-class TagError(Exception):
-    """A request the app refuses: becomes `{"error": {"message", "type", "param", "code"}}` with this status."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-
 def clean_tagger(value: Any, where: str = "tagger") -> str:
     """A tagger's name: a non-empty string of at most 64 printable characters (stripped)."""
     if not isinstance(value, str) or not value.strip():
-        raise TagError(400, f"{where}: give the tagger's name (a non-empty string)", param="tagger")
+        raise APIError(400, f"{where}: give the tagger's name (a non-empty string)", param="tagger")
     name = value.strip()
     if len(name) > MAX_TAGGER_CHARS:
-        raise TagError(
+        raise APIError(
             400, f"{where}: the name is {len(name)} characters; at most {MAX_TAGGER_CHARS}", param="tagger"
         )
     if any(unicodedata.category(c).startswith("C") for c in name):
-        raise TagError(400, f"{where}: the name holds control characters", param="tagger")
+        raise APIError(400, f"{where}: the name holds control characters", param="tagger")
     return name
 
 
@@ -235,7 +221,7 @@ def create_app(db_path: str | Path, settings: TagSettings | None = None) -> Fast
     app.openapi = lambda: document  # type: ignore[method-assign]
     app.state.settings = settings
     app.state.db_path = db_path
-    add_error_handlers(app)
+    add_error_handlers(app, log)
     app.add_api_route("/", index, methods=["GET"], response_class=HTMLResponse)
     app.add_api_route("/api/next", api_next, methods=["GET"])
     app.add_api_route("/api/tag", api_tag, methods=["POST"])
@@ -244,44 +230,6 @@ def create_app(db_path: str | Path, settings: TagSettings | None = None) -> Fast
     app.add_api_route("/api/stats", api_stats, methods=["GET"])
     app.add_api_route("/images/{item_id}", image, methods=["GET"])
     return app
-
-
-def add_error_handlers(app: FastAPI) -> None:
-    """Every error as `{"error": {"message", "type", "param", "code"}}`: ours (`TagError`), routing (404,
-    405), request validation (400) and anything unexpected (500, logged)."""
-    from fastapi.exceptions import RequestValidationError
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
-    async def tag_error(request: Request, e: TagError) -> JSONResponse:
-        return error_response(e.status, e.message, e.type, e.param, e.code)
-
-    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return error_response(e.status_code, str(e.detail), kind)
-
-    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
-        return error_response(400, "invalid request")
-
-    async def server_error(request: Request, e: Exception) -> JSONResponse:
-        log.exception("unexpected error")
-        return error_response(500, "internal server error", "server_error")
-
-    app.add_exception_handler(TagError, tag_error)
-    app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(Exception, server_error)
-
-
-def error_response(
-    status: int,
-    message: str,
-    type: str = "invalid_request_error",
-    param: str | None = None,
-    code: str | None = None,
-) -> JSONResponse:
-    from gpt2mm.openapi import error_body
-
-    return JSONResponse(error_body(message, type, param, code), status_code=status)
 
 
 async def db(request: Request, fn: Callable[..., Any], *args: Any) -> Any:
@@ -301,7 +249,7 @@ async def db(request: Request, fn: Callable[..., Any], *args: Any) -> Any:
 async def json_body(request: Request) -> dict[str, Any]:
     """The body as a JSON object: 413 over `MAX_BODY_BYTES` (declared or sent), 400 when not an object."""
     declared = request.headers.get("content-length")
-    too_large = TagError(
+    too_large = APIError(
         413, f"the request body is over the limit of {MAX_BODY_BYTES} bytes", code="body_too_large"
     )
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
@@ -314,9 +262,9 @@ async def json_body(request: Request) -> dict[str, Any]:
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):
-        raise TagError(400, "the body is not valid JSON", code="invalid_json") from None
+        raise APIError(400, "the body is not valid JSON", code="invalid_json") from None
     if not isinstance(data, dict):
-        raise TagError(400, "the body must be a JSON object", code="invalid_type")
+        raise APIError(400, "the body must be a JSON object", code="invalid_type")
     return data
 
 
@@ -332,11 +280,11 @@ def next_for(conn: Any, tagger: str, settings: TagSettings) -> dict[str, Any]:
 
 
 def tag_and_count(conn: Any, item_id: int, tagger: str, label: str) -> dict[str, Any]:
-    """Record the label; a `TagError` 404 for an item not in the database."""
+    """Record the label; a `APIError` 404 for an item not in the database."""
     try:
         store.tag_item(conn, item_id, tagger, label)
     except LookupError:
-        raise TagError(
+        raise APIError(
             404,
             f"item_id: no item {item_id} in this database",
             "not_found_error",
@@ -350,7 +298,7 @@ def undo_for(conn: Any, tagger: str, claim_s: float) -> dict[str, Any]:
     """Take back the tagger's last tag, its item claimed by them again; 404 when there is none."""
     item = store.undo_last(conn, tagger, time.time(), claim_s)
     if item is None:
-        raise TagError(404, f"tagger {tagger!r} has no tag to undo", "not_found_error", "tagger", "no_tag")
+        raise APIError(404, f"tagger {tagger!r} has no tag to undo", "not_found_error", "tagger", "no_tag")
     return {"item": item_json(item), "stats": store.tag_stats(conn, tagger)}
 
 
@@ -358,12 +306,12 @@ def image_of(conn: Any, item_id: int) -> Path:
     """The image file of an item in the database; 404 for an unknown item or a file gone missing."""
     item = store.get_item(conn, item_id)
     if item is None:
-        raise TagError(
+        raise APIError(
             404, f"no item {item_id} in this database", "not_found_error", "item_id", "item_not_found"
         )
     path = Path(item.image)
     if not path.is_file():
-        raise TagError(
+        raise APIError(
             404,
             f"the image of item {item_id} is missing on the server",
             "not_found_error",
@@ -394,15 +342,15 @@ async def api_tag(request: Request) -> dict[str, Any]:
     body = await json_body(request)
     item_id = body.get("item_id")
     if not isinstance(item_id, int) or isinstance(item_id, bool):
-        raise TagError(400, f"item_id: expected an integer item id, got {item_id!r:.40}", param="item_id")
+        raise APIError(400, f"item_id: expected an integer item id, got {item_id!r:.40}", param="item_id")
     if not 1 <= item_id <= MAX_ITEM_ID:  # SQLite's integers are 64-bit: a larger one would be a 500
-        raise TagError(
+        raise APIError(
             400, f"item_id: {str(item_id)[:40]} is not an item id (1 to {MAX_ITEM_ID})", param="item_id"
         )
     tagger = clean_tagger(body.get("tagger"))
     label = body.get("label")
     if label not in store.LABELS:
-        raise TagError(
+        raise APIError(
             400, f"label: expected one of {', '.join(store.LABELS)}, got {label!r:.40}", param="label"
         )
     return await db(request, tag_and_count, item_id, tagger, label)
@@ -431,7 +379,7 @@ async def api_stats(request: Request) -> dict[str, Any]:
 async def image(request: Request, item_id: str) -> FileResponse:
     """`GET /images/{item_id}`: the image of an item in the database; no path ever comes from the request."""
     if not (item_id.isascii() and item_id.isdigit() and len(item_id) <= 18):
-        raise TagError(
+        raise APIError(
             404, f"no image {item_id!r:.40}: images are addressed by item id", "not_found_error", "item_id"
         )
     path = await db(request, image_of, int(item_id))

@@ -167,18 +167,21 @@ def _grid_objects(rng: random.Random, n: int, banned: set, image_size: int) -> l
         color, shape = _pick_kind(rng, banned)
         size = rng.choice(SIZES)
         row, col = divmod(cell, GRID)
-        objects.append(
-            {
-                "shape": shape,
-                "color": color,
-                "size": size,
-                "row": row,
-                "col": col,
-                "position": position_name(row, col),
-                "bbox": _object_box(row, col, size, image_size),
-            }
-        )
+        objects.append(_record(shape, color, size, row, col, bbox=_object_box(row, col, size, image_size)))
     return objects
+
+
+def _record(shape: str, color: str, size: str, row: int, col: int, **more: Any) -> dict[str, Any]:
+    """An object record: what it is, the 3x3 cell or region it is in (with its name), then `more` fields."""
+    return {
+        "shape": shape,
+        "color": color,
+        "size": size,
+        "row": row,
+        "col": col,
+        "position": position_name(row, col),
+        **more,
+    }
 
 
 # --- the free layout ------------------------------------------------------------------------------------
@@ -246,18 +249,7 @@ def _free_object(
     """A free-layout object record (without its bbox): the grid's fields, "row", "col" and "position" naming
     the region that holds its centre, then the centre, extent and angle the rendering draws from."""
     row, col = region_of(x, y, image_size, image_size)
-    return {
-        "shape": shape,
-        "color": color,
-        "size": size,
-        "row": row,
-        "col": col,
-        "position": position_name(row, col),
-        "x": x,
-        "y": y,
-        "extent": extent,
-        "angle": angle,
-    }
+    return _record(shape, color, size, row, col, x=x, y=y, extent=extent, angle=angle)
 
 
 def _corners(shape: str, h: float) -> list[tuple[float, float]]:
