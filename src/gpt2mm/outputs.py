@@ -14,10 +14,10 @@ failed write, and a crash (SIGKILL) leaves only a `.tmp` that the next start rem
 
 A folder written by `atomic_dir` holds `manifest.json`: each file's size and SHA-256. `verify_manifest`
 (`--resume`, `load_model`) names a file that is missing, truncated or changed. SHA-256 because it is the
-standard (`sha256sum FILE` checks one by hand) and fast enough on CPUs with SHA instructions: on one
-contended core of the project's machine a 0.94 GB checkpoint (weights + optimizer state) hashed in 1.5 s,
-against 3.2 s to write its files and 3.3 s more to flush them to disk (bench/manifest_cost.py,
-bench/RESULTS.md); files are hashed side by side. CRC32 was 2.4x faster, but is a 32-bit check.
+standard (`sha256sum FILE` checks one by hand) and fast enough on CPUs with SHA instructions: on one core
+of the project's machine a 0.94 GB checkpoint (weights + optimizer state) hashed in 1.0 s, against 2.0 s
+to write its files and 1.6 s more to flush them to disk (bench/manifest_cost.py, bench/RESULTS.md); files
+are hashed side by side. CRC32 was 2.4x faster, but is a 32-bit check.
 """
 
 from __future__ import annotations
@@ -192,19 +192,23 @@ def atomic_dir(final: str | os.PathLike, what: str | None = None) -> Iterator[Pa
     silently recreated."""
     final = Path(final)
     tmp = final.with_name(final.name + ".tmp")
+    created = False
     try:
         with writing(tmp, what or final.name):
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir()
+            created = True
             yield tmp
             write_manifest(tmp)
             commit_dir(tmp, final)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if created:
+            shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, WriteError):
-            kept = f"; {final.name} is as it was" if final.exists() else ""
-            add_hint(e, f"the unfinished {tmp.name} was removed{kept}")
+            removed = [f"the unfinished {tmp.name} was removed"] if created and not tmp.exists() else []
+            kept = [f"{final.name} is as it was"] if final.exists() else []
+            add_hint(e, "; ".join(removed + kept))
         raise
 
 
