@@ -76,10 +76,11 @@ def coverage_cases(schema):
         )
 
 
-def fuzz(app, n: int) -> tuple[Counter, int]:
-    """The coverage phase's requests, then `n` generated ones (positive and negative, random within the
-    schemas), to `app`, each answer checked. Returns the status counts and how many came from the coverage
-    phase; fails listing every failing request."""
+def fuzz(app, n: int, examples: tuple[tuple[str, str, dict], ...] = ()) -> tuple[Counter, int]:
+    """`examples` (path, method, JSON body: requests that succeed, so that every answer's documented shape
+    is checked at least once), the coverage phase's requests, then `n` generated ones (positive and
+    negative, random within the schemas), to `app`, each answer checked. Returns the status counts and how
+    many came before the generated ones; fails listing every failing request."""
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     seen: Counter = Counter()
     failures: list[str] = []
@@ -97,6 +98,8 @@ def fuzz(app, n: int) -> tuple[Counter, int]:
         except Exception as e:  # schemathesis' FailureGroup: the check that failed, the request as curl
             failures.append(str(e))
 
+    for path, method, body in examples:
+        send(schema[path][method].Case(body=body, media_type="application/json"))
     for case in coverage_cases(schema):
         send(case)
     covered = sum(seen.values())
@@ -128,12 +131,16 @@ def engine() -> Engine:
     return Engine(model, processor, device="cpu")
 
 
-def greedy_answer(client) -> str:
+def chat_body(**extra) -> dict:
     from test_serve import data_url, png_bytes
 
     image = {"type": "image_url", "image_url": {"url": data_url(png_bytes(make_image(3)))}}
-    body = {"messages": [{"role": "user", "content": [image, {"type": "text", "text": "What color?"}]}]}
-    r = client.post("/v1/chat/completions", json={**body, "max_tokens": 4})
+    content = [image, {"type": "text", "text": "What color?"}]
+    return {"messages": [{"role": "user", "content": content}], "max_tokens": 4, **extra}
+
+
+def greedy_answer(client) -> str:
+    r = client.post("/v1/chat/completions", json=chat_body())
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["message"]["content"]
 
@@ -146,10 +153,15 @@ def test_serve_api_fuzzed_from_its_openapi_document(engine, n):
     )
     with TestClient(app, raise_server_exceptions=False) as client:
         before = greedy_answer(client)
-        seen, covered = fuzz(app, n)
+        answers = tuple(
+            ("/v1/chat/completions", "POST", chat_body(stream=stream, n=2)) for stream in (False, True)
+        )
+        seen, covered = fuzz(app, n, answers)
         assert client.get("/health").json()["status"] == "ok"
         assert greedy_answer(client) == before
-    print(f"serve: {sum(seen.values())} requests ({covered} coverage), statuses {dict(sorted(seen.items()))}")
+    print(
+        f"serve: {sum(seen.values())} requests ({covered} before the generated ones), {dict(sorted(seen.items()))}"
+    )
     assert sum(seen.values()) >= n // 2 and any(400 <= s < 500 for s in seen) and 200 in seen
 
 
@@ -176,7 +188,12 @@ def test_tag_api_fuzzed_from_its_openapi_document(tag_db, n):
 
     app = tag_app.create_app(tag_db)
     with TestClient(app, raise_server_exceptions=False) as client:
-        seen, covered = fuzz(app, n)
+        flow = (
+            ("/api/tag", "POST", {"item_id": 1, "tagger": "fuzz", "label": "correct"}),
+            ("/api/undo", "POST", {"tagger": "fuzz"}),
+            ("/api/release", "POST", {"tagger": "fuzz"}),
+        )
+        seen, covered = fuzz(app, n, flow)
         conn = sqlite3.connect(tag_db)
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         conn.close()
@@ -190,5 +207,7 @@ def test_tag_api_fuzzed_from_its_openapi_document(tag_db, n):
                 and client.post("/api/undo", json={"tagger": "after the fuzz"}).status_code == 200
             )
         assert client.get("/images/1").status_code == 200
-    print(f"tag: {sum(seen.values())} requests ({covered} coverage), statuses {dict(sorted(seen.items()))}")
+    print(
+        f"tag: {sum(seen.values())} requests ({covered} before the generated ones), {dict(sorted(seen.items()))}"
+    )
     assert sum(seen.values()) >= n // 2 and any(400 <= s < 500 for s in seen) and 200 in seen

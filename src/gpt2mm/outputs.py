@@ -14,9 +14,10 @@ failed write, and a crash (SIGKILL) leaves only a `.tmp` that the next start rem
 
 A folder written by `atomic_dir` holds `manifest.json`: each file's size and SHA-256. `verify_manifest`
 (`--resume`, `load_model`) names a file that is missing, truncated or changed. SHA-256 because it is the
-standard (`sha256sum` checks a manifest by hand) and fast enough: 1.2 GB/s measured on the project's
-machine (SHA-NI), about 8 s for the seed preset's ~10 GB checkpoint (weights and optimizer state), well
-under the time the save itself takes; CRC32 was 2.8 GB/s, but a 32-bit check is weak for files this size.
+standard (`sha256sum FILE` checks one by hand) and fast enough on CPUs with SHA instructions: on one core
+of the project's machine a 0.94 GB checkpoint (weights + optimizer state) hashed in 1.0 s, against 2.0 s
+to write its files and 1.6 s more to flush them to disk (bench/manifest_cost.py, bench/RESULTS.md); files
+are hashed side by side. CRC32 was 2.4x faster, but is a 32-bit check.
 """
 
 from __future__ import annotations
@@ -191,19 +192,23 @@ def atomic_dir(final: str | os.PathLike, what: str | None = None) -> Iterator[Pa
     silently recreated."""
     final = Path(final)
     tmp = final.with_name(final.name + ".tmp")
+    created = False
     try:
         with writing(tmp, what or final.name):
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir()
+            created = True
             yield tmp
             write_manifest(tmp)
             commit_dir(tmp, final)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if created:
+            shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, WriteError):
-            kept = f"; {final.name} is as it was" if final.exists() else ""
-            add_hint(e, f"the unfinished {tmp.name} was removed{kept}")
+            removed = [f"the unfinished {tmp.name} was removed"] if created and not tmp.exists() else []
+            kept = [f"{final.name} is as it was"] if final.exists() else []
+            add_hint(e, "; ".join(removed + kept))
         raise
 
 
@@ -250,12 +255,24 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def sha256_files(paths: list[Path]) -> list[str]:
+    """The SHA-256 of each file, several files at once (hashlib releases the GIL: the weights and the
+    optimizer state of a checkpoint hash side by side)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if len(paths) < 2:
+        return [sha256_file(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=min(len(paths), os.cpu_count() or 1, 8)) as pool:
+        return list(pool.map(sha256_file, paths))
+
+
 def write_manifest(folder: Path) -> dict[str, Any]:
     """`folder/manifest.json`: the size and SHA-256 of every file under `folder` (but itself)."""
-    files = {}
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
-            files[p.relative_to(folder).as_posix()] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    paths = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST]
+    files = {
+        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": digest}
+        for p, digest in zip(paths, sha256_files(paths))
+    }
     manifest = {"format": MANIFEST_FORMAT, "algorithm": "sha256", "files": files}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     return manifest
@@ -277,7 +294,7 @@ def verify_manifest(folder: str | os.PathLike) -> bool:
         entries = [(name, int(e["size"]), str(e["sha256"])) for name, e in files.items()]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise DamagedFileError(f"{path}: not a readable manifest ({type(e).__name__}: {e})") from None
-    for name, size, digest in entries:
+    for name, size, _ in entries:  # the cheap checks first, of every file
         file = folder / name
         if not file.is_file():
             raise DamagedFileError(f"{file}: missing (its manifest lists {size:,} bytes)")
@@ -285,9 +302,11 @@ def verify_manifest(folder: str | os.PathLike) -> bool:
         if actual != size:
             what = "truncated" if actual < size else "grown"
             raise DamagedFileError(f"{file}: {actual:,} bytes, its manifest says {size:,} ({what})")
-        if sha256_file(file) != digest:
+    actual_digests = sha256_files([folder / name for name, _, _ in entries])
+    for (name, _, digest), actual_digest in zip(entries, actual_digests):
+        if actual_digest != digest:
             raise DamagedFileError(
-                f"{file}: its SHA-256 differs from its manifest's (the file changed after it was written: "
-                "a damaged disk, copy or edit)"
+                f"{folder / name}: its SHA-256 differs from its manifest's (the file changed after it was "
+                "written: a damaged disk, copy or edit)"
             )
     return True

@@ -276,12 +276,14 @@ def openapi_document(settings: ServerSettings) -> dict[str, Any]:
 
     busy = errors(refs, _503="the queue is full: retry after Retry-After seconds")
     busy["503"]["headers"] = {"Retry-After": {"schema": {"type": "integer", "minimum": 0}, "required": True}}
+    event = {  # one server-sent event: a `chat.completion.chunk` as JSON in `data`, the last one `[DONE]`
+        "type": "object",
+        "required": ["data"],
+        "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+    }
     answer = {
         "description": "the answer, whole or as server-sent events (`stream`)",
-        "content": {
-            **json_content(refs["ChatCompletion"]),
-            "text/event-stream": {"schema": {"type": "string"}},
-        },
+        "content": {**json_content(refs["ChatCompletion"]), "text/event-stream": {"schema": event}},
     }
     failures = errors(
         refs,
