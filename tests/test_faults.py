@@ -456,6 +456,60 @@ def test_every_other_writer_fails_in_one_line_and_keeps_what_was_there(
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
 
 
+def test_ppo_and_reward_train_on_a_filling_disk_end_in_one_line_and_keep_what_was_there(
+    world, reference, tmp_path, monkeypatch, capsys
+):
+    """The two other training commands, end to end: `gpt2mm ppo` whose second checkpoint meets a full disk
+    (the policy's weights or its value head), then resumes; `gpt2mm reward train` whose output cannot be
+    written, with an earlier reward model in its place."""
+    ppo_recipe = RECIPE.parent / "tiny-ppo.yaml"
+
+    def ppo(out: Path, *extra: str) -> list[str]:
+        return [
+            "ppo", str(ppo_recipe), "--model.init_from", str(reference / "best"), "--data.root", str(world),
+            "--data.val_limit", "4", "--train.output_dir", str(out), "--train.max_steps", "4",
+            "--train.max_minutes", "none", "--rollout.prompts", "4", "--train.minibatch_size", "4",
+            "--train.eval_every", "2", "--train.save_every", "2", "--train.keep_last", "3",
+            "--train.progress", "false", "--train.log_with", "[]", "--train.precision", "fp32", *extra,
+        ]  # fmt: skip
+
+    full = tmp_path / "ppo-full"
+    assert main(ppo(full)) == 0
+    for where, free in [("checkpoint-4.tmp/model", 20_000), ("checkpoint-4.tmp/value_head", 100)]:
+        out = tmp_path / f"ppo-{free}"
+        with monkeypatch.context() as m:
+            FullDisk(m, where=where, free=free)
+            assert run_cli(ppo(out)) == 2
+        assert_one_line_about(
+            error_line(capsys), "gpt2mm ppo: error: cannot write checkpoint-4", "ENOSPC", f"free on {out}",
+            "checkpoint-4.tmp was removed", "continue it from checkpoint-2 with --resume",
+        )  # fmt: skip
+        assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["best", "checkpoint-2"]
+        assert verify_manifest(out / "checkpoint-2")
+        assert_same_weights(full / "checkpoint-2", out / "checkpoint-2")
+        assert main(ppo(out, "--resume")) == 0  # room again: the same weights as the run that never failed
+        assert_same_weights(full / "checkpoint-4", out / "checkpoint-4")
+
+    tags = tmp_path / "tags.jsonl"
+    assert main(["reward", "simulate", "--world", str(world), "--split", "train", "--out", str(tags)]) == 0
+    rm = tmp_path / "rm"
+    train = ["reward", "train", "--tags", str(tags), "--holdout", "0.25", "--base", str(reference / "best"),
+             "--out", str(rm), "--steps", "2", "--batch-size", "8", "--no-progress"]  # fmt: skip
+    assert main(train) == 0
+    before = weights(rm)
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        FullDisk(m, where="rm.tmp", free=20_000)
+        assert run_cli([*train, "--overwrite"]) == 2  # over the earlier model, which must survive
+    assert_one_line_about(
+        error_line(capsys), "gpt2mm reward: error: cannot write the reward model to", "ENOSPC", "free on",
+        "rm is as it was",
+    )  # fmt: skip
+    assert verify_manifest(rm) and not (tmp_path / "rm.tmp").exists()
+    after = weights(rm)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 # --- damaged checkpoints ----------------------------------------------------------------------------------------
 
 
