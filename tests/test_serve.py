@@ -278,6 +278,20 @@ def test_full_queue_answers_503_with_retry_after_and_recovers(engine, monkeypatc
     assert health.status_code == 200 and after.status_code == 200
 
 
+def test_a_request_meeting_a_full_queue_is_refused_before_its_body_is_read(engine):
+    """While the queue is full, a request is a 503 at once: even a body that is not JSON (a 400 otherwise)
+    is neither read nor decoded."""
+    app = create_app(engine, ServerSettings(max_queue=1, retry_after_s=3))
+    batcher = app.state.batcher
+    batcher._queue.put_nowait(object())  # the worker is not started: the queue stays full
+    client = TestClient(app)
+    busy = client.post("/v1/chat/completions", content=b"{not json")
+    assert busy.status_code == 503 and busy.headers["retry-after"] == "3"
+    assert_openai_error(busy, 503, "queue_full")
+    batcher._queue.get_nowait()
+    assert_openai_error(client.post("/v1/chat/completions", content=b"{not json"), 400, "invalid_json")
+
+
 # --- bad input ----------------------------------------------------------------------------------------------
 
 

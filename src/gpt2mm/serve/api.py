@@ -378,6 +378,8 @@ async def chat_completions(request: Request) -> Any:
     state = request.app.state
     settings: ServerSettings = state.settings
     check_auth(request, settings)
+    if state.batcher.full:  # refused at once, before its body is read and its image decoded
+        raise queue_full(settings)
     chat = await read_chat(request, settings)
     gen = await asyncio.to_thread(build_request, chat, state.engine, settings)
     prompt_tokens = len(gen.prompt.input_ids)
@@ -427,8 +429,6 @@ def submit(
 ) -> asyncio.Queue[tuple[Any, ...]]:
     """Queue `gen` for the batcher; its deltas (when streamed) and its end arrive on the returned queue, on
     this event loop. A full queue is a 503 with `Retry-After`."""
-    from gpt2mm.serve.schema import APIError
-
     events: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
     loop = asyncio.get_running_loop()
 
@@ -444,14 +444,21 @@ def submit(
     try:
         batcher.submit(gen)
     except QueueFull:
-        raise APIError(
-            503,
-            "the server is busy: too many requests are waiting; retry shortly",
-            type="server_error",
-            code="queue_full",
-            headers={"Retry-After": str(settings.retry_after_s)},
-        ) from None
+        raise queue_full(settings) from None
     return events
+
+
+def queue_full(settings: ServerSettings) -> Exception:
+    """The 503 of a full queue, with `Retry-After`."""
+    from gpt2mm.serve.schema import APIError
+
+    return APIError(
+        503,
+        "the server is busy: too many requests are waiting; retry shortly",
+        type="server_error",
+        code="queue_full",
+        headers={"Retry-After": str(settings.retry_after_s)},
+    )
 
 
 def completion(meta: dict[str, Any], gen: GenerationRequest, prompt_tokens: int) -> dict[str, Any]:

@@ -45,6 +45,11 @@ class Batcher:
         return self._queue.qsize()
 
     @property
+    def full(self) -> bool:
+        """The queue is at its limit now: a request arriving now is refused before it is read."""
+        return self._queue.full()
+
+    @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
