@@ -181,3 +181,68 @@ def test_stage_minutes_default_to_shares_of_the_budget_and_bad_ones_are_refused(
     ):
         with pytest.raises(UsageError, match=re.escape(message)):
             minutes(*args)
+
+
+def test_the_few_labels_demo_runs_stage_2_on_unlabelled_images_against_two_baselines(tmp_path, capsys):
+    """`--labelled-fraction`: stage 1 on a tenth of the images; tags on its answers; a reward model; PPO on
+    the rest with that reward alone (no answer of an unlabelled image reaches it); two baselines. Every
+    accuracy in the summary is the official scorer's on the results file it wrote."""
+    from gpt2mm.few_labels import UNLABELLED
+    from gpt2mm.tag.store import read_tags
+
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--minutes", "0.8", "--ppo-minutes", "0.05", "--stages", "sft,ppo",
+            "--labelled-fraction", "0.1", "--tags", "40", "--train-images", "200", "--test-images", "12"]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    world = out / "world"
+    # the split: 20 labelled images with their answers and descriptions, 180 whose answers are hidden
+    labelled = json.loads((world / "labelled_train_annotations.json").read_text())["annotations"]
+    hidden = json.loads((world / "unlabelled_train_annotations.json").read_text())["annotations"]
+    everything = json.loads((world / "train_annotations.json").read_text())["annotations"]
+    assert len({a["image_id"] for a in labelled}) == 20 and len({a["image_id"] for a in hidden}) == 180
+    assert sorted(a["question_id"] for a in labelled + hidden) == sorted(a["question_id"] for a in everything)
+    assert all({x["answer"] for x in a["answers"]} == {UNLABELLED} for a in hidden)
+    truth = {a["question_id"]: a for a in everything}
+    assert all(a == truth[a["question_id"]] for a in labelled)
+    llava = json.loads((world / "labelled_train_llava.json").read_text())
+    assert {int(r["id"]) for r in llava} == {a["image_id"] for a in labelled}
+    # stage 2 read the hidden files, with the reward model alone
+    recipe = (out / "ppo" / f"checkpoint-{summary['ppo_updates']}" / "recipe.yaml").read_text()
+    assert "unlabelled_train_annotations.json" in recipe and f"reward: model:{out / 'reward'}" in recipe
+    # the tags: the stage-1 model's answers about unlabelled images, 40 of them
+    tags = read_tags(out / "tags.jsonl")
+    assert len(tags) == summary["tags"] == 40
+    assert {int(t.question_id) for t in tags} <= {a["question_id"] for a in hidden}
+    assert (
+        summary["tags_correct"] == sum(t.label for t in tags)
+        and summary["reward_heldout_accuracy"] is not None
+    )
+    # every accuracy is the official scorer's on the answers written
+    for results, key in (
+        ("test_results.json", "sft_test_accuracy"),
+        ("ppo_test_results.json", "ppo_test_accuracy"),
+        ("sft_continued_test_results.json", "baseline_sft_continued_test_accuracy"),
+        ("self_training_test_results.json", "baseline_self_training_test_accuracy"),
+    ):
+        scores = tmp_path / f"{key}.json"
+        assert main(["vqa-score", "--questions", str(world / "test_questions.json"), "--annotations",
+                     str(world / "test_annotations.json"), "--results", str(out / results),
+                     "--json", str(scores)]) == 0  # fmt: skip
+        assert json.loads(scores.read_text())["overall"] == summary[key]
+    best = max(
+        summary["baseline_sft_continued_test_accuracy"], summary["baseline_self_training_test_accuracy"]
+    )
+    assert summary["ppo_gain_over_best_baseline"] == round(summary["ppo_test_accuracy"] - best, 2)
+    for name in ("sft_continued", "self_training"):  # the same training time as stage 2, give or take a step
+        assert summary[f"baseline_{name}_train_seconds"] >= summary["ppo_train_seconds"] - 1
+    # the scenario's options are refused where they do not apply
+    capsys.readouterr()
+    for extra, message in (
+        (["--tags", "5"], "--tags go with --labelled-fraction"),
+        (["--labelled-fraction", "0.1", "--stages", "sft"], "--labelled-fraction runs --stages sft,ppo"),
+        (["--labelled-fraction", "1.0", "--stages", "sft,ppo"], "between 0 and 1"),
+    ):
+        with pytest.raises(SystemExit):
+            main(["demo", "--out", str(tmp_path / "refused"), *extra])
+        assert message in capsys.readouterr().err

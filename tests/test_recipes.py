@@ -58,7 +58,11 @@ def test_length_difficulties_count_words_and_packing_keeps_the_hardest():
     def qa(q, a, image="x.png"):
         return Sample(id=q, image=image, turns=[Turn("user", q), Turn("assistant", a)])
 
-    samples = [qa("what is it?", "a red ball"), qa("how many?", "two"), qa("is it big or small?", "big", "y.png")]
+    samples = [
+        qa("what is it?", "a red ball"),
+        qa("how many?", "two"),
+        qa("is it big or small?", "big", "y.png"),
+    ]
     set_difficulty(samples, DataConfig(difficulty="answer_length"), "train")
     assert [s.difficulty for s in samples] == [3, 1, 1]
     set_difficulty(samples, DataConfig(difficulty="question_length"), "train")

@@ -111,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
     """The whole demo: checks, the world, the stages asked for, the summary."""
     start = time.perf_counter()
     stages = parse_stages(args.stages)
+    check_few_labels(args, stages)
     ppo_minutes, instruct_minutes = stage_minutes(args, stages)
     out: Path = args.out
     prepare_out(out, args.overwrite)
@@ -124,8 +125,14 @@ def run(args: argparse.Namespace) -> int:
         0.5,
         (args.minutes * 60 - elapsed - EVAL_RESERVE_S * len(stages)) / 60 - ppo_minutes - instruct_minutes,
     )
-    summary, train_summary, cfg = run_sft(sft_config(args, out, budget_min), out)
-    if "ppo" in stages:
+    few = getattr(args, "labelled_fraction", None) is not None
+    if few:  # stage 2 from tags with a reward model, on unlabelled images, against two baselines
+        from gpt2mm import few_labels
+
+        summary, train_summary, cfg = few_labels.run(args, out, budget_min, ppo_minutes)
+    else:
+        summary, train_summary, cfg = run_sft(sft_config(args, out, budget_min), out)
+    if "ppo" in stages and not few:
         summary.update(run_ppo(out, args.seed, ppo_minutes, summary["sft_test_accuracy"]))
     if "instruct" in stages:
         from gpt2mm.train.checkpoints import list_checkpoints
@@ -166,6 +173,28 @@ def parse_stages(given: str) -> list[str]:
     if len(set(stages)) != len(stages) or stages != sorted(stages, key=STAGES.index):
         raise UsageError(f"--stages runs each stage once, in the order sft, ppo, instruct; got {given!r}")
     return stages
+
+
+def check_few_labels(args: argparse.Namespace, stages: list[str]) -> None:
+    """`--labelled-fraction` (with `--tags`, `--tag-noise`) runs the few-labels scenario: `--stages sft,ppo`."""
+    fraction = getattr(args, "labelled_fraction", None)
+    if fraction is None:
+        given = [
+            f"--{f}" for f in ("tags", "tag-noise") if getattr(args, f.replace("-", "_"), None) is not None
+        ]
+        if given:
+            raise UsageError(f"{' and '.join(given)} go with --labelled-fraction (the few-labels scenario)")
+        return
+    if stages != ["sft", "ppo"]:
+        raise UsageError(f"--labelled-fraction runs --stages sft,ppo; got {args.stages!r}")
+    if not 0.0 < fraction < 1.0:
+        raise UsageError(f"--labelled-fraction must be between 0 and 1 (exclusive), got {fraction}")
+    args.tags = 2000 if args.tags is None else args.tags
+    args.tag_noise = 0.05 if args.tag_noise is None else args.tag_noise
+    if args.tags < 1:
+        raise UsageError(f"--tags must be at least 1, got {args.tags}")
+    if not 0.0 <= args.tag_noise < 0.5:
+        raise UsageError(f"--tag-noise must be in [0, 0.5), got {args.tag_noise}")
 
 
 def stage_minutes(args: argparse.Namespace, stages: list[str]) -> tuple[float, float]:

@@ -23,6 +23,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="of the budget, for stage 3 (default: a fifth of it)",
     )
+    parser.add_argument(
+        "--labelled-fraction",
+        type=float,
+        default=None,
+        help="with --stages sft,ppo: stage 1 on this share of the training images; stage 2 from tags with a "
+        "reward model on the rest, against two baselines (gpt2mm.few_labels)",
+    )
+    parser.add_argument(
+        "--tags", type=int, default=None, help="tagged stage-1 answers for the reward model (default 2000)"
+    )
+    parser.add_argument(
+        "--tag-noise",
+        type=float,
+        default=None,
+        help="share of tags the simulated taggers get wrong (default 0.05)",
+    )
     parser.add_argument("--train-images", type=int, default=10000)
     parser.add_argument("--test-images", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)

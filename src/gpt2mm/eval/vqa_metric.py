@@ -194,7 +194,9 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     return total / n
 
 
-VQA_ANSWERS = 2  # a question with several human answers is scored by the VQA metric, one answer by exact match
+VQA_ANSWERS = (
+    2  # a question with several human answers is scored by the VQA metric, one answer by exact match
+)
 VQA_SCORING, EXACT_MATCH = "vqa accuracy", "exact match"
 
 

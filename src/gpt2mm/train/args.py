@@ -127,7 +127,9 @@ def read_recipe(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
-        raise UsageError(f"{path}: not valid YAML{at} ({getattr(e, 'problem', None) or type(e).__name__})") from None
+        raise UsageError(
+            f"{path}: not valid YAML{at} ({getattr(e, 'problem', None) or type(e).__name__})"
+        ) from None
     if not isinstance(data, dict):
         raise UsageError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
     base = data.pop("base", None)
@@ -144,7 +146,9 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     model.overrides) replaces the base's whole."""
     out = dict(base)
     for key, value in over.items():
-        out[key] = {**out[key], **value} if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            {**out[key], **value} if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
     return out
 
 

@@ -265,7 +265,9 @@ class SFTConfig:
         from gpt2mm.data.splits import DIFFICULTIES
 
         if d.difficulty is not None and d.difficulty not in DIFFICULTIES:
-            raise ValueError(f"data.difficulty must be one of {', '.join(DIFFICULTIES)}, got {d.difficulty!r}")
+            raise ValueError(
+                f"data.difficulty must be one of {', '.join(DIFFICULTIES)}, got {d.difficulty!r}"
+            )
         if d.conversation_mix and d.format != "vqa":
             raise ValueError(
                 "data.conversation_mix adds conversations to VQA questions: it needs format: vqa"
