@@ -220,6 +220,15 @@ def test_save_load_gives_bit_identical_scores_and_the_scorer_matches(reward, tmp
             )
     assert got == pytest.approx(want, abs=1e-5)
     assert scorer(images, questions, answers) == got  # again, from the image cache
+    # a cache smaller than a batch: the new images evict cached ones of the same batch (a PPO run over more
+    # images than the cache holds met this as a KeyError)
+    small = RewardScorer(out, batch_size=5, max_cached_images=2)
+    assert small(images[:3], questions[:3], answers[:3]) == pytest.approx(want[:3], abs=1e-5)
+    order = [3, 2, 0, 4]  # 2 and 0 cached, 3 new: adding it evicts one of them
+    assert small([images[i] for i in order], [questions[i] for i in order], [answers[i] for i in order]) == (
+        pytest.approx([want[i] for i in order], abs=1e-5)
+    )
+    assert len(small._vision) == 2
     with pytest.raises(ValueError, match="differ in length"):
         scorer(images, questions, answers[:2])
 

@@ -391,6 +391,10 @@ class RewardScorer:
                 raise DataError(f"{p}: no such image file") from None
         todo = [i for i, k in enumerate(keys) if k is None or k not in self._vision]
         fresh: dict[int, torch.Tensor] = {}
+        for i, k in enumerate(keys):  # the cached ones first: adding the new ones may evict them
+            if k is not None and k in self._vision and i not in fresh:
+                self._vision.move_to_end(k)
+                fresh[i] = self._vision[k]
         if todo:
             pil = [load_image(images[i]) if keys[i] is not None else images[i] for i in todo]
             pixels = self.processor.preprocess_images(pil).to(self.device)
@@ -401,14 +405,7 @@ class RewardScorer:
                     self._vision[keys[i]] = s.clone()  # not a view that would keep the whole batch alive
                     if len(self._vision) > self.max_cached_images:
                         self._vision.popitem(last=False)
-        out = []
-        for i, k in enumerate(keys):
-            if i in fresh:
-                out.append(fresh[i])
-            else:
-                self._vision.move_to_end(k)
-                out.append(self._vision[k])
-        return torch.stack(out)
+        return torch.stack([fresh[i] for i in range(len(keys))])
 
     @torch.no_grad()
     def __call__(
