@@ -74,15 +74,21 @@ def compose(rng: random.Random, pool: list[tuple[np.ndarray, int]]) -> tuple[Ima
         size = rng.randint(14, 24)
         x, y = rng.randint(0, CANVAS - size), rng.randint(0, CANVAS - size)
         box = (x, y, x + size, y + size)
-        overlaps = any(not (box[2] <= b[0] or b[2] <= box[0] or box[3] <= b[1] or b[3] <= box[1]) for b in
-                       (p["box"] for p in placed))
+        overlaps = any(
+            not (box[2] <= b[0] or b[2] <= box[0] or box[3] <= b[1] or b[3] <= box[1])
+            for b in (p["box"] for p in placed)
+        )
         too_close = any(abs((x + size / 2) - (p["box"][0] + p["box"][2]) / 2) < 4 for p in placed)
         if overlaps or too_close:  # "far left" must be clear
             continue
         glyph, value = pool[rng.randrange(len(pool))]
-        alpha = np.asarray(
-            Image.fromarray((glyph * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR), np.float32
-        )[..., None] / 255.0
+        alpha = (
+            np.asarray(
+                Image.fromarray((glyph * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR),
+                np.float32,
+            )[..., None]
+            / 255.0
+        )
         ink = np.array([rng.randint(0, 110) for _ in range(3)], dtype=np.float32)
         region = canvas[y : y + size, x : x + size]
         canvas[y : y + size, x : x + size] = region * (1 - alpha) + ink * alpha
@@ -95,7 +101,9 @@ def compose(rng: random.Random, pool: list[tuple[np.ndarray, int]]) -> tuple[Ima
 def questions_for(rng: random.Random, digits: list[dict]) -> list[tuple[str, str, str]]:
     """(family, question, answer) for each family, in a random order."""
     values = [d["value"] for d in digits]
-    asked = rng.choice(values) if rng.random() < 0.5 else rng.choice([v for v in range(10) if v not in values])
+    asked = (
+        rng.choice(values) if rng.random() < 0.5 else rng.choice([v for v in range(10) if v not in values])
+    )
     qs = [
         ("count", "how many digits are there?", COUNT_WORDS[len(values) - 1]),
         ("leftmost", "which digit is on the far left?", str(values[0])),
@@ -152,7 +160,9 @@ def _write_vqa(folder: Path, rows: dict[str, list[dict]]) -> None:
         ]  # fmt: skip
         info = {"description": f"digits VQA ({split})", "data_subtype": split}
         (folder / f"{split}_questions.json").write_text(
-            json.dumps({"info": info, "task_type": "Open-Ended", "data_subtype": split, "questions": questions})
+            json.dumps(
+                {"info": info, "task_type": "Open-Ended", "data_subtype": split, "questions": questions}
+            )
         )
         (folder / f"{split}_annotations.json").write_text(
             json.dumps({"info": info, "data_subtype": split, "annotations": annotations})
@@ -222,7 +232,10 @@ def blind_baseline(root: str | Path) -> dict[str, float]:
     root = Path(root) / "vqa"
 
     def load(split: str) -> list[tuple[str, str, str]]:
-        qs = {q["question_id"]: q["question"] for q in json.loads((root / f"{split}_questions.json").read_text())["questions"]}
+        qs = {
+            q["question_id"]: q["question"]
+            for q in json.loads((root / f"{split}_questions.json").read_text())["questions"]
+        }
         anns = json.loads((root / f"{split}_annotations.json").read_text())["annotations"]
         return [(a["question_type"], qs[a["question_id"]], a["multiple_choice_answer"]) for a in anns]
 
