@@ -178,7 +178,9 @@ def pseudo_label(world: Path, unlabelled: list[int], model, processor, reward_di
     answers = answer_questions(model, processor, pool, 256)
     scorer = RewardScorer(reward_dir, batch_size=128)
     p = scorer([s.image for s in pool], [s.turns[0].text for s in pool], answers)
-    kept = {s.question_id: a for s, a, pc in zip(pool, answers, p) if pc >= PSEUDO_THRESHOLD}
+    kept = {  # an empty answer is no label
+        s.question_id: a for s, a, pc in zip(pool, answers, p) if pc >= PSEUDO_THRESHOLD and a.strip()
+    }
     questions = json.loads((world / "train_questions.json").read_text())
     annotations = json.loads((world / "train_annotations.json").read_text())
     labelled = json.loads((world / "labelled_train_questions.json").read_text())
