@@ -17,6 +17,17 @@ from gpt2mm.train.config import SFTConfig
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
+def assert_official_scores(out: Path, tmp_path: Path, summary: dict, files: dict[str, str]) -> None:
+    """Each summary figure (`files`: results file -> key) is what `gpt2mm vqa-score` gives on that file."""
+    world = out / "world"
+    for results, key in files.items():
+        scores = tmp_path / f"{key}.json"
+        assert main(["vqa-score", "--questions", str(world / "test_questions.json"), "--annotations",
+                     str(world / "test_annotations.json"), "--results", str(out / results),
+                     "--json", str(scores)]) == 0  # fmt: skip
+        assert json.loads(scores.read_text())["overall"] == summary[key]
+
+
 def test_demo_writes_an_honest_summary(tmp_path, capsys):
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "--minutes", "0.6", "--train-images", "60", "--test-images", "12"]
@@ -27,11 +38,7 @@ def test_demo_writes_an_honest_summary(tmp_path, capsys):
     assert 0 <= summary["test_accuracy"] <= 100 and 0 <= summary["blind_accuracy"] < 50
     assert summary["samples_seen"] == summary["steps"] * 32
     # the reported accuracy is what the official scorer gives on the written results
-    world = out / "world"
-    assert main(["vqa-score", "--questions", str(world / "test_questions.json"), "--annotations",
-                 str(world / "test_annotations.json"), "--results", str(out / "test_results.json"),
-                 "--json", str(tmp_path / "scores.json")]) == 0  # fmt: skip
-    assert json.loads((tmp_path / "scores.json").read_text())["overall"] == summary["test_accuracy"]
+    assert_official_scores(out, tmp_path, summary, {"test_results.json": "test_accuracy"})
     assert (out / "curves.png").is_file() and len(list((out / "examples").glob("*.png"))) >= 1
     printed = capsys.readouterr().out
     assert "truth:" in printed and "test accuracy" in printed
@@ -58,17 +65,11 @@ def test_demo_with_all_stages_records_each(tmp_path):
     for key in ("instruct_description_scores", "description_scores_before_instruct"):
         assert set(summary[key]) == {"precision", "recall", "f1"}
         assert all(0 <= v <= 100 for v in summary[key].values())
-    world = out / "world"
-    for results, key in (
-        ("test_results.json", "sft_test_accuracy"),
-        ("ppo_test_results.json", "ppo_test_accuracy"),
-        ("instruct_test_results.json", "instruct_test_accuracy"),
-    ):
-        scores = tmp_path / f"{key}.json"
-        assert main(["vqa-score", "--questions", str(world / "test_questions.json"), "--annotations",
-                     str(world / "test_annotations.json"), "--results", str(out / results),
-                     "--json", str(scores)]) == 0  # fmt: skip
-        assert json.loads(scores.read_text())["overall"] == summary[key]
+    assert_official_scores(out, tmp_path, summary, {
+        "test_results.json": "sft_test_accuracy",
+        "ppo_test_results.json": "ppo_test_accuracy",
+        "instruct_test_results.json": "instruct_test_accuracy",
+    })  # fmt: skip
     # the PPO run wrote its metrics, KL included
     rows = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert rows and all("kl" in r and "reward" in r for r in rows)
@@ -219,17 +220,12 @@ def test_the_few_labels_demo_runs_stage_2_on_unlabelled_images_against_two_basel
         and summary["reward_heldout_accuracy"] is not None
     )
     # every accuracy is the official scorer's on the answers written
-    for results, key in (
-        ("test_results.json", "sft_test_accuracy"),
-        ("ppo_test_results.json", "ppo_test_accuracy"),
-        ("sft_continued_test_results.json", "baseline_sft_continued_test_accuracy"),
-        ("self_training_test_results.json", "baseline_self_training_test_accuracy"),
-    ):
-        scores = tmp_path / f"{key}.json"
-        assert main(["vqa-score", "--questions", str(world / "test_questions.json"), "--annotations",
-                     str(world / "test_annotations.json"), "--results", str(out / results),
-                     "--json", str(scores)]) == 0  # fmt: skip
-        assert json.loads(scores.read_text())["overall"] == summary[key]
+    assert_official_scores(out, tmp_path, summary, {
+        "test_results.json": "sft_test_accuracy",
+        "ppo_test_results.json": "ppo_test_accuracy",
+        "sft_continued_test_results.json": "baseline_sft_continued_test_accuracy",
+        "self_training_test_results.json": "baseline_self_training_test_accuracy",
+    })  # fmt: skip
     best = max(
         summary["baseline_sft_continued_test_accuracy"], summary["baseline_self_training_test_accuracy"]
     )

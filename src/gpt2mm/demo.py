@@ -263,18 +263,29 @@ def run_sft(cfg, out: Path):
 def run_ppo(out: Path, seed: int, minutes: float, sft_accuracy: float) -> dict:
     """Stage 2 from the stage-1 model just trained (its last checkpoint): PPO with the VQA-accuracy reward for
     `minutes` of training time, scored on the test split."""
-    from gpt2mm.rl.ppo import PPOTrainer
     from gpt2mm.train.checkpoints import list_checkpoints
 
     init = list_checkpoints(out / "run")[-1]  # the final stage-1 weights
     cfg = ppo_config(out, seed, minutes, init)
     _say(f"stage 2: PPO from {init} for up to {minutes:.1f} minutes")
+    summary = ppo_and_score(cfg, out)
+    _say(
+        f"stage 2 (PPO) test accuracy {summary['ppo_test_accuracy']:.2f}% "
+        f"(stage 1: {sft_accuracy:.2f}%), KL to stage 1 {summary['ppo_final_kl']:.3f}"
+    )
+    return summary
+
+
+def ppo_and_score(cfg, out: Path) -> dict:
+    """Stage 2 as `cfg` says, then its test accuracy: the summary's `ppo_*` figures."""
+    from gpt2mm.rl.ppo import PPOTrainer
+
     trainer = PPOTrainer(cfg, log=_say)
     done = trainer.train()
     scores = evaluate_and_report(
         trainer.policy, trainer.processor, trainer.pixels, "pixel_values", out, tag="ppo_"
     )
-    summary = {
+    return {
         "ppo_test_accuracy": scores["test_accuracy"],
         "ppo_test_accuracy_per_answer_type": scores["test_accuracy_per_answer_type"],
         "ppo_updates": done["steps"],
@@ -283,11 +294,6 @@ def run_ppo(out: Path, seed: int, minutes: float, sft_accuracy: float) -> dict:
         "ppo_final_reward": done["final"].get("reward"),
         "test_accuracy": scores["test_accuracy"],
     }
-    _say(
-        f"stage 2 (PPO) test accuracy {scores['test_accuracy']:.2f}% "
-        f"(stage 1: {sft_accuracy:.2f}%), KL to stage 1 {summary['ppo_final_kl']:.3f}"
-    )
-    return summary
 
 
 def run_instruct(out: Path, seed: int, minutes: float, init: Path) -> dict:

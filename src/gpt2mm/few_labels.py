@@ -248,9 +248,9 @@ def run_baseline(cfg, out: Path, name: str) -> dict[str, Any]:
 def run(args, out: Path, sft_minutes: float, ppo_minutes: float) -> tuple[dict, dict, Any]:
     """Steps 1-6 of the module docstring after the world is rendered; returns what `demo.run` needs
     (the summary so far, stage 1's training summary, stage 1's config)."""
-    from gpt2mm.demo import evaluate_and_report, later_overrides, recipe_path, run_sft, sft_overrides
+    from gpt2mm.demo import later_overrides, ppo_and_score, recipe_path, run_sft, sft_overrides
     from gpt2mm.loading import load_model
-    from gpt2mm.rl.ppo import PPORecipe, PPOTrainer
+    from gpt2mm.rl.ppo import PPORecipe
     from gpt2mm.tag.store import write_jsonl
     from gpt2mm.train.args import load_config
     from gpt2mm.train.checkpoints import list_checkpoints
@@ -285,17 +285,12 @@ def run(args, out: Path, sft_minutes: float, ppo_minutes: float) -> tuple[dict, 
 
     overrides = [
         *later_overrides(out, "ppo", args.seed, ppo_minutes, init), *labelled_data("unlabelled"),
+        "--reward", f"model:{out / 'reward'}",
     ]  # fmt: skip
     ppo_cfg = load_config(PPORecipe, recipe_path("ppo"), overrides)
-    ppo_cfg.reward = f"model:{out / 'reward'}"
     _say(f"stage 2: PPO with the reward model on the unlabelled images for up to {ppo_minutes:.1f} minutes")
-    trainer = PPOTrainer(ppo_cfg, log=_say)
-    done = trainer.train()
-    ppo_scores = evaluate_and_report(
-        trainer.policy, trainer.processor, trainer.pixels, "pixel_values", out, tag="ppo_"
-    )
-    del trainer
-    minutes = done["train_seconds"] / 60  # the baselines get what stage 2 trained for
+    ppo = ppo_and_score(ppo_cfg, out)
+    minutes = ppo["ppo_train_seconds"] / 60  # the baselines get what stage 2 trained for
     final_lr = cfg.train.lr * cfg.train.min_lr_ratio
     pseudo = pseudo_label(world, parts["unlabelled"], model, processor, out / "reward")
     _say(
@@ -315,26 +310,20 @@ def run(args, out: Path, sft_minutes: float, ppo_minutes: float) -> tuple[dict, 
         tag_figures
         | reward_figures
         | baselines
+        | ppo
         | {
             "labelled_fraction": args.labelled_fraction,
             "labelled_images": len(parts["labelled"]),
             "unlabelled_images": len(parts["unlabelled"]),
-            "ppo_test_accuracy": ppo_scores["test_accuracy"],
-            "ppo_test_accuracy_per_answer_type": ppo_scores["test_accuracy_per_answer_type"],
-            "ppo_updates": done["steps"],
-            "ppo_train_seconds": done["train_seconds"],
-            "ppo_final_reward": done["final"].get("reward"),
-            "ppo_final_kl": done["final"].get("kl"),
             "self_training_data": pseudo,
             "best_baseline": best_name,
-            "ppo_gain_over_best_baseline": round(ppo_scores["test_accuracy"] - best, 2),
-            "test_accuracy": ppo_scores["test_accuracy"],
+            "ppo_gain_over_best_baseline": round(ppo["ppo_test_accuracy"] - best, 2),
             "scenario_seconds": round(time.perf_counter() - t_setup, 1),
         }
     )
     _say(
         f"stage 1 {summary['sft_test_accuracy']:.2f}%, stage 2 (reward model, unlabelled images) "
-        f"{ppo_scores['test_accuracy']:.2f}%, baselines: stage 1 continued "
+        f"{ppo['ppo_test_accuracy']:.2f}%, baselines: stage 1 continued "
         f"{baselines['baseline_sft_continued_test_accuracy']:.2f}%, self-training "
         f"{baselines['baseline_self_training_test_accuracy']:.2f}%"
     )
