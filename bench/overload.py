@@ -38,20 +38,13 @@ QUESTIONS = ["What color is it?", "How many?", "Is there a circle?", "Where is t
 
 
 def wide_tiny_engine():
-    """The tiny preset with weights drawn wide enough that greedy answers differ (as the serve tests do)."""
-    import torch
-
-    from gpt2mm import build_model
+    """The tiny preset with weights drawn wide enough that greedy answers differ (the serve tests' model)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import wide_tiny_model
     from gpt2mm.serve.engine import Engine
 
-    torch.manual_seed(0)
-    model, processor = build_model("tiny")
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.15, generator=gen)
-    return Engine(model.eval(), processor, device="cpu")
+    model, processor = wide_tiny_model()
+    return Engine(model, processor, device="cpu")
 
 
 def prompts() -> list[dict]:

@@ -36,6 +36,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import SMALL
 from gpt2mm.cli import main
 from gpt2mm.data.synthetic import write_world
 from gpt2mm.errors import DamagedFileError, WriteError
@@ -43,12 +44,6 @@ from gpt2mm.outputs import MANIFEST, verify_manifest
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo-sft.yaml"
 SRC = Path(__file__).resolve().parents[1] / "src"
-SMALL = [
-    "--model.overrides", "{}", "--model.attn_implementation", "none", "--data.pack_questions", "1",
-    "--data.conversation_mix", "false", "--data.difficulty", "none", "--data.max_length", "128",
-    "--train.max_minutes", "none", "--train.lr", "2e-3", "--train.min_lr_ratio", "0", "--train.precision", "fp32",
-    "--train.curriculum_steps", "0",
-]  # fmt: skip
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import SMALL
 from gpt2mm.cli import main
 from gpt2mm.config import IGNORE_INDEX
 from gpt2mm.data.collate import encode_samples
@@ -22,12 +23,6 @@ from gpt2mm.data.synthetic import DESCRIBE_PROMPT, write_world
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo-sft.yaml"
 # the demo's stage-1 recipe made the small one these tests are about: one question per sample, no conversations or
 # curriculum, the preset's vision layer and attention, fp32, a schedule by steps only (no time budget)
-SMALL = [
-    "--model.overrides", "{}", "--model.attn_implementation", "none", "--data.pack_questions", "1",
-    "--data.conversation_mix", "false", "--data.difficulty", "none", "--data.max_length", "128",
-    "--train.max_minutes", "none", "--train.lr", "2e-3", "--train.min_lr_ratio", "0", "--train.precision", "fp32",
-    "--train.curriculum_steps", "0",
-]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
