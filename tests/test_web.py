@@ -33,8 +33,9 @@ pytestmark = BROWSER_MARKS
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A uvicorn server in a thread, serving a tiny random model loaded from disk; yields its URL."""
-    from gpt2mm.serve.api import ServerSettings, create_app
+    from gpt2mm.serve.api import create_app
     from gpt2mm.serve.engine import Engine
+    from gpt2mm.serve.requests import ServerSettings
 
     model_dir = tmp_path_factory.mktemp("model")
     model, processor = wide_tiny_model()  # answers depend on the prompt

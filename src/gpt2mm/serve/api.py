@@ -7,46 +7,37 @@ page, with dynamic batching.
       "image_url": {"url": "data:image/png;base64,..."}}]}]}'
 
 Endpoints: `POST /v1/chat/completions` (non-streamed or server-sent events), `GET /v1/models`,
-`GET /health`, and the chat page at `/` (which calls the same endpoint). See `gpt2mm.serve.schema` for how
-messages map onto the model's Q/A format.
+`GET /health`, and the chat page at `/` (which calls the same endpoint). This module is the app: its routes,
+the batcher they share and the answers (whole or streamed); a request is read, checked against the limits
+(`ServerSettings`) and made into the engine's `GenerationRequest` by `gpt2mm.serve.requests`, which also
+says how messages map onto the model's Q/A format.
 
 Differences from OpenAI, on purpose: `temperature` defaults to 0 (greedy; `--default-temperature`),
 `model` may be left out (a `model` other than the served name, `--served-model-name` or the MODEL
 argument as given, is a 404 `model_not_found`, as OpenAI and vLLM answer), and when prompt + `max_tokens` would overflow the context,
 `max_tokens` is reduced to what fits (`finish_reason` then says "length"); a prompt that alone fills the
 context is a 400. `logprobs` and `top_logprobs` are not implemented: asking for them is a 400
-`unsupported_parameter`, not silently ignored. Every user message needs text (see `gpt2mm.serve.schema`).
+`unsupported_parameter`, not silently ignored. Every user message needs text (see `gpt2mm.serve.requests`).
 
-Untrusted input is refused with a 4xx OpenAI-shaped error, never a crash: bodies over `--max-body-bytes`
-(by Content-Length and by the bytes actually read), bad JSON or fields, bad base64, non-images, truncated
-images, images over the byte or pixel limits (decompression bombs), more images than `--max-images`,
-prompts longer than the context. Images come as base64 `data:` URLs; `http(s)` URLs only under a prefix
-given with `--allow-image-urls`, `file://` paths only inside a directory given with
-`--allow-local-images` (resolved, symlinks included, before the check). When the queue is full the answer
-is 503 with `Retry-After`.
+Untrusted input is refused with a 4xx OpenAI-shaped error, never a crash (what is checked, and the image
+sources allowed: `gpt2mm.serve.requests`). When the queue is full the answer is 503 with `Retry-After`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 import logging
-import posixpath
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit
+from collections.abc import AsyncIterator
+from typing import Any
 
-from gpt2mm.errors import DataError
 from gpt2mm.openapi import add_error_handlers
 from gpt2mm.serve.batching import Batcher, QueueFull
-from gpt2mm.serve.engine import Engine, GenerationRequest, SamplingParams
+from gpt2mm.serve.engine import Engine, GenerationRequest
+from gpt2mm.serve.requests import ServerSettings, build_request, read_chat
 
 try:  # optional: `pip install 'gpt2-multimodal[serve]'` (`gpt2mm serve` says so when they are missing)
     from fastapi import FastAPI, Request
@@ -54,158 +45,7 @@ try:  # optional: `pip install 'gpt2-multimodal[serve]'` (`gpt2mm serve` says so
 except ImportError:  # pragma: no cover
     FastAPI = Request = HTMLResponse = JSONResponse = None  # type: ignore[assignment,misc]
 
-if TYPE_CHECKING:
-    from PIL import Image
-
-    from gpt2mm.serve.schema import ChatRequest
-
 log = logging.getLogger(__name__)
-
-MB = 1024 * 1024
-
-
-@dataclass
-class ServerSettings:
-    """Limits and switches of the server (the `gpt2mm serve` flags)."""
-
-    model_name: str = "gpt2mm"
-    model_aliases: tuple[str, ...] = ()  # other names a request may give: the MODEL argument as given
-    api_key: str | None = None
-    max_body_bytes: int = 20 * MB
-    max_image_bytes: int = 10 * MB
-    max_image_pixels: int = 16_000_000
-    max_images: int = 1
-    default_max_tokens: int = 64
-    max_tokens_limit: int = 512
-    default_temperature: float = 0.0
-    max_n: int = 4
-    max_batch_size: int = 16
-    batch_wait_ms: float = 10.0
-    max_queue: int = 256
-    retry_after_s: int = 1
-    allow_image_urls: tuple[str, ...] = ()
-    allow_local_images: tuple[Path, ...] = field(default_factory=tuple)
-    url_timeout_s: float = 10.0
-
-
-# --- images -------------------------------------------------------------------------------------------------
-
-
-def load_image_url(url: str, settings: ServerSettings, param: str) -> Image.Image:
-    """An `image_url` -> RGB image, with every check of `load_image_bytes`; `APIError` (400) otherwise."""
-    from gpt2mm.data.images import load_image, load_image_bytes
-    from gpt2mm.serve.schema import APIError
-
-    def bad(message: str, code: str = "invalid_image") -> APIError:
-        return APIError(400, f"{param}: {message}", param=param, code=code)
-
-    limits = dict(max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes)
-    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
-    try:
-        if scheme == "data":
-            header, sep, payload = url[5:].partition(",")
-            if not sep:
-                raise bad("malformed data URL (no comma)", "invalid_image_url")
-            mime, *options = header.split(";")
-            if "base64" not in (o.strip().lower() for o in options):
-                raise bad("data URLs must be base64-encoded (data:image/png;base64,...)", "invalid_image_url")
-            if mime.strip() and not mime.strip().lower().startswith("image/"):
-                raise bad(f"data URL of type {mime.strip()!r}, not an image", "invalid_image_url")
-            payload = "".join(payload.split())
-            if len(payload) > (settings.max_image_bytes // 3 + 2) * 4:
-                raise bad(f"image over the limit of {settings.max_image_bytes} bytes", "image_too_large")
-            try:
-                data = base64.b64decode(payload, validate=True)
-            except (binascii.Error, ValueError):
-                raise bad("invalid base64 in the data URL", "invalid_base64") from None
-            return load_image_bytes(data, name="image", **limits)
-        if scheme in ("http", "https"):
-            if not _remote_allowed(url, settings.allow_image_urls):
-                raise bad(
-                    "remote image URLs are refused (start the server with --allow-image-urls PREFIX to "
-                    "allow some); send the image as a base64 data URL",
-                    "image_url_not_allowed",
-                )
-            return load_image_bytes(_fetch(url, settings), name="image", **limits)
-        if scheme == "file":
-            path = _local_path(url, settings.allow_local_images)
-            if path is None:
-                raise bad(
-                    "local image paths are refused outside the directories given with --allow-local-images",
-                    "image_url_not_allowed",
-                )
-            return load_image(path, **limits)
-        raise bad(
-            "unsupported image URL: use a base64 data URL (data:image/png;base64,...)", "invalid_image_url"
-        )
-    except DataError as e:
-        message = str(e)
-        code = "image_too_large" if ("over the limit" in message or "bomb" in message) else "invalid_image"
-        raise bad(message.removeprefix("image: "), code) from None
-
-
-def _remote_allowed(url: str, prefixes: Sequence[str]) -> bool:
-    """Whether `url` lies under an allowed prefix: same scheme, host and port, path inside the prefix's path
-    (after resolving `.`/`..` and percent-escapes), no user info."""
-    try:
-        u = urlsplit(url)
-        port = u.port
-    except ValueError:
-        return False
-    if u.username is not None or u.password is not None or "\\" in url:
-        return False
-    segments = unquote(u.path).split("/")
-    if any(s in (".", "..") for s in segments):
-        return False
-    path = posixpath.normpath(unquote(u.path) or "/")
-    for prefix in prefixes:
-        p = urlsplit(prefix)
-        base = p.path if p.path.endswith("/") else p.path + "/"
-        same_origin = (u.scheme.lower(), u.hostname, port) == (p.scheme.lower(), p.hostname, p.port)
-        if same_origin and (path == p.path.rstrip("/") or (path + "/").startswith(base) or base == "/"):
-            return True
-    return False
-
-
-def _fetch(url: str, settings: ServerSettings) -> bytes:
-    """GET an allow-listed URL: no redirects (they could leave the allow-list), a timeout, a byte limit."""
-    import urllib.request
-
-    from gpt2mm.serve.schema import APIError
-
-    class NoRedirect(urllib.request.HTTPRedirectHandler):
-        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-            return None
-
-    opener = urllib.request.build_opener(NoRedirect)
-    try:
-        with opener.open(url, timeout=settings.url_timeout_s) as response:
-            return response.read(settings.max_image_bytes + 1)
-    except Exception as e:
-        raise APIError(400, f"could not fetch the image URL: {e}", code="image_fetch_failed") from None
-
-
-def _local_path(url: str, allowed: Sequence[Path]) -> Path | None:
-    """The resolved path of a `file://` URL if it lies inside an allowed directory, else None."""
-    if not allowed:
-        return None
-    try:
-        u = urlsplit(url)
-    except ValueError:
-        return None
-    if u.netloc not in ("", "localhost") or "\x00" in url:
-        return None
-    raw = Path(unquote(u.path))
-    if not raw.is_absolute():
-        return None
-    try:
-        path = raw.resolve()
-    except (OSError, RuntimeError):
-        return None
-    for d in allowed:
-        if path.is_relative_to(d.resolve()):
-            return path
-    return None
 
 
 # --- the app ------------------------------------------------------------------------------------------------
@@ -402,28 +242,6 @@ async def chat_completions(request: Request) -> Any:
     return completion(meta, gen, prompt_tokens)
 
 
-async def read_chat(request: Request, settings: ServerSettings) -> ChatRequest:
-    """The body as a validated `ChatRequest` for the served model: 413 over the size limit, 400 for bad JSON
-    or fields, 404 `model_not_found` for another model's name."""
-    from gpt2mm.serve.schema import APIError, parse_request
-
-    body = await read_body(request, settings.max_body_bytes)
-    try:
-        data = json.loads(body, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as e:
-        raise APIError(400, f"the body is not valid JSON: {e}"[:500], code="invalid_json") from None
-    chat = parse_request(data)
-    if chat.model is not None and chat.model not in (settings.model_name, *settings.model_aliases):
-        raise APIError(
-            404,
-            f"The model `{chat.model}` does not exist: this server serves `{settings.model_name}` "
-            "(send it as `model`, or leave `model` out)",
-            param="model",
-            code="model_not_found",
-        )
-    return chat
-
-
 def submit(
     gen: GenerationRequest, batcher: Batcher, settings: ServerSettings, stream: bool
 ) -> asyncio.Queue[tuple[Any, ...]]:
@@ -480,65 +298,6 @@ def completion(meta: dict[str, Any], gen: GenerationRequest, prompt_tokens: int)
     }
 
 
-def build_request(chat: ChatRequest, engine: Engine, settings: ServerSettings) -> GenerationRequest:
-    """Validated request -> prompt ids, pixel values, sampling settings (runs in a thread: it decodes
-    images and tokenizes)."""
-    from gpt2mm.serve.schema import APIError, messages_to_turns
-
-    turns, urls = messages_to_turns(chat.messages)
-    if len(urls) > settings.max_images:
-        raise APIError(
-            400,
-            f"{len(urls)} images in the request; this server takes at most {settings.max_images}",
-            param="messages",
-            code="too_many_images",
-        )
-    max_n = min(settings.max_n, settings.max_batch_size)  # the n choices of a request share a batch
-    if chat.n > max_n:
-        raise APIError(400, f"n must be at most {max_n}", param="n", code="invalid_value")
-    wanted = chat.max_completion_tokens or chat.max_tokens or settings.default_max_tokens
-    if wanted > settings.max_tokens_limit:
-        raise APIError(
-            400,
-            f"max_tokens must be at most {settings.max_tokens_limit}",
-            param="max_tokens",
-            code="invalid_value",
-        )
-    stops = chat.stop_strings()
-    # Cheap bound before tokenizing a huge text: no token holds 32 characters.
-    chars = sum(len(t) for _, t, _ in turns)
-    if chars > 32 * engine.context_length:
-        raise_too_long(engine, None)
-    images = [load_image_url(url, settings, param) for url, param in urls]
-    prompt = engine.prepare(turns, images)
-    if len(prompt.input_ids) >= engine.context_length:
-        raise_too_long(engine, len(prompt.input_ids))
-    temperature = settings.default_temperature if chat.temperature is None else chat.temperature
-    params = SamplingParams(
-        max_new_tokens=wanted,
-        temperature=float(temperature),
-        top_p=1.0 if chat.top_p is None else float(chat.top_p),
-        n=chat.n,
-        stop=stops,
-        seed=chat.seed,
-    )
-    return GenerationRequest(prompt, params)
-
-
-def raise_too_long(engine: Engine, n_tokens: int | None) -> None:
-    """The 400 `context_length_exceeded` for a prompt that leaves no room for an answer."""
-    from gpt2mm.serve.schema import APIError
-
-    size = f"{n_tokens} tokens" if n_tokens is not None else "too long"
-    raise APIError(
-        400,
-        f"the prompt is {size}; the model's context is {engine.context_length} tokens including the answer"
-        f" (each image takes {engine.num_image_tokens})",
-        param="messages",
-        code="context_length_exceeded",
-    )
-
-
 async def stream_events(
     gen: GenerationRequest,
     events: asyncio.Queue[tuple[Any, ...]],
@@ -583,27 +342,3 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-async def read_body(request: Any, limit: int) -> bytes:
-    """The request body, refused with 413 when Content-Length or the bytes actually sent exceed `limit`."""
-    from gpt2mm.serve.schema import APIError
-
-    too_large = APIError(413, f"the request body is over the limit of {limit} bytes", code="body_too_large")
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            if int(declared) > limit:
-                raise too_large
-        except ValueError:
-            raise APIError(400, "invalid Content-Length header", code="invalid_header") from None
-    body = bytearray()
-    async for piece in request.stream():
-        body += piece
-        if len(body) > limit:
-            raise too_large
-    return bytes(body)

@@ -1,18 +1,9 @@
 """The OpenAI chat-completions request, validated strictly, and errors in OpenAI's JSON shape.
 
 Types are strict (a number where a string is expected, `"5"` for `max_tokens`, NaN: all 400s), unknown
-fields are ignored. Messages map onto the model's Q/A format:
-
-- `system` and `developer` messages are ignored: the model was never trained with instructions.
-- Consecutive messages of the same role are merged (their texts joined by a space).
-- After that the turns must alternate user/assistant, start with user and end with user.
-- Content is a string or a list of `text` and `image_url` parts; images belong to user turns. A turn with
-  one image has it after its `Q:` (the seed's `Q: <image> {question} A:`, wherever the part stands); a turn
-  with several (`gpt2mm serve --max-images N`) has each where its part stands among the text parts,
-  `Q: Compare <image> and <image> . A:`. Text may not hold `<image>` itself: images are `image_url` parts.
-- Every user turn needs text (the question): the model answers `Q: <image> {question} A:` and has no prompt
-  of its own for an image alone, so an empty or blank question (an image-only message included) is a 400;
-  to get a description, ask for one ("Describe the image in detail.").
+fields are ignored. This module is the wire format only (the request's types and their validation,
+`parse_request`; the answers' types); how the messages map onto the model's Q/A format, and the rest of
+preparing a request for the engine, is `gpt2mm.serve.requests`.
 
 Both unions (`content`: string or parts; a part: by its `type`) are tagged, so an error names the real
 problem (`messages.0.content.0.image_url.url: Field required`), not the first alternative that failed.
@@ -34,7 +25,6 @@ from pydantic import (
     ValidationError,
 )
 
-from gpt2mm.data.samples import IMAGE_PLACEHOLDER
 from gpt2mm.openapi import APIError, error_body  # noqa: F401  (the error shape, shared with the tagging app)
 
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
@@ -170,73 +160,6 @@ def check_text(text: str, param: str) -> str:
     except UnicodeEncodeError:
         raise APIError(400, f"{param}: not valid UTF-8 text", param=param, code="invalid_value") from None
     return text
-
-
-def message_text(text: str, param: str) -> str:
-    """A text part (or string content), checked: valid Unicode without the `<image>` placeholder, which
-    would become an image's tokens with no image."""
-    if IMAGE_PLACEHOLDER in check_text(text, param):
-        raise APIError(
-            400,
-            f"{param}: text may not hold {IMAGE_PLACEHOLDER}; send images as image_url parts",
-            param=param,
-            code="invalid_value",
-        )
-    return text
-
-
-def messages_to_turns(messages: list[Message]) -> tuple[list[tuple[str, str, int]], list[tuple[str, str]]]:
-    """Messages -> (role, text, number of images) turns for `Engine.prepare`, and the image URLs in order
-    as (url, param) pairs (param names the part, for error messages). A user turn with several images gets
-    an `<image>` placeholder where each stands among its text parts; with one, none (it goes after `Q:`)."""
-    # [role, pieces (texts and IMAGE_PLACEHOLDER, in order), index of the turn's last message]
-    merged: list[list[Any]] = []
-    urls: list[tuple[str, str]] = []
-    for i, m in enumerate(messages):
-        if m.role in ("system", "developer"):
-            continue
-        pieces: list[str] = []
-        if m.content is None:
-            if m.role == "user":
-                raise APIError(400, "user messages need content", param=f"messages.{i}.content")
-        elif isinstance(m.content, str):
-            pieces.append(message_text(m.content, f"messages.{i}.content"))
-        else:
-            for j, part in enumerate(m.content):
-                param = f"messages.{i}.content.{j}"
-                if isinstance(part, TextPart):
-                    pieces.append(message_text(part.text, param + ".text"))
-                else:
-                    if m.role != "user":
-                        raise APIError(400, "only user messages can hold images", param=param)
-                    urls.append((part.image_url.url, param + ".image_url.url"))
-                    pieces.append(IMAGE_PLACEHOLDER)
-        if merged and merged[-1][0] == m.role:
-            merged[-1][1] += pieces
-            merged[-1][2] = i
-        else:
-            merged.append([m.role, pieces, i])
-    if not merged or merged[0][0] != "user":
-        raise APIError(400, "the conversation must start with a user message", param="messages")
-    if merged[-1][0] != "user":
-        raise APIError(400, "the last message must be a user message", param="messages")
-    turns: list[tuple[str, str, int]] = []
-    for role, pieces, i in merged:
-        words = [p.strip() for p in pieces if p.strip()]
-        text = " ".join(w for w in words if w != IMAGE_PLACEHOLDER)
-        n_images = words.count(IMAGE_PLACEHOLDER)
-        # one image keeps the seed's place after `Q:`; several stand where their parts do
-        turns.append((role, " ".join(words) if n_images > 1 else text, n_images))
-        if role == "user" and not text:
-            what = "only an image" if n_images == 1 else "only images" if n_images else "no text"
-            raise APIError(
-                400,
-                f"messages.{i}.content: the question is empty (the user message has {what}): ask a "
-                "question, e.g. 'Describe the image in detail.'",
-                param=f"messages.{i}.content",
-                code="empty_question",
-            )
-    return turns, urls
 
 
 # --- what the server answers (documented in its OpenAPI document: `gpt2mm.serve.api.openapi_document`) ----------
