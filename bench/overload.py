@@ -68,7 +68,7 @@ def prompts() -> list[dict]:
 
 def expected_answers(engine, bodies: list[dict]) -> list[str]:
     """Each prompt's answer through the engine alone, one request at a time (no server, no batching)."""
-    from gpt2mm.serve.requests import ServerSettings, build_request
+    from gpt2mm.serve.prepare import ServerSettings, build_request
     from gpt2mm.serve.schema import parse_request
 
     answers = []
@@ -148,7 +148,7 @@ def main() -> None:
     import torch
 
     from gpt2mm.serve.api import create_app
-    from gpt2mm.serve.requests import ServerSettings
+    from gpt2mm.serve.prepare import ServerSettings
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(max(1, min(2, cpus)))

@@ -163,8 +163,14 @@ for question, paths in args["questions"]:
     ids = vlm.encode(question, len(images))
     new, text, finish = vlm.generate(ids, images, args["max_new_tokens"])
     answers.append({"prompt": ids, "new": new, "text": text, "finish": finish})
+import contextlib, io
+question, paths = args["questions"][0]
+printed = io.StringIO()
+with contextlib.redirect_stdout(printed):
+    argv = [args["out"], question, *[a for p in paths for a in ("--image", p)], "--max-new-tokens", str(args["max_new_tokens"])]
+    code = __import__("run_onnx").main(argv)
 blocked = [m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "gpt2mm")]
-print("RESULT " + json.dumps({"answers": answers, "imported": blocked}))
+print("RESULT " + json.dumps({"answers": answers, "imported": blocked, "cli": [code, printed.getvalue()]}))
 """
 
 
@@ -211,6 +217,7 @@ def test_run_onnx_answers_as_gpt2mm_ask_without_torch(exported):
         next(x for x in proc.stdout.splitlines() if x.startswith("RESULT ")).removeprefix("RESULT ")
     )
     assert result["imported"] == []
+    assert result["cli"] == [0, ours[0]["text"] + "\n"]  # `python run_onnx.py OUT --image ... QUESTION`
     assert len({a["text"] for a in ours}) > 1, "the answers should differ from question to question"
     for a, b in zip(ours, result["answers"], strict=True):
         assert b["prompt"] == a["prompt"]

@@ -30,7 +30,7 @@ from schemathesis import checks as st_checks  # noqa: E402
 from conftest import make_image, wide_tiny_model  # noqa: E402
 from gpt2mm.serve.api import create_app  # noqa: E402
 from gpt2mm.serve.engine import Engine  # noqa: E402
-from gpt2mm.serve.requests import ServerSettings  # noqa: E402
+from gpt2mm.serve.prepare import ServerSettings  # noqa: E402
 
 FAST, LONG = 40, 1500  # requests generated after the coverage phase: the default run, the slow one
 

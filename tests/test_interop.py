@@ -119,7 +119,7 @@ IMAGES = [make_image(10, 40), make_image(11, 56)]
 
 def api_encoding(processor, conversation) -> tuple[list[int], torch.Tensor | None]:
     """What the server feeds the model for these messages: its ids and pixel values."""
-    from gpt2mm.serve.requests import messages_to_turns
+    from gpt2mm.serve.prepare import messages_to_turns
     from gpt2mm.serve.schema import parse_request
 
     chat = parse_request({"messages": openai_messages(conversation, lambda k: data_url(IMAGES[k]))})

@@ -25,7 +25,7 @@ from PIL import Image  # noqa: E402
 from conftest import make_image, wide_tiny_model  # noqa: E402
 from gpt2mm.serve.api import create_app  # noqa: E402
 from gpt2mm.serve.engine import Engine  # noqa: E402
-from gpt2mm.serve.requests import ServerSettings, _local_path, _remote_allowed  # noqa: E402
+from gpt2mm.serve.prepare import ServerSettings, _local_path, _remote_allowed  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -536,7 +536,7 @@ def test_two_images_with_max_images_2_stand_where_their_parts_do(client, engine)
 
 
 def test_messages_to_turns_places_several_images_and_keeps_one_after_q():
-    from gpt2mm.serve.requests import messages_to_turns
+    from gpt2mm.serve.prepare import messages_to_turns
     from gpt2mm.serve.schema import APIError, ChatRequest
 
     def turns(messages):

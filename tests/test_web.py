@@ -35,7 +35,7 @@ def server(tmp_path_factory):
     """A uvicorn server in a thread, serving a tiny random model loaded from disk; yields its URL."""
     from gpt2mm.serve.api import create_app
     from gpt2mm.serve.engine import Engine
-    from gpt2mm.serve.requests import ServerSettings
+    from gpt2mm.serve.prepare import ServerSettings
 
     model_dir = tmp_path_factory.mktemp("model")
     model, processor = wide_tiny_model()  # answers depend on the prompt

@@ -44,7 +44,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "gpt2mm.commands.push",
         "publish a checkpoint on the Hugging Face Hub (loads there without gpt2mm)",
     ),
-    "export": ("gpt2mm.commands.export", "`export onnx`: ONNX graphs + a runner that answers without PyTorch"),
+    "export": (
+        "gpt2mm.commands.export",
+        "`export onnx`: ONNX graphs + a runner that answers without PyTorch",
+    ),
 }
 
 

@@ -200,9 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Answer a question about images with an exported gpt2mm model."
     )
-    parser.add_argument(
-        "model", nargs="?", default=str(Path(__file__).resolve().parent), help="the export dir"
-    )
+    parser.add_argument("model", help="the directory `gpt2mm export onnx` wrote")
     parser.add_argument("question")
     parser.add_argument("--image", action="append", default=[], help="an image file; repeat for several")
     parser.add_argument("--max-new-tokens", type=int, default=64)

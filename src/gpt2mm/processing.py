@@ -38,7 +38,7 @@ STOP_STRINGS = (f"\n{USER_PREFIX}", f" {USER_PREFIX} ", "\n\n")
 
 # The prompt format as a Jinja chat template, for `processor.apply_chat_template` (and so for code that knows
 # transformers but not gpt2mm). It renders what `encode_turns` encodes, the way the server maps OpenAI
-# messages onto turns (gpt2mm.serve.requests.messages_to_turns): system and developer messages are skipped;
+# messages onto turns (gpt2mm.serve.prepare.messages_to_turns): system and developer messages are skipped;
 # consecutive messages of one role are merged, their text parts stripped and joined by a space; a user turn
 # with one image has it after `Q:`, with several each where its part stands; ` A:` opens each assistant turn
 # and, with `add_generation_prompt`, the answer to come; an answer ends with end-of-text. Image parts are

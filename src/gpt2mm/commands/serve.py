@@ -3,7 +3,7 @@
     gpt2mm serve ./my-model --port 8000 [--api-key KEY]
 
 The flags become a `ServerSettings` (nonsense limits and allow-list entries refused here, exit code 2);
-the app and its endpoints are `gpt2mm.serve.api`, the limits and what they refuse `gpt2mm.serve.requests`.
+the app and its endpoints are `gpt2mm.serve.api`, the limits and what they refuse `gpt2mm.serve.prepare`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from gpt2mm.errors import UsageError
 from gpt2mm.serve.api import create_app
 from gpt2mm.serve.engine import add_engine_arguments
-from gpt2mm.serve.requests import ServerSettings
+from gpt2mm.serve.prepare import ServerSettings
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

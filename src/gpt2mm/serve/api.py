@@ -9,7 +9,7 @@ page, with dynamic batching.
 Endpoints: `POST /v1/chat/completions` (non-streamed or server-sent events), `GET /v1/models`,
 `GET /health`, and the chat page at `/` (which calls the same endpoint). This module is the app: its routes,
 the batcher they share and the answers (whole or streamed); a request is read, checked against the limits
-(`ServerSettings`) and made into the engine's `GenerationRequest` by `gpt2mm.serve.requests`, which also
+(`ServerSettings`) and made into the engine's `GenerationRequest` by `gpt2mm.serve.prepare`, which also
 says how messages map onto the model's Q/A format.
 
 Differences from OpenAI, on purpose: `temperature` defaults to 0 (greedy; `--default-temperature`),
@@ -17,10 +17,10 @@ Differences from OpenAI, on purpose: `temperature` defaults to 0 (greedy; `--def
 argument as given, is a 404 `model_not_found`, as OpenAI and vLLM answer), and when prompt + `max_tokens` would overflow the context,
 `max_tokens` is reduced to what fits (`finish_reason` then says "length"); a prompt that alone fills the
 context is a 400. `logprobs` and `top_logprobs` are not implemented: asking for them is a 400
-`unsupported_parameter`, not silently ignored. Every user message needs text (see `gpt2mm.serve.requests`).
+`unsupported_parameter`, not silently ignored. Every user message needs text (see `gpt2mm.serve.prepare`).
 
 Untrusted input is refused with a 4xx OpenAI-shaped error, never a crash (what is checked, and the image
-sources allowed: `gpt2mm.serve.requests`). When the queue is full the answer is 503 with `Retry-After`.
+sources allowed: `gpt2mm.serve.prepare`). When the queue is full the answer is 503 with `Retry-After`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from typing import Any
 from gpt2mm.openapi import add_error_handlers
 from gpt2mm.serve.batching import Batcher, QueueFull
 from gpt2mm.serve.engine import Engine, GenerationRequest
-from gpt2mm.serve.requests import ServerSettings, build_request, read_chat
+from gpt2mm.serve.prepare import ServerSettings, build_request, read_chat
 
 try:  # optional: `pip install 'gpt2-multimodal[serve]'` (`gpt2mm serve` says so when they are missing)
     from fastapi import FastAPI, Request

@@ -3,7 +3,7 @@
 Types are strict (a number where a string is expected, `"5"` for `max_tokens`, NaN: all 400s), unknown
 fields are ignored. This module is the wire format only (the request's types and their validation,
 `parse_request`; the answers' types); how the messages map onto the model's Q/A format, and the rest of
-preparing a request for the engine, is `gpt2mm.serve.requests`.
+preparing a request for the engine, is `gpt2mm.serve.prepare`.
 
 Both unions (`content`: string or parts; a part: by its `type`) are tagged, so an error names the real
 problem (`messages.0.content.0.image_url.url: Field required`), not the first alternative that failed.
