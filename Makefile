@@ -16,9 +16,17 @@ setup:
 	$(BIN)/pip install -e ".[dev]"
 
 # Debian's Chromium for the web-page tests (driven by Playwright; they are skipped without it). Needs root.
+# Then, from npm, the three files of onnxruntime-web the exported ONNX page loads (its test is skipped
+# without them; a failure here does not stop the setup).
+ORT_WEB_VERSION := 1.31.1
+ORT_WEB := $(HOME)/.cache/gpt2mm/onnxruntime-web-$(ORT_WEB_VERSION)
 setup-browser:
 	apt-get update
 	apt-get install -y --no-install-recommends chromium
+	-[ -f $(ORT_WEB)/ort.wasm.min.js ] || (tmp=$$(mktemp -d) && cd $$tmp \
+	  && npm pack --silent onnxruntime-web@$(ORT_WEB_VERSION) && tar xzf onnxruntime-web-$(ORT_WEB_VERSION).tgz \
+	  && mkdir -p $(ORT_WEB) && cd package/dist \
+	  && cp ort.wasm.min.js ort-wasm-simd-threaded.mjs ort-wasm-simd-threaded.wasm $(ORT_WEB)/; rm -rf $$tmp)
 
 test:
 	$(BIN)/python -m pytest

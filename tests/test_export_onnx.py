@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import gpt2mm
-from conftest import make_image, wide_tiny_model
+from conftest import launch_chromium, make_image, needs_browser, wide_tiny_model
 from gpt2mm.cli import main
 
 ort = pytest.importorskip(
@@ -261,3 +261,95 @@ def test_a_failed_check_writes_nothing_and_keeps_the_earlier_export(exported, mo
     )
     assert (out / "manifest.json").read_text() == before
     assert not out.with_name(out.name + ".tmp").exists()
+
+
+# --- the web page: onnxruntime-web in Chromium -----------------------------------------------------------------
+
+ORT_WEB_VERSION = "1.31.1"  # the version index.html loads
+ORT_WEB = Path(
+    os.environ.get("GPT2MM_ORT_WEB", Path.home() / ".cache" / "gpt2mm" / f"onnxruntime-web-{ORT_WEB_VERSION}")
+)
+CDN = f"https://cdn.jsdelivr.net/npm/onnxruntime-web@{ORT_WEB_VERSION}/dist/"
+TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm", ".json": "application/json",
+         ".html": "text/html", ".onnx": "application/octet-stream"}  # fmt: skip
+
+
+def _serve_from(folder: Path):
+    """A Playwright route handler answering a URL with the file of that name in `folder` (CORS allowed)."""
+
+    def handle(route):
+        name = route.request.url.split("?")[0].rsplit("/", 1)[-1]
+        file = folder / name
+        if not file.is_file():
+            return route.fulfill(status=404, body=f"{name}: not here")
+        headers = {
+            "Access-Control-Allow-Origin": "*",
+            "Content-Type": TYPES.get(file.suffix, "application/octet-stream"),
+        }
+        return route.fulfill(status=200, headers=headers, body=file.read_bytes())
+
+    return handle
+
+
+@needs_browser
+@pytest.mark.skipif(
+    not (ORT_WEB / "ort.wasm.min.js").is_file(),
+    reason=f"the page test needs onnxruntime-web {ORT_WEB_VERSION} in {ORT_WEB} (`make setup-browser` fetches it "
+    "with npm; or set GPT2MM_ORT_WEB to its dist folder)",
+)
+def test_web_page_answers_as_run_onnx(exported, tmp_path):
+    """The exported index.html in Chromium (onnxruntime-web from a local copy of the CDN's files, the export
+    served as a site): its tokenizer gives tokenizers' ids, and at the model's image size its greedy answers
+    are run_onnx.py's, token for token, through the API and through the form."""
+    from playwright.sync_api import sync_playwright
+
+    _, out, _ = exported
+    if not out.exists():
+        pytest.skip("needs test_export_writes_a_checked_export")
+    vlm = _vlm(out)
+    texts = [
+        "Q: <image><image> What color is the circle? A:",
+        "héllo wörld's 12 ,.!  two  spaces\nQ:",
+        "<|endoftext|>x",
+    ]
+    cases = []
+    for i, question in enumerate(
+        ["What color is the circle?", "How many shapes are there?", "What is on the left?"]
+    ):
+        path = tmp_path / f"page{i}.png"
+        make_image(30 + i, 48).save(path)
+        new, text, finish = vlm.generate(vlm.encode(question, 1), [Image.open(path)], MAX_NEW_TOKENS)
+        form = vlm.generate(vlm.encode(question, 1), [Image.open(path)], 64)[
+            1
+        ]  # the page asks for 64 at most
+        cases.append((question, path, {"ids": new, "text": text, "finish": finish}, form))
+    with sync_playwright() as p:
+        browser = launch_chromium(p)
+        page = browser.new_page()
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.route(CDN + "**", _serve_from(ORT_WEB))
+        page.route("http://export.test/**", _serve_from(out))
+        page.goto("http://export.test/index.html")
+        page.wait_for_function("window.gpt2mm && window.gpt2mm.vlm !== undefined", timeout=60_000)
+        assert page.evaluate("ts => ts.map(t => window.gpt2mm.vlm.tokenizer.encode(t))", texts) == [
+            vlm.tokenizer.encode(t, add_special_tokens=False).ids for t in texts
+        ]
+        ids = [vlm.tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
+        assert page.evaluate("ids => ids.map(i => window.gpt2mm.vlm.tokenizer.decode(i))", ids) == [
+            vlm.decode(i) for i in ids
+        ]
+        for question, path, expected, form in cases:
+            page.set_input_files("#image", str(path))
+            page.fill("#question", question)
+            page.press("#question", "Enter")
+            page.wait_for_function("document.getElementById('answer').dataset.done === '1'", timeout=60_000)
+            assert page.text_content("#answer") == form
+            got = page.evaluate(
+                """async ([q, n]) => { const v = window.gpt2mm.vlm, img = document.getElementById('preview');
+                   return await v.generate(v.encode(q, 1), [img], n); }""",
+                [question, MAX_NEW_TOKENS],
+            )
+            assert got == expected
+        browser.close()
+    assert errors == []

@@ -9,7 +9,8 @@ OUT holds what the model needs to answer without PyTorch:
   the fusion (add, or replace) and GPT-2 with its cache, one graph for the prompt and for each new token;
 - `tokenizer.json`, `gpt2mm_onnx.json` (the prompt format, image preprocessing, cache shapes, stop strings);
 - `run_onnx.py`: `gpt2mm.onnx_runner`, copied (the same file, not a second copy kept by hand), which
-  reproduces the processor and greedy decoding with onnxruntime, numpy, tokenizers and Pillow.
+  reproduces the processor and greedy decoding with onnxruntime, numpy, tokenizers and Pillow;
+- `index.html`: the same in a web page, with onnxruntime-web (`gpt2mm/onnx_web/index.html`).
 
 The graphs come from `torch.onnx.export(..., dynamo=False)`: it traces these modules in a second or two and
 onnxruntime's results agree with PyTorch's to ~1e-5. The export is checked before it takes its name: on
@@ -281,6 +282,7 @@ def export_onnx(
         processor.tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
         shutil.copyfile(Path(__file__).with_name("onnx_runner.py"), tmp / RUNNER_NAME)
+        shutil.copyfile(Path(__file__).with_name("onnx_web") / "index.html", tmp / "index.html")
         if check:
             pairs = check_questions(check, image_size=model.config.vision_config.image_size)
             result = check_export(engine, tmp, pairs)
