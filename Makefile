@@ -6,6 +6,12 @@ VENV ?= .venv
 # pip arguments of your choice, e.g. `make setup TORCH="torch==2.13.0 --index-url <your PyTorch index>"`.
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
+# lmms-eval for its test (tests/test_lmms_eval.py): without its declared dependencies, which would replace
+# the CPU torch with a CUDA build (through torchvision) and add ~70 packages for other models' tasks; these
+# are what its CLI imports for a generate_until task (filelock < 4: it imports filelock._api), plus openai
+# for its OpenAI-compatible model (pointed at `gpt2mm serve`).
+LMMS_EVAL ?= lmms-eval==0.7.3
+LMMS_EVAL_NEEDS ?= loguru sacrebleu evaluate pytz tenacity pytablewriter "filelock<4" openai python-dotenv
 
 .PHONY: setup setup-browser test test-all lint format demo bench clean
 
@@ -14,6 +20,8 @@ setup:
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install $(TORCH)
 	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/pip install --no-deps $(LMMS_EVAL)
+	$(BIN)/pip install $(LMMS_EVAL_NEEDS)
 
 # Debian's Chromium for the web-page tests (driven by Playwright; they are skipped without it). Needs root.
 # Then, from npm, the three files of onnxruntime-web the exported ONNX page loads (its test is skipped
