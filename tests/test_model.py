@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModel, AutoProcessor, GPT2LMHeadModel
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, GPT2LMHeadModel
 
 from conftest import make_image
 from gpt2mm import MultimodalGPT2Config, MultimodalGPT2ForConditionalGeneration, MultimodalGPT2Processor
@@ -264,8 +264,9 @@ def test_save_load_roundtrip_is_bit_identical_and_auto_classes_find_it(tiny_pair
     processor.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "config.json").is_file()
     assert AutoConfig.from_pretrained(tmp_path).model_type == "gpt2mm"
-    loaded = AutoModel.from_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path)
     assert isinstance(loaded, MultimodalGPT2ForConditionalGeneration)
+    assert type(AutoModel.from_pretrained(tmp_path)).__name__ == "MultimodalGPT2Model"  # no LM head
     a, b = model.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert loaded.vision_frozen  # freezing survives loading

@@ -15,12 +15,12 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Aut
 from gpt2mm.config import MultimodalGPT2Config
 from gpt2mm.hub import save_model
 from gpt2mm.loading import build_model, from_backbones, load_model
-from gpt2mm.modeling import MultimodalGPT2ForConditionalGeneration
+from gpt2mm.modeling import MultimodalGPT2ForConditionalGeneration, MultimodalGPT2Model
 from gpt2mm.presets import PRESETS
 from gpt2mm.processing import MultimodalGPT2Processor
 
 AutoConfig.register("gpt2mm", MultimodalGPT2Config, exist_ok=True)
-AutoModel.register(MultimodalGPT2Config, MultimodalGPT2ForConditionalGeneration, exist_ok=True)
+AutoModel.register(MultimodalGPT2Config, MultimodalGPT2Model, exist_ok=True)
 AutoModelForImageTextToText.register(
     MultimodalGPT2Config, MultimodalGPT2ForConditionalGeneration, exist_ok=True
 )
@@ -31,6 +31,7 @@ __all__ = [
     "PRESETS",
     "MultimodalGPT2Config",
     "MultimodalGPT2ForConditionalGeneration",
+    "MultimodalGPT2Model",
     "MultimodalGPT2Processor",
     "build_model",
     "from_backbones",

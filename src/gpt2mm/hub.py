@@ -40,6 +40,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 REMOTE_ENTRY_MODULES = ("config", "modeling", "processing")
 CONFIG_CLASS = "MultimodalGPT2Config"
 MODEL_CLASS = "MultimodalGPT2ForConditionalGeneration"
+BASE_MODEL_CLASS = "MultimodalGPT2Model"  # without the LM head: AutoModel, and vLLM's Transformers backend
 PROCESSOR_CLASS = "MultimodalGPT2Processor"
 CARD_FILE = "README.md"
 RECIPE_FILE = "recipe.yaml"
@@ -116,7 +117,7 @@ def auto_maps() -> tuple[dict[str, str], dict[str, str]]:
     model = f"{remote_module_name('modeling')}.{MODEL_CLASS}"
     config_map = {
         "AutoConfig": f"{remote_module_name('config')}.{CONFIG_CLASS}",
-        "AutoModel": model,
+        "AutoModel": f"{remote_module_name('modeling')}.{BASE_MODEL_CLASS}",
         "AutoModelForImageTextToText": model,
     }
     return config_map, {"AutoProcessor": f"{remote_module_name('processing')}.{PROCESSOR_CLASS}"}

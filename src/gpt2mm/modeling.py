@@ -25,7 +25,9 @@ from transformers import (
     GPT2Model,
     PreTrainedModel,
 )
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, eager_attention_forward
 
 from gpt2mm.config import IGNORE_INDEX, MultimodalGPT2Config
 
@@ -111,14 +113,8 @@ class MultimodalGPT2PreTrainedModel(PreTrainedModel):
             for conv in module[::2]:
                 conv.reset_parameters()  # PyTorch's convolution init (also after a meta-device build)
 
-
-class MultimodalGPT2ForConditionalGeneration(MultimodalGPT2PreTrainedModel, GenerationMixin):
-    """The seed's multimodal GPT-2 as a `transformers` model: forward, loss, `generate`, save/load."""
-
-    _tied_weights_keys = {"lm_head.weight": "language_model.wte.weight"}
-
-    def __init__(self, config: MultimodalGPT2Config):
-        super().__init__(config)
+    def _build_modules(self, config: MultimodalGPT2Config) -> None:
+        """The vision tower, the projector and GPT-2, under the names every checkpoint uses."""
         self.vision_tower = CLIPVisionModel(config.vision_config)
         if config.vision_stem == "conv":
             vc = config.vision_config
@@ -127,6 +123,44 @@ class MultimodalGPT2ForConditionalGeneration(MultimodalGPT2PreTrainedModel, Gene
             )
         self.projector = MultimodalProjector(config)
         self.language_model = GPT2Model(config.text_config)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.language_model.wte
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.language_model.wte = value
+
+    @property
+    def vision_frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.vision_tower.parameters())
+
+    def get_vision_hidden_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """What the vision tower gives the projector: (num_images, num_image_tokens, vision_hidden_size).
+
+        With a frozen tower these can be computed once per image and cached (see `gpt2mm.data.features`).
+        """
+        tower = self.vision_tower
+        layers = tower.encoder.layers
+        # hidden state k (of 0..n, or -1..-(n+1) from the end) is the output of the first k encoder layers:
+        # the layers after it are not run
+        keep = self.config.vision_feature_layer % (len(layers) + 1)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.vision_frozen):
+            states = tower.pre_layrnorm(tower.embeddings(pixel_values.to(tower.dtype)))
+            for layer in layers[:keep]:
+                states = layer(states, None)  # (N, 1 + P, C_v); no mask: every patch sees every patch
+        if self.config.vision_drop_cls:
+            states = states[:, 1:]  # (N, P, C_v)
+        return states
+
+
+class MultimodalGPT2ForConditionalGeneration(MultimodalGPT2PreTrainedModel, GenerationMixin):
+    """The seed's multimodal GPT-2 as a `transformers` model: forward, loss, `generate`, save/load."""
+
+    _tied_weights_keys = {"lm_head.weight": "language_model.wte.weight"}
+
+    def __init__(self, config: MultimodalGPT2Config):
+        super().__init__(config)
+        self._build_modules(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
         tc = config.text_config
@@ -146,12 +180,6 @@ class MultimodalGPT2ForConditionalGeneration(MultimodalGPT2PreTrainedModel, Gene
             self.freeze_vision()
 
     # --- plumbing that transformers expects ---------------------------------------------------------------
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.language_model.wte
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.language_model.wte = value
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
@@ -182,10 +210,6 @@ class MultimodalGPT2ForConditionalGeneration(MultimodalGPT2PreTrainedModel, Gene
                 block._compiled_call_impl = block._compiled_for_training if mode else None
         return self
 
-    @property
-    def vision_frozen(self) -> bool:
-        return not any(p.requires_grad for p in self.vision_tower.parameters())
-
     def _blocks(self) -> list[nn.Module]:
         return [*self.language_model.h, *self.vision_tower.encoder.layers]
 
@@ -204,24 +228,6 @@ class MultimodalGPT2ForConditionalGeneration(MultimodalGPT2PreTrainedModel, Gene
         self.train(self.training)
 
     # --- the image path ---------------------------------------------------------------------------------
-
-    def get_vision_hidden_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """What the vision tower gives the projector: (num_images, num_image_tokens, vision_hidden_size).
-
-        With a frozen tower these can be computed once per image and cached (see `gpt2mm.data.features`).
-        """
-        tower = self.vision_tower
-        layers = tower.encoder.layers
-        # hidden state k (of 0..n, or -1..-(n+1) from the end) is the output of the first k encoder layers:
-        # the layers after it are not run
-        keep = self.config.vision_feature_layer % (len(layers) + 1)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.vision_frozen):
-            states = tower.pre_layrnorm(tower.embeddings(pixel_values.to(tower.dtype)))
-            for layer in layers[:keep]:
-                states = layer(states, None)  # (N, 1 + P, C_v); no mask: every patch sees every patch
-        if self.config.vision_drop_cls:
-            states = states[:, 1:]  # (N, P, C_v)
-        return states
 
     def get_image_features(
         self, pixel_values: torch.Tensor | None = None, vision_hidden_states: torch.Tensor | None = None
@@ -424,6 +430,124 @@ class MultimodalGPT2ForConditionalGeneration(MultimodalGPT2PreTrainedModel, Gene
         )
         kw.update(images)
         return input_ids, kw
+
+
+class GPT2AttentionAnyLayout(GPT2Attention):
+    """GPT-2's attention, also for attention functions registered from outside transformers that return
+    (tokens, heads * head_dim) where transformers' return (batch, tokens, heads, head_dim): vLLM's. GPT-2 merges
+    the last two dimensions of the output, which would fold vLLM's tokens in too; this layer shapes the output
+    by the input's (batch, tokens) instead. Self-attention without a KV cache takes this path (vLLM keeps
+    its own cache); a cache, cross-attention or eager attention with `reorder_and_upcast_attn` take GPT-2's."""
+
+    def forward(self, hidden_states, cache=None, attention_mask=None, encoder_hidden_states=None, **kwargs):
+        upcast = self.config._attn_implementation == "eager" and self.reorder_and_upcast_attn
+        if cache is not None or encoder_hidden_states is not None or upcast or kwargs.get("past_key_values"):
+            return super().forward(
+                hidden_states,
+                cache=cache,
+                attention_mask=attention_mask,
+                encoder_hidden_states=encoder_hidden_states,
+                **kwargs,
+            )
+        kwargs.pop("output_attentions", None)
+        kwargs.pop("use_cache", None)
+        kwargs.pop("past_key_values", None)
+        query, key, value = self.c_attn(hidden_states).split(self.split_size, dim=2)
+        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        query, key, value = (t.view(shape).transpose(1, 2) for t in (query, key, value))
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        out, weights = attention(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attn_dropout.p if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        out = out.reshape(*hidden_states.shape[:-1], -1).contiguous()  # (B, T, C), whatever layout came back
+        return self.resid_dropout(self.c_proj(out)), weights
+
+
+class MultimodalGPT2Model(MultimodalGPT2PreTrainedModel):
+    """The model without its LM head: what `AutoModel` loads, and what vLLM's Transformers backend builds.
+
+    The vision tower, the projector and GPT-2 go by the names of `MultimodalGPT2ForConditionalGeneration`, so
+    one checkpoint loads as either. `get_image_features(pixel_values)` gives what the `<image>` positions'
+    embeddings become under the config's fusion: the projected features plus the `<image>` token's own
+    embedding ("add"), or the features alone ("replace"). Putting them in place of those embeddings, which is
+    how vLLM (and `forward`, given `pixel_values`) merges every multimodal model's images, is then exactly the
+    full model's fusion. `forward` returns GPT-2's final hidden states; its attention layers accept any
+    registered attention function (`GPT2AttentionAnyLayout`). No KV cache: this class is for scoring and for
+    serving engines that keep their own.
+    """
+
+    _supports_attention_backend = True
+
+    def __init__(self, config: MultimodalGPT2Config):
+        super().__init__(config)
+        self._build_modules(config)
+        for block in self.language_model.h:
+            block.attn.__class__ = GPT2AttentionAnyLayout  # same parameters, same names
+        self.post_init()
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor, return_dict: bool = False, **kwargs: Any
+    ) -> torch.Tensor | BaseModelOutputWithPooling:
+        """(num_images, num_image_tokens, C): the `<image>` positions' embeddings after fusion; with
+        `return_dict`, as `pooler_output` (the vision tower's states as `last_hidden_state`)."""
+        states = self.get_vision_hidden_states(pixel_values)
+        features = self.projector(states.to(self.projector.linear.weight.dtype))
+        if self.config.fusion == "add":
+            token = self.get_input_embeddings().weight[self.config.image_token_id]
+            features = features + token.to(features.dtype)
+        if return_dict:
+            return BaseModelOutputWithPooling(last_hidden_state=states, pooler_output=features)
+        return features
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ):
+        """GPT-2's final hidden states (B, T, C) for `input_ids` (with `pixel_values`: their images fused at
+        the `<image>` positions) or for given `inputs_embeds`; a tuple `(hidden_states,)` with
+        `return_dict=False`. Position ids are GPT-2's default (0, 1, ...) unless given."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+            if pixel_values is not None:
+                image_mask = (input_ids == self.config.image_token_id).unsqueeze(-1)
+                features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
+                if int(image_mask.sum()) != features.shape[0] * features.shape[1]:
+                    raise ValueError(
+                        f"input_ids hold {int(image_mask.sum())} {self.config.image_token} tokens but "
+                        f"{features.shape[0]} images need {features.shape[0] * features.shape[1]}"
+                    )
+                inputs_embeds = inputs_embeds.masked_scatter(
+                    image_mask, features.reshape(-1, features.shape[-1])
+                )
+        elif pixel_values is not None:
+            raise ValueError("images need input_ids (to find the <image> positions), not inputs_embeds")
+        out = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            return_dict=True,
+            **kwargs,
+        )
+        return out if return_dict is not False else (out.last_hidden_state,)
 
 
 def right_padded(attention_mask: torch.Tensor, labels: torch.Tensor) -> bool:

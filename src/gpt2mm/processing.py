@@ -169,6 +169,9 @@ class MultimodalGPT2Processor(ProcessorMixin):
         for other in ("videos", "audio"):  # apply_chat_template passes every modality
             if kwargs.pop(other, None) is not None:
                 raise ValueError(f"gpt2mm reads text and images, not {other}")
+        # what serving engines ask for (vLLM): where each placeholder was expanded, which tokens are images
+        want_offsets = kwargs.pop("return_text_replacement_offsets", False)
+        want_token_types = kwargs.pop("return_mm_token_type_ids", False)
         flat_images = _flatten_images(images)
         data: dict[str, Any] = {}
         if text is not None:
@@ -189,12 +192,32 @@ class MultimodalGPT2Processor(ProcessorMixin):
                     **kwargs,
                 )
             )
+            if want_offsets:
+                runs = [self.replace_image_token(None, i) for i in range(n_placeholders)]
+                data["text_replacement_offsets"] = self.get_text_with_replacements(list(texts), runs)[1]
+            if want_token_types:
+                ids = data["input_ids"]
+                rows = ids.tolist() if hasattr(ids, "tolist") else ids
+                is_image = [[int(t == self.image_token_id) for t in row] for row in rows]
+                data["mm_token_type_ids"] = torch.tensor(is_image) if return_tensors == "pt" else is_image
         if images is not None:
             data["pixel_values"] = self.preprocess_images(flat_images)
         return BatchFeature(data=data, tensor_type=None)
 
     def expand_image_tokens(self, text: str) -> str:
         return text.replace(self.image_token, self.image_token * self.num_image_tokens)
+
+    def replace_image_token(self, image_inputs: Any = None, image_idx: int = 0, **kwargs: Any) -> str:
+        """What one `<image>` placeholder becomes in the text: `num_image_tokens` of them (any image size).
+        transformers' `get_text_with_replacements` and vLLM read it."""
+        return self.image_token * self.num_image_tokens
+
+    def _get_num_multimodal_tokens(self, image_sizes: Sequence[Any] | None = None, **kwargs: Any):
+        """The tokens and patches each image takes, for serving engines (vLLM) that plan memory by them."""
+        from transformers.processing_utils import MultiModalData
+
+        n = len(image_sizes or [])
+        return MultiModalData(num_image_tokens=[self.num_image_tokens] * n, num_image_patches=[1] * n)
 
     def preprocess_images(self, images: Sequence[Any]) -> torch.Tensor:
         """PIL images (any size, converted to RGB), arrays, paths or URLs -> (N, 3, H, W) float pixel values."""
