@@ -75,10 +75,10 @@ class _Decoder(nn.Module):
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
         )
-        present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+        present = [t for layer in out.cache.layers for t in (layer.keys, layer.values)]
         return (model.lm_head(out.last_hidden_state), *present)
 
 
