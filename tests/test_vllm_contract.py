@@ -73,16 +73,20 @@ def test_base_model_hidden_states_are_the_full_models(checkpoint):
     from gpt2mm.loading import load_model
 
     _, processor = load_model(checkpoint)
-    enc = processor(
-        text=["Q: <image> What color is it? A:", "Q: Compare <image> and <image> . A:"],
-        images=[make_image(1, 48), make_image(2, 48), make_image(3, 40)],
-        padding_side="right",
-    )
-    with torch.no_grad():
-        ref = full.hidden_states(enc["input_ids"], enc["attention_mask"], pixel_values=enc["pixel_values"])
-        got = base(**enc).last_hidden_state
-    real = enc["attention_mask"].bool()
-    assert torch.equal(got[real], ref[real])
+    for side in ("right", "left"):
+        enc = processor(
+            text=["Q: <image> What color is it? A:", "Q: Compare <image> and <image> . A:"],
+            images=[make_image(1, 48), make_image(2, 48), make_image(3, 40)],
+            padding_side=side,
+        )
+        assert not enc["attention_mask"].all()
+        with torch.no_grad():
+            ref = full.hidden_states(
+                enc["input_ids"], enc["attention_mask"], pixel_values=enc["pixel_values"]
+            )
+            got = base(**enc).last_hidden_state
+        real = enc["attention_mask"].bool()
+        assert torch.equal(got[real], ref[real]), side
 
 
 def test_processor_answers_vllms_questions(checkpoint):

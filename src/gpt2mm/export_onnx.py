@@ -21,6 +21,7 @@ questions about synthetic test images (`check_questions`), `run_onnx.py`'s greed
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import random
 import shutil
@@ -90,6 +91,11 @@ def runner_config(model: nn.Module, processor: Any) -> dict[str, Any]:
     """`gpt2mm_onnx.json`: what `run_onnx.py` needs besides the graphs and the tokenizer."""
     text = model.config.text_config
     ip = processor.image_processor
+    if not type(ip).__name__.endswith("Pil"):
+        raise UsageError(
+            f"the checkpoint's image processor runs as {type(ip).__name__} (torchvision is installed); the ONNX "
+            "runner reproduces the PIL path only: export where torchvision is not installed"
+        )
     size, crop = dict(ip.size), dict(ip.crop_size)
     if "shortest_edge" not in size:
         raise UsageError(f"the image processor resizes to {size}; the ONNX runner knows shortest_edge only")
@@ -138,7 +144,8 @@ def export_graphs(model: nn.Module, out: Path, opset: int = OPSET) -> None:
     pixels = torch.zeros(2, vision.num_channels, vision.image_size, vision.image_size)
     # traced with a left-padded row and a non-empty cache, so the graph keeps the general mask and cache paths
     batch, past_len, new_len = 2, 3, 4
-    ids = torch.full((batch, new_len), int(model.config.image_token_id) + 1)
+    token = 0 if model.config.image_token_id != 0 else 1  # any id in the vocabulary but `<image>`
+    ids = torch.full((batch, new_len), token)
     mask = torch.ones(batch, past_len + new_len, dtype=torch.long)
     mask[0, :2] = 0
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, past_len:]
@@ -193,14 +200,18 @@ def _tracing() -> Iterator[None]:
 def check_questions(
     n: int, image_size: int = 48, seed: int = 0, layout: str = "grid"
 ) -> list[tuple[str, Any]]:
-    """`n` (question, PIL image) pairs about synthetic test scenes, two questions per scene."""
+    """`n` (question, PIL image) pairs about synthetic test scenes, two questions per scene; every other
+    scene is drawn at 1.5 times `image_size`, so that resizing is checked too."""
     from gpt2mm.data.synthetic.questions import make_questions
     from gpt2mm.data.synthetic.world import make_scene, render
 
     rng = random.Random(seed)
     pairs: list[tuple[str, Any]] = []
-    while len(pairs) < n:
-        scene = make_scene(rng, len(pairs), "test", image_size=image_size, layout=layout)
+    for k in itertools.count():
+        if len(pairs) >= n:
+            break
+        size = image_size if k % 2 == 0 else image_size * 3 // 2
+        scene = make_scene(rng, k, "test", image_size=size, layout=layout)
         image = render(scene)
         pairs += [(q["question"], image) for q in make_questions(scene, rng, k=2)]
     return pairs[:n]

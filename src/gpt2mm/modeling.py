@@ -233,7 +233,8 @@ class MultimodalGPT2ForConditionalGeneration(MultimodalGPT2PreTrainedModel, Gene
         self, pixel_values: torch.Tensor | None = None, vision_hidden_states: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Projected image features, (num_images, num_image_tokens, text_hidden_size): what is added to
-        (with fusion="replace": what replaces) the embeddings of the `<image>` tokens."""
+        (with fusion="replace": what replaces) the embeddings of the `<image>` tokens. (The base model's
+        `MultimodalGPT2Model.get_image_features` gives the embeddings after fusion instead.)"""
         if vision_hidden_states is None:
             if pixel_values is None:
                 raise ValueError("get_image_features needs pixel_values or vision_hidden_states")
@@ -441,7 +442,12 @@ class GPT2AttentionAnyLayout(GPT2Attention):
 
     def forward(self, hidden_states, cache=None, attention_mask=None, encoder_hidden_states=None, **kwargs):
         upcast = self.config._attn_implementation == "eager" and self.reorder_and_upcast_attn
-        if cache is not None or encoder_hidden_states is not None or upcast or kwargs.get("past_key_values"):
+        if (
+            cache is not None
+            or encoder_hidden_states is not None
+            or upcast
+            or kwargs.get("past_key_values") is not None
+        ):
             return super().forward(
                 hidden_states,
                 cache=cache,
@@ -498,12 +504,14 @@ class MultimodalGPT2Model(MultimodalGPT2PreTrainedModel):
         self, pixel_values: torch.Tensor, return_dict: bool = False, **kwargs: Any
     ) -> torch.Tensor | BaseModelOutputWithPooling:
         """(num_images, num_image_tokens, C): the `<image>` positions' embeddings after fusion; with
-        `return_dict`, as `pooler_output` (the vision tower's states as `last_hidden_state`)."""
+        `return_dict`, as `pooler_output` (the vision tower's states as `last_hidden_state`). Unlike
+        `MultimodalGPT2ForConditionalGeneration.get_image_features` (what is added), this includes the
+        `<image>` token's embedding under fusion="add": it replaces, it is not added."""
         states = self.get_vision_hidden_states(pixel_values)
         features = self.projector(states.to(self.projector.linear.weight.dtype))
-        if self.config.fusion == "add":
-            token = self.get_input_embeddings().weight[self.config.image_token_id]
-            features = features + token.to(features.dtype)
+        if self.config.fusion == "add":  # through the layer: a serving engine may have swapped in its own
+            token_id = torch.tensor([self.config.image_token_id], device=features.device)
+            features = features + self.get_input_embeddings()(token_id).to(features.dtype)
         if return_dict:
             return BaseModelOutputWithPooling(last_hidden_state=states, pooler_output=features)
         return features
@@ -521,7 +529,8 @@ class MultimodalGPT2Model(MultimodalGPT2PreTrainedModel):
     ):
         """GPT-2's final hidden states (B, T, C) for `input_ids` (with `pixel_values`: their images fused at
         the `<image>` positions) or for given `inputs_embeds`; a tuple `(hidden_states,)` with
-        `return_dict=False`. Position ids are GPT-2's default (0, 1, ...) unless given."""
+        `return_dict=False`. Position ids, unless given, come from `attention_mask` as `generate` gives them
+        (left padding alike), or are 0, 1, ... without a mask."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -539,6 +548,8 @@ class MultimodalGPT2Model(MultimodalGPT2PreTrainedModel):
                 )
         elif pixel_values is not None:
             raise ValueError("images need input_ids (to find the <image> positions), not inputs_embeds")
+        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
+            position_ids = position_ids_from_mask(attention_mask)
         out = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

@@ -95,7 +95,7 @@ class OnnxVLM:
         p = self.config["image_processor"]
         out = []
         for image in images:
-            image = image.convert("RGB") if p["do_convert_rgb"] else image
+            image = image.convert("RGB")  # as the processor does, whatever the image processor says
             if p["do_resize"]:
                 width, height = image.size
                 short, long = (width, height) if width <= height else (height, width)

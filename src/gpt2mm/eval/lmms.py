@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -113,9 +114,12 @@ def write_task(
 ) -> Path:
     """Write OUT_DIR/NAME.jsonl and OUT_DIR/NAME.yaml (the split as `gpt2mm eval` reads it); returns the YAML."""
     from gpt2mm.data.vqa import load_vqa
+    from gpt2mm.errors import DataError
     from gpt2mm.outputs import write_text
 
     samples, _ = load_vqa(questions, annotations, images, image_pattern=image_pattern)
+    if not samples:
+        raise DataError(f"{questions} holds no questions: nothing to evaluate")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     docs = []
@@ -140,7 +144,7 @@ def write_task(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gpt2mm.errors import DataError
+    from gpt2mm.errors import DataError, UsageError
 
     parser = argparse.ArgumentParser(
         prog="python -m gpt2mm.eval.lmms", description="Write a VQA v2-format split as an lmms-eval task."
@@ -155,6 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="folder for NAME.yaml and NAME.jsonl")
     parser.add_argument("--max-new-tokens", type=int, default=8)
     args = parser.parse_args(argv)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.name):
+        parser.error(
+            f"--name {args.name!r}: letters, digits, '_', '.' and '-' only (it is a task name and a file)"
+        )
+    if args.max_new_tokens < 1:
+        parser.error("--max-new-tokens must be at least 1")
     try:
         path = write_task(
             args.questions,
@@ -165,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             args.image_pattern,
             args.max_new_tokens,
         )
-    except (DataError, OSError) as e:
+    except (DataError, UsageError, OSError) as e:
         parser.error(str(e))
     print(f"wrote {path} and {path.with_suffix('.jsonl')}")
     print(

@@ -5,7 +5,8 @@ Registered through lmms-eval's `lmms_eval.models` entry point (`gpt2mm.eval.lmms
 `gpt2mm ask` and the HTTP API: the request's text as the user turn with its images (before the text, or where
 its `<image>` placeholders stand), the answer post-processed as the processor does and cut at the task's
 `until` strings. Greedy whatever the task asks, as `gpt2mm eval` decodes. `--batch_size N` answers N requests
-per `generate` call (left padding). Importing this module needs lmms-eval.
+per `generate` call (left padding). One process: under `accelerate launch` every process would answer every
+request. Importing this module needs lmms-eval.
 """
 
 from __future__ import annotations
