@@ -137,6 +137,7 @@ def test_export_traces_a_model_whose_image_token_ends_the_vocabulary(tmp_path):
     torch.manual_seed(0)
     model = MultimodalGPT2ForConditionalGeneration(config).eval()
     export_graphs(model, tmp_path)
+    assert not any(m.training for m in model.modules()), "the export left the model in training mode"
     decoder = ort.InferenceSession(str(tmp_path / "decoder.onnx"))
     ids = torch.tensor([[5, 9, 3, 7]])
     text = config.text_config

@@ -162,7 +162,7 @@ def export_graphs(model: nn.Module, out: Path, opset: int = OPSET) -> None:
     }
     with _tracing():
         torch.onnx.export(
-            _Vision(model),
+            _Vision(model).eval(),  # export restores the mode the wrapper had: eval
             (pixels,),
             str(out / "vision.onnx"),
             input_names=["pixel_values"],
@@ -172,7 +172,7 @@ def export_graphs(model: nn.Module, out: Path, opset: int = OPSET) -> None:
             dynamo=False,
         )
         torch.onnx.export(
-            _Decoder(model),
+            _Decoder(model).eval(),
             (ids, torch.zeros(batch, new_len, width), mask, position_ids, *past),
             str(out / "decoder.onnx"),
             input_names=["input_ids", "image_embeds", "attention_mask", "position_ids", *inputs],
