@@ -26,6 +26,7 @@ setup:
 # Debian's Chromium for the web-page tests (driven by Playwright; they are skipped without it). Needs root.
 # Then, from npm, the three files of onnxruntime-web the exported ONNX page loads (its test is skipped
 # without them; a failure here does not stop the setup).
+# the version src/gpt2mm/onnx_web/index.html loads
 ORT_WEB_VERSION := 1.31.1
 ORT_WEB := $(HOME)/.cache/gpt2mm/onnxruntime-web-$(ORT_WEB_VERSION)
 setup-browser:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -288,7 +289,10 @@ def test_a_failed_check_writes_nothing_and_keeps_the_earlier_export(exported, mo
 
 # --- the web page: onnxruntime-web in Chromium -----------------------------------------------------------------
 
-ORT_WEB_VERSION = "1.31.1"  # the version index.html loads
+# the version index.html loads (the Makefile's setup-browser fetches the same)
+ORT_WEB_VERSION = re.search(
+    r"onnxruntime-web@([\d.]+)/", (Path(gpt2mm.__file__).parent / "onnx_web" / "index.html").read_text()
+).group(1)
 ORT_WEB = Path(
     os.environ.get("GPT2MM_ORT_WEB", Path.home() / ".cache" / "gpt2mm" / f"onnxruntime-web-{ORT_WEB_VERSION}")
 )
