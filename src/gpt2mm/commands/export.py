@@ -3,8 +3,9 @@
     gpt2mm export onnx runs/tiny/best onnx-tiny
     python onnx-tiny/run_onnx.py onnx-tiny --image scene.png "What color is the circle?"
 
-Writes `vision.onnx`, `decoder.onnx` (with its key/value cache), `tokenizer.json`, `gpt2mm_onnx.json` and
-`run_onnx.py` (needs onnxruntime, numpy, tokenizers and Pillow only); see `gpt2mm.export_onnx`. Before OUT
+Writes `vision.onnx`, `decoder.onnx` (with its key/value cache), `tokenizer.json`, `gpt2mm_onnx.json`,
+`run_onnx.py` (needs onnxruntime, numpy, tokenizers and Pillow only) and `index.html` (the same in a browser,
+with onnxruntime-web: `cd OUT && python -m http.server`); see `gpt2mm.export_onnx`. Before OUT
 takes its name, `--check N` synthetic test questions are answered both ways: the ONNX answers must be
 `gpt2mm ask`'s, token for token (greedy), or nothing is written. Needs `pip install 'gpt2-multimodal[onnx]'`.
 """
@@ -45,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     sizes = {p.name: p.stat().st_size for p in args.out.glob("*.onnx")}
     print(
         f"wrote {args.out}: vision.onnx ({sizes['vision.onnx'] / 1e6:.1f} MB), decoder.onnx "
-        f"({sizes['decoder.onnx'] / 1e6:.1f} MB, {config['num_layers']} layers with their cache), run_onnx.py"
+        f"({sizes['decoder.onnx'] / 1e6:.1f} MB, {config['num_layers']} layers with their cache), run_onnx.py, "
+        "index.html (the browser page: serve OUT over HTTP)"
     )
     if result is not None:
         print(
