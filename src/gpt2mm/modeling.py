@@ -152,6 +152,62 @@ class MultimodalGPT2PreTrainedModel(PreTrainedModel):
             states = states[:, 1:]  # (N, P, C_v)
         return states
 
+    def _projected(
+        self, pixel_values: torch.Tensor | None = None, vision_hidden_states: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The projector's output for the images, (num_images, num_image_tokens, text_hidden_size)."""
+        if vision_hidden_states is None:
+            if pixel_values is None:
+                raise ValueError("get_image_features needs pixel_values or vision_hidden_states")
+            vision_hidden_states = self.get_vision_hidden_states(pixel_values)
+        return self.projector(vision_hidden_states.to(self.projector.linear.weight.dtype))
+
+    def _embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        vision_hidden_states: torch.Tensor | None,
+        cache: Any | None,
+    ) -> torch.Tensor:
+        """Token embeddings with the image features fused in at the `<image>` positions."""
+        embeds = self.get_input_embeddings()(input_ids)  # (B, T, C)
+        image_mask = input_ids == self.config.image_token_id  # (B, T)
+        have_images = pixel_values is not None or vision_hidden_states is not None
+        # The checks below read device values on the host; a compiled forward (static-cache generation)
+        # skips them, since they would split its graph.
+        checked = not torch.compiler.is_compiling()
+        if not have_images:
+            # A prompt's <image> tokens need its images; decoding steps (the image already in the KV cache)
+            # are not checked.
+            if not checked:
+                return embeds
+            in_prefill = cache is None or cache.get_seq_length() == 0
+            if in_prefill and image_mask.any():
+                raise ValueError(
+                    f"input_ids hold {int(image_mask.sum())} {self.config.image_token} tokens but no "
+                    "pixel_values were given"
+                )
+            return embeds
+        n_images = (pixel_values if pixel_values is not None else vision_hidden_states).shape[0]
+        per_image = self.config.num_image_tokens
+        n_tokens = int(image_mask.sum()) if checked else n_images * per_image
+        if n_tokens != n_images * per_image:
+            raise ValueError(
+                f"input_ids hold {n_tokens} {self.config.image_token} tokens but {n_images} images were given, "
+                f"which need {n_images} x {per_image} = {n_images * per_image} {self.config.image_token} tokens"
+            )
+        per_row = image_mask.sum(dim=1)
+        if checked and bool((per_row % per_image).any()):
+            raise ValueError(
+                f"each image fills {per_image} consecutive {self.config.image_token} tokens, but the samples "
+                f"hold {per_row.tolist()} of them"
+            )
+        features = self._projected(pixel_values, vision_hidden_states)  # (N, T_img, C)
+        features = features.reshape(-1, features.shape[-1]).to(embeds.dtype)  # (N * T_img, C), in order
+        if self.config.fusion == "add":  # (the features scattered onto zeros: no data-dependent shapes)
+            return embeds + torch.zeros_like(embeds).masked_scatter(image_mask.unsqueeze(-1), features)
+        return embeds.masked_scatter(image_mask.unsqueeze(-1), features)
+
 
 class MultimodalGPT2ForConditionalGeneration(MultimodalGPT2PreTrainedModel, GenerationMixin):
     """The seed's multimodal GPT-2 as a `transformers` model: forward, loss, `generate`, save/load."""
@@ -235,57 +291,7 @@ class MultimodalGPT2ForConditionalGeneration(MultimodalGPT2PreTrainedModel, Gene
         """Projected image features, (num_images, num_image_tokens, text_hidden_size): what is added to
         (with fusion="replace": what replaces) the embeddings of the `<image>` tokens. (The base model's
         `MultimodalGPT2Model.get_image_features` gives the embeddings after fusion instead.)"""
-        if vision_hidden_states is None:
-            if pixel_values is None:
-                raise ValueError("get_image_features needs pixel_values or vision_hidden_states")
-            vision_hidden_states = self.get_vision_hidden_states(pixel_values)
-        return self.projector(vision_hidden_states.to(self.projector.linear.weight.dtype))
-
-    def _embed(
-        self,
-        input_ids: torch.Tensor,
-        pixel_values: torch.Tensor | None,
-        vision_hidden_states: torch.Tensor | None,
-        cache: Any | None,
-    ) -> torch.Tensor:
-        """Token embeddings with the image features fused in at the `<image>` positions."""
-        embeds = self.get_input_embeddings()(input_ids)  # (B, T, C)
-        image_mask = input_ids == self.config.image_token_id  # (B, T)
-        have_images = pixel_values is not None or vision_hidden_states is not None
-        # The checks below read device values on the host; a compiled forward (static-cache generation)
-        # skips them, since they would split its graph.
-        checked = not torch.compiler.is_compiling()
-        if not have_images:
-            # A prompt's <image> tokens need its images; decoding steps (the image already in the KV cache)
-            # are not checked.
-            if not checked:
-                return embeds
-            in_prefill = cache is None or cache.get_seq_length() == 0
-            if in_prefill and image_mask.any():
-                raise ValueError(
-                    f"input_ids hold {int(image_mask.sum())} {self.config.image_token} tokens but no "
-                    "pixel_values were given"
-                )
-            return embeds
-        n_images = (pixel_values if pixel_values is not None else vision_hidden_states).shape[0]
-        per_image = self.config.num_image_tokens
-        n_tokens = int(image_mask.sum()) if checked else n_images * per_image
-        if n_tokens != n_images * per_image:
-            raise ValueError(
-                f"input_ids hold {n_tokens} {self.config.image_token} tokens but {n_images} images were given, "
-                f"which need {n_images} x {per_image} = {n_images * per_image} {self.config.image_token} tokens"
-            )
-        per_row = image_mask.sum(dim=1)
-        if checked and bool((per_row % per_image).any()):
-            raise ValueError(
-                f"each image fills {per_image} consecutive {self.config.image_token} tokens, but the samples "
-                f"hold {per_row.tolist()} of them"
-            )
-        features = self.get_image_features(pixel_values, vision_hidden_states)  # (N, T_img, C)
-        features = features.reshape(-1, features.shape[-1]).to(embeds.dtype)  # (N * T_img, C), in order
-        if self.config.fusion == "add":  # (the features scattered onto zeros: no data-dependent shapes)
-            return embeds + torch.zeros_like(embeds).masked_scatter(image_mask.unsqueeze(-1), features)
-        return embeds.masked_scatter(image_mask.unsqueeze(-1), features)
+        return self._projected(pixel_values, vision_hidden_states)
 
     def hidden_states(
         self,
@@ -533,19 +539,13 @@ class MultimodalGPT2Model(MultimodalGPT2PreTrainedModel):
         (left padding alike), or are 0, 1, ... without a mask."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-            if pixel_values is not None:
-                image_mask = (input_ids == self.config.image_token_id).unsqueeze(-1)
-                features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
-                if int(image_mask.sum()) != features.shape[0] * features.shape[1]:
-                    raise ValueError(
-                        f"input_ids hold {int(image_mask.sum())} {self.config.image_token} tokens but "
-                        f"{features.shape[0]} images need {features.shape[0] * features.shape[1]}"
-                    )
-                inputs_embeds = inputs_embeds.masked_scatter(
-                    image_mask, features.reshape(-1, features.shape[-1])
-                )
+        if (
+            inputs_embeds is None
+        ):  # images: the full model's fusion (the same sum as replacing by our features)
+            if pixel_values is None:
+                inputs_embeds = self.get_input_embeddings()(input_ids)
+            else:
+                inputs_embeds = self._embed(input_ids, pixel_values, None, cache=None)
         elif pixel_values is not None:
             raise ValueError("images need input_ids (to find the <image> positions), not inputs_embeds")
         if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
