@@ -530,3 +530,62 @@ def test_conv_stem_is_a_stack_of_strided_convolutions_on_clips_grid(tmp_path):
         MultimodalGPT2Config.from_preset("tiny", vision_stem="conv", vision_config={"patch_size": 12})
     with pytest.raises(ValueError, match="vision_stem"):
         MultimodalGPT2Config.from_preset("tiny", vision_stem="resnet")
+
+
+def test_cnn_stem_is_a_batch_norm_cnn_on_clips_grid_and_its_statistics_freeze_with_the_tower(tmp_path):
+    """vision_stem="cnn": the tower's embeddings equal a naive re-computation (3x3 convolutions, batch norm,
+    GELU, 2x2 max pooling, a 1x1 convolution; CLS and positions added) with the batch's statistics in training
+    and the running ones in evaluation; a frozen tower's statistics stay put through `.train()`; the model
+    saves and loads bit-identically (statistics included)."""
+    import torch.nn.functional as F
+
+    cfg = MultimodalGPT2Config.from_preset(
+        "tiny", vision_stem="cnn", vision_config={"patch_size": 8}, vision_feature_layer=0
+    )
+    model = MultimodalGPT2ForConditionalGeneration(cfg)
+    emb = model.vision_tower.embeddings
+    layers = list(emb.patch_embedding)
+    assert [m.out_channels for m in layers if isinstance(m, torch.nn.Conv2d)] == [32, 64, 128, 128, 128]
+    pixels = torch.randn(4, 3, 48, 48)
+
+    def naive(training: bool) -> torch.Tensor:
+        x = pixels
+        for m in layers:
+            if isinstance(m, torch.nn.Conv2d):
+                x = F.conv2d(x, m.weight, m.bias, padding=m.padding)
+            elif isinstance(m, torch.nn.BatchNorm2d):
+                if training:
+                    mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+                else:
+                    mean, var = m.running_mean, m.running_var
+                x = (x - mean[:, None, None]) / torch.sqrt(var[:, None, None] + m.eps)
+                x = x * m.weight[:, None, None] + m.bias[:, None, None]
+            elif isinstance(m, torch.nn.GELU):
+                x = F.gelu(x)
+            else:
+                x = F.max_pool2d(x, 2)
+        patches = x.flatten(2).transpose(1, 2)  # (4, 36, 128)
+        ref = torch.cat([emb.class_embedding.expand(4, 1, -1), patches], 1) + emb.position_embedding.weight
+        return model.vision_tower.pre_layrnorm(ref)
+
+    with torch.no_grad():
+        model.train()
+        expected = naive(training=True)
+        torch.testing.assert_close(model.get_vision_hidden_states(pixels), expected, rtol=1e-4, atol=1e-4)
+        model.eval()
+        torch.testing.assert_close(
+            model.get_vision_hidden_states(pixels), naive(training=False), rtol=1e-4, atol=1e-4
+        )
+        model.freeze_vision()
+        before = {k: v.clone() for k, v in model.vision_tower.state_dict().items()}
+        model.train()
+        model.get_vision_hidden_states(pixels)
+        after = model.vision_tower.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    model.save_pretrained(tmp_path)
+    loaded = MultimodalGPT2ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    a, b = model.state_dict(), loaded.state_dict()
+    assert any("running_mean" in k for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="power of 2"):
+        MultimodalGPT2Config.from_preset("tiny", vision_stem="cnn", vision_config={"patch_size": 6})

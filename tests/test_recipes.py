@@ -80,3 +80,19 @@ def test_bad_yaml_is_one_line_naming_where(tmp_path):
     with pytest.raises(UsageError) as e:
         load_config(SFTConfig, tmp_path / "bad.yaml", [])
     assert "\n" not in str(e.value) and "bad.yaml: not valid YAML at line" in str(e.value)
+
+
+def test_unknown_model_override_is_a_one_line_error_naming_it():
+    """`model.overrides` keys must be MultimodalGPT2Config fields: YAML's `{vision_stem:cnn}` (no space after
+    the colon) is a key named "vision_stem:cnn", which would otherwise build the preset's default silently."""
+    from gpt2mm.train.config import ModelConfig
+    from gpt2mm.train.model import build_model_for_training
+
+    with pytest.raises(UsageError, match=r"'vision_stem:cnn'.*space after the colon"):
+        build_model_for_training(ModelConfig(preset="tiny", overrides={"vision_stem:cnn": None}))
+    with pytest.raises(UsageError, match="'patch_sise'"):
+        build_model_for_training(ModelConfig(preset="tiny", overrides={"patch_sise": 8}))
+    model, _ = build_model_for_training(
+        ModelConfig(preset="tiny", overrides={"vision_stem": "cnn", "vision_config": {"patch_size": 8}})
+    )
+    assert model.config.vision_stem == "cnn" and model.config.num_image_tokens == 37

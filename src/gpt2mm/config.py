@@ -41,7 +41,9 @@ class MultimodalGPT2Config(PreTrainedConfig):
         vision_stem: how the tower cuts an image into patch vectors: "patch" (CLIP's: one linear map of each
             patch's pixels) or "conv" (a stack of overlapping 3x3 convolutions, each halving the resolution, down
             to the same grid: local, shift-tolerant features that a small tower trained from scratch learns
-            quickly; the patch size must then be a power of 2).
+            quickly; the patch size must then be a power of 2) or "cnn" (a small convolutional network with batch
+            norm and max pooling down to the same grid: what learns to see from random weights in a few hundred
+            steps; also a power of 2).
     """
 
     model_type = "gpt2mm"
@@ -62,7 +64,7 @@ class MultimodalGPT2Config(PreTrainedConfig):
     projector_token_mixing: bool = True
     fusion: Literal["add", "replace"] = "add"
     freeze_vision: bool = True
-    vision_stem: Literal["patch", "conv"] = "patch"
+    vision_stem: Literal["patch", "conv", "cnn"] = "patch"
     tie_word_embeddings: bool = True
     initializer_range: float = 0.02
 
@@ -82,11 +84,13 @@ class MultimodalGPT2Config(PreTrainedConfig):
                 f"image_token_id={self.image_token_id} is outside the text vocabulary "
                 f"(vocab_size={self.text_config.vocab_size})"
             )
-        if self.vision_stem not in ("patch", "conv"):
-            raise ValueError(f"vision_stem must be 'patch' or 'conv', got {self.vision_stem!r}")
+        if self.vision_stem not in ("patch", "conv", "cnn"):
+            raise ValueError(f"vision_stem must be 'patch', 'conv' or 'cnn', got {self.vision_stem!r}")
         patch = self.vision_config.patch_size
-        if self.vision_stem == "conv" and (patch < 2 or patch & (patch - 1)):
-            raise ValueError(f"vision_stem='conv' needs a patch size that is a power of 2, got {patch}")
+        if self.vision_stem != "patch" and (patch < 2 or patch & (patch - 1)):
+            raise ValueError(
+                f"vision_stem={self.vision_stem!r} needs a patch size that is a power of 2, got {patch}"
+            )
         n_layers = self.vision_config.num_hidden_layers
         if not -(n_layers + 1) <= self.vision_feature_layer <= n_layers:
             raise ValueError(

@@ -441,7 +441,9 @@ def model_card(path: str | os.PathLike, repo_id: str | None = None, about: Mappi
             "vision tower",
             f"CLIP ViT, {vision.get('num_hidden_layers')} layers, width {vision.get('hidden_size')}, "
             f"{vision.get('image_size')} px images in {vision.get('patch_size')} px patches"
-            + (", convolutional stem" if config.get("vision_stem") == "conv" else "")
+            + {"conv": ", convolutional stem", "cnn": ", CNN stem (batch norm, max pooling)"}.get(
+                config.get("vision_stem"), ""
+            )
             + (", frozen" if config.get("freeze_vision", True) else ", trained"),
         ),
         (

@@ -87,6 +87,38 @@ class ConvStem(nn.Sequential):
         return self[0].weight
 
 
+class CNNStem(nn.Sequential):
+    """A small convolutional network in place of the patch embedding: per halving of the resolution, a 3x3
+    convolution, batch norm, GELU and 2x2 max pooling (one more convolution before the last pooling), widths
+    doubling up to the tower's, then a 1x1 convolution to the tower's width. An image of side S becomes the same
+    (S / patch)^2 grid of vectors as CLIP's patch embedding, each seeing a window of about 2.5 patches.
+
+    Unlike `ConvStem` and a trained patch embedding, it learns to see within a few hundred steps of question
+    answering from random weights: batch norm is what makes the difference (the same network with group norm,
+    layer norm or no norm stays at the question-only baseline on handwritten digits, docs/experiments.md).
+    Its batch-norm statistics are buffers, frozen with the tower (`freeze_vision` keeps it in eval mode)."""
+
+    def __init__(self, in_channels: int, width: int, patch_size: int):
+        n = patch_size.bit_length() - 1  # patch_size = 2 ** n
+        widths = [in_channels] + [max(16, width >> (n - 1 - i)) for i in range(n)]
+        layers: list[nn.Module] = []
+        for i in range(n):
+            convs = [(widths[i], widths[i + 1])] + ([(widths[i + 1], widths[i + 1])] if i == n - 1 else [])
+            for c_in, c_out in convs:
+                layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.GELU()]
+            layers.append(nn.MaxPool2d(2))
+        layers.append(nn.Conv2d(widths[-1], width, 1))
+        super().__init__(*layers)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The first convolution's weight: CLIP reads the stem's dtype from `patch_embedding.weight`."""
+        return self[0].weight
+
+
+STEMS = {"conv": ConvStem, "cnn": CNNStem}
+
+
 class MultimodalGPT2PreTrainedModel(PreTrainedModel):
     config_class = MultimodalGPT2Config
     config: MultimodalGPT2Config
@@ -109,16 +141,17 @@ class MultimodalGPT2PreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
-        elif isinstance(module, ConvStem):
-            for conv in module[::2]:
-                conv.reset_parameters()  # PyTorch's convolution init (also after a meta-device build)
+        elif isinstance(module, (ConvStem, CNNStem)):
+            for layer in module:
+                if isinstance(layer, (nn.Conv2d, nn.BatchNorm2d)):
+                    layer.reset_parameters()  # PyTorch's init (also after a meta-device build)
 
     def _build_modules(self, config: MultimodalGPT2Config) -> None:
         """The vision tower, the projector and GPT-2, under the names every checkpoint uses."""
         self.vision_tower = CLIPVisionModel(config.vision_config)
-        if config.vision_stem == "conv":
+        if config.vision_stem in STEMS:
             vc = config.vision_config
-            self.vision_tower.embeddings.patch_embedding = ConvStem(
+            self.vision_tower.embeddings.patch_embedding = STEMS[config.vision_stem](
                 vc.num_channels, vc.hidden_size, vc.patch_size
             )
         self.projector = MultimodalProjector(config)
@@ -257,7 +290,9 @@ class MultimodalGPT2ForConditionalGeneration(MultimodalGPT2PreTrainedModel, Gene
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.config.freeze_vision:
+        if (
+            self.config.freeze_vision or self.vision_frozen
+        ):  # (a frozen CNN stem's batch-norm statistics stay)
             self.vision_tower.eval()
         # compiled blocks (compile_blocks) run in training only: evaluation and generation carry a KV cache
         # that changes at every step, and each layer would be compiled again and again

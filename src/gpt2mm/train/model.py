@@ -11,6 +11,7 @@ def build_model_for_training(cfg: ModelConfig):
     """The model + processor a recipe asks for, with the freezing / LoRA / checkpointing options applied."""
     from gpt2mm.loading import build_model, load_model
 
+    check_overrides(cfg.overrides)
     if cfg.init_from:
         model, processor = load_model(cfg.init_from)
         for key, value in cfg.overrides.items():
@@ -32,6 +33,24 @@ def build_model_for_training(cfg: ModelConfig):
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     return model, processor
+
+
+def check_overrides(overrides: dict) -> None:
+    """A `model.overrides` key that is no `MultimodalGPT2Config` field is an error, not a silent extra attribute
+    (YAML reads `{vision_stem:cnn}`, without a space after the colon, as a key named "vision_stem:cnn")."""
+    from gpt2mm.config import MultimodalGPT2Config
+
+    fields = {name for cls in MultimodalGPT2Config.__mro__ for name in getattr(cls, "__annotations__", {})}
+    unknown = [key for key in overrides if key not in fields]
+    if unknown:
+        hint = (
+            " (write 'key: value', with a space after the colon)"
+            if any(":" in str(k) for k in unknown)
+            else ""
+        )
+        raise UsageError(
+            f"model.overrides: unknown MultimodalGPT2Config field(s) {', '.join(map(repr, unknown))}{hint}"
+        )
 
 
 def enable_checkpointing(model) -> None:
