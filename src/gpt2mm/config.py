@@ -42,8 +42,8 @@ class MultimodalGPT2Config(PreTrainedConfig):
             patch's pixels) or "conv" (a stack of overlapping 3x3 convolutions, each halving the resolution, down
             to the same grid: local, shift-tolerant features that a small tower trained from scratch learns
             quickly; the patch size must then be a power of 2) or "cnn" (a small convolutional network with batch
-            norm and max pooling down to the same grid: what learns to see from random weights in a few hundred
-            steps; also a power of 2).
+            norm and max pooling down to the same grid, which learns to read digits from random weights under
+            plain transformer blocks, not yet under GPT-2's, docs/experiments.md; also a power of 2).
     """
 
     model_type = "gpt2mm"
