@@ -18,6 +18,8 @@ hour: whether an encoder + block combination gets past the answer prior at all.
            encoder-0.02   the same as encoder with every matrix drawn from N(0, 0.02) (GPT-2's init)
            encoder-causal the same as encoder with a causal mask (as GPT-2's)
            gpt2           transformers' GPT2Model (learned positions, final ln_f), GPT-2's init
+           gpt2-noln      the same without the final ln_f; gpt2-torchinit: PyTorch's Linear init (uniform,
+                          1/sqrt(fan_in)) for every matrix and bias; gpt2-noln-torchinit: both
 
 Usage:
     python bench/digits_vqa.py build data/digits
@@ -131,13 +133,21 @@ class Learner(nn.Module):
         self.encoder = Encoder(args.enc, args.norm, args.size, args.patch)
         self.question = nn.Embedding(n_questions, WIDTH)
         self.lm = args.lm
-        if args.lm == "gpt2":
+        if args.lm.startswith("gpt2"):
             from transformers import GPT2Config, GPT2Model
 
             self.blocks = GPT2Model(
                 GPT2Config(vocab_size=8, n_positions=128, n_embd=WIDTH, n_layer=4, n_head=4, resid_pdrop=0.0,
                            embd_pdrop=0.0, attn_pdrop=0.0)
             )  # fmt: skip
+            if "noln" in args.lm:
+                self.blocks.ln_f = nn.Identity()
+            if "torchinit" in args.lm:
+                for module in self.blocks.modules():
+                    if type(module).__name__ == "Conv1D":
+                        fan_in = module.weight.shape[0]
+                        nn.init.uniform_(module.weight, -(fan_in**-0.5), fan_in**-0.5)
+                        nn.init.uniform_(module.bias, -(fan_in**-0.5), fan_in**-0.5)
         elif args.lm.startswith("encoder"):
             layer = nn.TransformerEncoderLayer(
                 WIDTH, 4, 4 * WIDTH, 0.0, "gelu", batch_first=True, norm_first=True
@@ -154,7 +164,7 @@ class Learner(nn.Module):
 
     def forward(self, images: torch.Tensor, questions: torch.Tensor) -> torch.Tensor:
         tokens = torch.cat([self.encoder(images), self.question(questions)[:, None]], 1)
-        if self.lm == "gpt2":
+        if self.lm.startswith("gpt2"):
             hidden = self.blocks(inputs_embeds=tokens).last_hidden_state
         elif self.lm == "encoder-causal":
             mask = nn.Transformer.generate_square_subsequent_mask(tokens.shape[1])

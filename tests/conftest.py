@@ -170,10 +170,11 @@ def running(app, **config):
         thread.join(10)
 
 
-# A stage-1 run small enough for a test: the demo recipe without its extras, fp32, no time budget.
+# A stage-1 run small enough for a test: the demo recipe without its extras (the preset's model, its tower
+# frozen), fp32, no time budget.
 SMALL = [
     "--model.overrides", "{}", "--model.attn_implementation", "none", "--data.pack_questions", "1",
     "--data.conversation_mix", "false", "--data.difficulty", "none", "--data.max_length", "128",
     "--train.max_minutes", "none", "--train.lr", "2e-3", "--train.min_lr_ratio", "0", "--train.precision", "fp32",
-    "--train.curriculum_steps", "0",
+    "--train.curriculum_steps", "0", "--train.vision_lr", "0",
 ]  # fmt: skip

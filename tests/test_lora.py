@@ -34,7 +34,7 @@ def lora_config(world: Path, out: Path, *extra: str) -> SFTConfig:
         "--train.output_dir", str(out), "--train.batch_size", "4", "--train.max_steps", "4",
         "--train.warmup_steps", "1", "--train.eval_every", "4", "--train.save_every", "2",
         "--train.keep_last", "3", "--train.log_every", "1", "--train.progress", "false",
-        "--train.log_with", "[]", "--model.lora.r", "4",
+        "--train.log_with", "[]", "--model.lora.r", "4", "--train.vision_lr", "0",
         *extra,
     ]  # fmt: skip
     return load_config(SFTConfig, RECIPE, args)

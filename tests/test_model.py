@@ -589,3 +589,49 @@ def test_cnn_stem_is_a_batch_norm_cnn_on_clips_grid_and_its_statistics_freeze_wi
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="power of 2"):
         MultimodalGPT2Config.from_preset("tiny", vision_stem="cnn", vision_config={"patch_size": 6})
+
+
+def test_text_options_drop_ln_f_init_like_nn_linear_and_scale_the_embeddings(tmp_path):
+    """text_final_norm=False: the logits equal GPT-2's (transformers' GPT2LMHeadModel, same weights) with its
+    final LayerNorm made the identity; text_init="pytorch": every GPT-2 matrix and bias is drawn as nn.Linear
+    draws it (uniform in +-1/sqrt(fan_in)); text_embedding_std: the token embeddings' spread, the LM head still
+    tied to them; all three survive save/load bit-identically; bad values are one-line errors."""
+    cfg = MultimodalGPT2Config.from_preset(
+        "tiny", text_final_norm=False, text_init="pytorch", text_embedding_std=0.3
+    )
+    torch.manual_seed(0)
+    model = MultimodalGPT2ForConditionalGeneration(cfg).eval()
+    lm = model.language_model
+    assert "ln_f.weight" not in lm.state_dict()
+    ref = GPT2LMHeadModel(cfg.text_config)
+    ref.transformer.ln_f = torch.nn.Identity()
+    ref.transformer.load_state_dict(lm.state_dict(), strict=True)
+    ref.tie_weights()
+    ids = torch.randint(2, cfg.text_config.vocab_size, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(input_ids=ids).logits, ref.eval()(input_ids=ids).logits, rtol=0, atol=0
+        )
+    matrices = [m for m in lm.modules() if type(m).__name__ == "Conv1D"]
+    assert len(matrices) == 4 * cfg.text_config.n_layer
+    for m in matrices:
+        bound = m.weight.shape[0] ** -0.5
+        for p in (m.weight, m.bias):
+            assert p.abs().max() <= bound
+        # uniform on [-b, b]: standard deviation b / sqrt(3) (GPT-2's own init is N(0, 0.02))
+        assert abs(m.weight.std().item() - bound / 3**0.5) < 0.05 * bound
+    assert abs(lm.wte.weight.std().item() - 0.3) < 0.01 and model.lm_head.weight is lm.wte.weight
+    default = MultimodalGPT2ForConditionalGeneration(MultimodalGPT2Config.from_preset("tiny"))
+    assert abs(default.language_model.wte.weight.std().item() - 0.02) < 0.002
+    assert isinstance(default.language_model.ln_f, torch.nn.LayerNorm)
+    model.save_pretrained(tmp_path)
+    loaded = MultimodalGPT2ForConditionalGeneration.from_pretrained(tmp_path)
+    assert isinstance(loaded.language_model.ln_f, torch.nn.Identity)
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="text_init must be"):
+        MultimodalGPT2Config.from_preset("tiny", text_init="xavier")
+    with pytest.raises(ValueError, match="text_final_norm: for a GPT-2 built from scratch"):
+        from_backbones("unused-clip", "unused-gpt2", text_final_norm=False)  # checked before anything loads
+    with pytest.raises(ValueError, match="text_embedding_std must be positive"):
+        MultimodalGPT2Config.from_preset("tiny", text_embedding_std=0)

@@ -16,7 +16,7 @@ from gpt2mm.train.config import DataConfig, SFTConfig
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # What configs/demo-sft.yaml adds to configs/tiny-vqa.yaml: the shapes world and where the demo writes.
 WORLD_EXTRAS = {
-    "model.overrides", "data.root", "data.synth", "data.synth_args", "data.conversation_mix", "data.difficulty",
+    "data.root", "data.synth", "data.synth_args", "data.conversation_mix", "data.difficulty",
     "train.output_dir", "train.max_minutes", "train.curriculum_steps",
 }  # fmt: skip
 
@@ -96,3 +96,25 @@ def test_unknown_model_override_is_a_one_line_error_naming_it():
         ModelConfig(preset="tiny", overrides={"vision_stem": "cnn", "vision_config": {"patch_size": 8}})
     )
     assert model.config.vision_stem == "cnn" and model.config.num_image_tokens == 37
+
+
+def test_a_from_scratch_recipes_overrides_on_a_loaded_checkpoint_keep_it_or_name_what_differs():
+    """A recipe continued from a checkpoint (`model.init_from`) inherits the overrides that built the model from
+    scratch: the checkpoint's equal values stay, initialisation options are moot, a different architecture is
+    a one-line error naming the entry, other options are set."""
+    from gpt2mm.config import MultimodalGPT2Config
+    from gpt2mm.train.model import apply_overrides_to_loaded
+
+    recipe = load_config(SFTConfig, CONFIGS / "tiny-vqa.yaml", []).model.overrides
+    loaded = MultimodalGPT2Config.from_preset("tiny", **recipe)
+    before = loaded.to_dict()
+    apply_overrides_to_loaded(loaded, recipe, "ckpt")
+    assert loaded.to_dict() == before
+    apply_overrides_to_loaded(loaded, {"vision_feature_layer": 2, "text_embedding_std": 1.0}, "ckpt")
+    assert loaded.vision_feature_layer == 2 and loaded.text_embedding_std == before["text_embedding_std"]
+    with pytest.raises(
+        UsageError, match=r"model.overrides vision_config: patch_size differ\(s\) from the checkpoint ckpt"
+    ):
+        apply_overrides_to_loaded(loaded, {"vision_config": {"patch_size": 16}}, "ckpt")
+    with pytest.raises(UsageError, match="vision_stem"):
+        apply_overrides_to_loaded(loaded, {"vision_stem": "patch"}, "ckpt")

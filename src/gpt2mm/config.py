@@ -42,8 +42,19 @@ class MultimodalGPT2Config(PreTrainedConfig):
             patch's pixels) or "conv" (a stack of overlapping 3x3 convolutions, each halving the resolution, down
             to the same grid: local, shift-tolerant features that a small tower trained from scratch learns
             quickly; the patch size must then be a power of 2) or "cnn" (a small convolutional network with batch
-            norm and max pooling down to the same grid, which learns to read digits from random weights under
-            plain transformer blocks, not yet under GPT-2's, docs/experiments.md; also a power of 2).
+            norm and max pooling down to the same grid, which learns to read digits from random weights,
+            through GPT-2 with the three `text_*` options below, docs/experiments.md; also a power of 2).
+        text_embedding_std: the standard deviation of the token embeddings at initialisation (None: GPT-2's
+            `initializer_range`, 0.02). Image features reach GPT-2 layer-normalised (about 1 per element) and
+            are added to token embeddings; at 0.02 the question's own tokens are a few percent of what the
+            answer position reads.
+        text_final_norm: keep GPT-2's final LayerNorm (`ln_f`); False drops it.
+        text_init: "gpt2" (every GPT-2 matrix from N(0, initializer_range)) or "pytorch" (`nn.Linear`'s
+            init: weights and biases uniform in +-1/sqrt(fan_in)).
+        The three `text_*` options are for a GPT-2 built from scratch (a checkpoint's weights replace what
+        they initialise): with all three, a vision tower trained from random weights learns to read digits
+        through GPT-2 within 800 steps; the combinations of one or two of them that were tried stay near the
+        answer prior for 800 steps or more (docs/experiments.md).
     """
 
     model_type = "gpt2mm"
@@ -65,6 +76,9 @@ class MultimodalGPT2Config(PreTrainedConfig):
     fusion: Literal["add", "replace"] = "add"
     freeze_vision: bool = True
     vision_stem: Literal["patch", "conv", "cnn"] = "patch"
+    text_embedding_std: float | None = None
+    text_final_norm: bool = True
+    text_init: Literal["gpt2", "pytorch"] = "gpt2"
     tie_word_embeddings: bool = True
     initializer_range: float = 0.02
 
@@ -86,6 +100,12 @@ class MultimodalGPT2Config(PreTrainedConfig):
             )
         if self.vision_stem not in ("patch", "conv", "cnn"):
             raise ValueError(f"vision_stem must be 'patch', 'conv' or 'cnn', got {self.vision_stem!r}")
+        if self.text_init not in ("gpt2", "pytorch"):
+            raise ValueError(f"text_init must be 'gpt2' or 'pytorch', got {self.text_init!r}")
+        if self.text_embedding_std is not None and not self.text_embedding_std > 0:
+            raise ValueError(
+                f"text_embedding_std must be positive (or None), got {self.text_embedding_std!r}"
+            )
         patch = self.vision_config.patch_size
         if self.vision_stem != "patch" and (patch < 2 or patch & (patch - 1)):
             raise ValueError(

@@ -58,7 +58,8 @@ def world_args(args: argparse.Namespace) -> dict:
     from gpt2mm.train.config import SFTConfig
 
     synth = load_config(SFTConfig, recipe_path("sft"), []).data.synth_args
-    return synth | {"n_train": args.train_images, "n_test": args.test_images, "seed": args.seed}
+    layout = {"layout": args.layout} if getattr(args, "layout", None) else {}
+    return synth | {"n_train": args.train_images, "n_test": args.test_images, "seed": args.seed} | layout
 
 
 def sft_overrides(args: argparse.Namespace, out: Path, minutes: float) -> list[str]:

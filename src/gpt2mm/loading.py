@@ -38,6 +38,13 @@ def from_backbones(
     """
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, GPT2LMHeadModel
 
+    scratch_only = {"text_init": "gpt2", "text_final_norm": True, "text_embedding_std": None}
+    changed = [k for k, default in scratch_only.items() if overrides.get(k, default) != default]
+    if changed:
+        raise ValueError(
+            f"{', '.join(changed)}: for a GPT-2 built from scratch; a pretrained GPT-2 keeps its own weights "
+            "and final LayerNorm"
+        )
     clip = CLIPVisionModel.from_pretrained(vision)
     gpt2 = GPT2LMHeadModel.from_pretrained(text)
     tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(text)

@@ -28,6 +28,7 @@ from transformers import (
 from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, eager_attention_forward
+from transformers.pytorch_utils import Conv1D
 
 from gpt2mm.config import IGNORE_INDEX, MultimodalGPT2Config
 
@@ -96,7 +97,8 @@ class CNNStem(nn.Sequential):
     Unlike `ConvStem` and a trained patch embedding, it learns to read handwritten digits from random weights
     within 1,000 steps of question answering when plain pre-norm blocks follow it (`bench/vision_probe.py`);
     batch norm is what makes the difference (with group norm, layer norm or no norm it learns to count but not
-    to read). Through the `tiny` preset's GPT-2 it does not learn that yet (docs/experiments.md).
+    to read). Through GPT-2 it learns when GPT-2 is built from scratch with `text_init="pytorch"`,
+    `text_final_norm=False` and `text_embedding_std=0.3` (configs/tiny-vqa.yaml; docs/experiments.md).
     Its batch-norm statistics are buffers, frozen with the tower (`.train()` keeps a frozen tower in eval mode)."""
 
     def __init__(self, in_channels: int, width: int, patch_size: int):
@@ -157,6 +159,20 @@ class MultimodalGPT2PreTrainedModel(PreTrainedModel):
             )
         self.projector = MultimodalProjector(config)
         self.language_model = GPT2Model(config.text_config)
+        if not config.text_final_norm:
+            self.language_model.ln_f = nn.Identity()
+
+    def _init_text_model(self) -> None:
+        """The `text_init` and `text_embedding_std` options, after GPT-2 has initialised itself (a model built
+        from scratch; loading a checkpoint then replaces these values)."""
+        if self.config.text_init == "pytorch":
+            for module in self.language_model.modules():
+                if isinstance(module, Conv1D):  # weight (fan_in, fan_out): what nn.Linear's init gives
+                    bound = module.weight.shape[0] ** -0.5
+                    nn.init.uniform_(module.weight, -bound, bound)
+                    nn.init.uniform_(module.bias, -bound, bound)
+        if self.config.text_embedding_std is not None:
+            nn.init.normal_(self.language_model.wte.weight, std=self.config.text_embedding_std)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.language_model.wte
@@ -253,6 +269,7 @@ class MultimodalGPT2ForConditionalGeneration(MultimodalGPT2PreTrainedModel, Gene
         self._build_modules(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
+        self._init_text_model()
         tc = config.text_config
         self.generation_config = GenerationConfig(
             bos_token_id=tc.bos_token_id,
@@ -540,6 +557,7 @@ class MultimodalGPT2Model(MultimodalGPT2PreTrainedModel):
         for block in self.language_model.h:
             block.attn.__class__ = GPT2AttentionAnyLayout  # same parameters, same names
         self.post_init()
+        self._init_text_model()
 
     def get_image_features(
         self, pixel_values: torch.Tensor, return_dict: bool = False, **kwargs: Any

@@ -39,6 +39,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="share of tags the simulated taggers get wrong (default 0.05)",
     )
+    parser.add_argument(
+        "--layout",
+        choices=("grid", "free"),
+        default=None,
+        help="the world: free (objects anywhere, varied sizes, textured backgrounds) or grid (one object per "
+        "cell of a 3x3 grid); default: configs/demo-sft.yaml's",
+    )
     parser.add_argument("--train-images", type=int, default=10000)
     parser.add_argument("--test-images", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)

@@ -14,8 +14,7 @@ def build_model_for_training(cfg: ModelConfig):
     check_overrides(cfg.overrides)
     if cfg.init_from:
         model, processor = load_model(cfg.init_from)
-        for key, value in cfg.overrides.items():
-            setattr(model.config, key, value)
+        apply_overrides_to_loaded(model.config, cfg.overrides, cfg.init_from)
     else:
         model, processor = build_model(cfg.preset, pretrained=cfg.pretrained, **cfg.overrides)
     if cfg.attn_implementation:
@@ -51,6 +50,33 @@ def check_overrides(overrides: dict) -> None:
         raise UsageError(
             f"model.overrides: unknown MultimodalGPT2Config field(s) {', '.join(map(repr, unknown))}{hint}"
         )
+
+
+# Overrides that shape the modules or their initialisation: a loaded checkpoint already has them.
+BUILT_IN = {"vision_config", "text_config", "vision_stem", "text_final_norm"}
+INIT_ONLY = {"text_init", "text_embedding_std"}
+
+
+def apply_overrides_to_loaded(config, overrides: dict, source: str) -> None:
+    """`model.overrides` on a model loaded with `init_from` (a recipe that inherits a from-scratch model's
+    overrides, such as a stage continued from its checkpoint): what the checkpoint already has is kept,
+    initialisation options do not apply, and a different architecture is a one-line error."""
+    for key, value in overrides.items():
+        if key in INIT_ONLY:
+            continue
+        current = getattr(config, key)
+        if isinstance(value, dict):  # a sub-config: only the entries it names
+            have = current.to_dict()
+            differ = sorted(k for k, v in value.items() if have.get(k) != v)
+        else:
+            differ = [] if current == value else [key]
+        if differ and key in BUILT_IN:
+            raise UsageError(
+                f"model.overrides {key}: {', '.join(differ)} differ(s) from the checkpoint {source}'s; a loaded "
+                "model's architecture cannot change"
+            )
+        if differ:
+            setattr(config, key, value)
 
 
 def enable_checkpointing(model) -> None:
