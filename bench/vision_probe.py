@@ -143,11 +143,9 @@ class Learner(nn.Module):
             if "noln" in args.lm:
                 self.blocks.ln_f = nn.Identity()
             if "torchinit" in args.lm:
-                for module in self.blocks.modules():
-                    if type(module).__name__ == "Conv1D":
-                        fan_in = module.weight.shape[0]
-                        nn.init.uniform_(module.weight, -(fan_in**-0.5), fan_in**-0.5)
-                        nn.init.uniform_(module.bias, -(fan_in**-0.5), fan_in**-0.5)
+                from gpt2mm.modeling import init_like_linear
+
+                init_like_linear(self.blocks)
         elif args.lm.startswith("encoder"):
             layer = nn.TransformerEncoderLayer(
                 WIDTH, 4, 4 * WIDTH, 0.0, "gelu", batch_first=True, norm_first=True

@@ -38,8 +38,8 @@ def from_backbones(
     """
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, GPT2LMHeadModel
 
-    scratch_only = {"text_init": "gpt2", "text_final_norm": True, "text_embedding_std": None}
-    changed = [k for k, default in scratch_only.items() if overrides.get(k, default) != default]
+    scratch_only = ("text_init", "text_final_norm", "text_embedding_std")  # their defaults: GPT-2 as it is
+    changed = [k for k in scratch_only if k in overrides and overrides[k] != getattr(MultimodalGPT2Config, k)]
     if changed:
         raise ValueError(
             f"{', '.join(changed)}: for a GPT-2 built from scratch; a pretrained GPT-2 keeps its own weights "

@@ -122,6 +122,16 @@ class CNNStem(nn.Sequential):
 STEMS = {"conv": ConvStem, "cnn": CNNStem}
 
 
+def init_like_linear(gpt2: nn.Module) -> None:
+    """Every GPT-2 matrix and bias (`Conv1D`, weight (fan_in, fan_out)) drawn as `nn.Linear` draws its own:
+    uniform in +-1/sqrt(fan_in) (`text_init="pytorch"`)."""
+    for module in gpt2.modules():
+        if isinstance(module, Conv1D):
+            bound = module.weight.shape[0] ** -0.5
+            nn.init.uniform_(module.weight, -bound, bound)
+            nn.init.uniform_(module.bias, -bound, bound)
+
+
 class MultimodalGPT2PreTrainedModel(PreTrainedModel):
     config_class = MultimodalGPT2Config
     config: MultimodalGPT2Config
@@ -166,11 +176,7 @@ class MultimodalGPT2PreTrainedModel(PreTrainedModel):
         """The `text_init` and `text_embedding_std` options, after GPT-2 has initialised itself (a model built
         from scratch; loading a checkpoint then replaces these values)."""
         if self.config.text_init == "pytorch":
-            for module in self.language_model.modules():
-                if isinstance(module, Conv1D):  # weight (fan_in, fan_out): what nn.Linear's init gives
-                    bound = module.weight.shape[0] ** -0.5
-                    nn.init.uniform_(module.weight, -bound, bound)
-                    nn.init.uniform_(module.bias, -bound, bound)
+            init_like_linear(self.language_model)
         if self.config.text_embedding_std is not None:
             nn.init.normal_(self.language_model.wte.weight, std=self.config.text_embedding_std)
 
