@@ -170,8 +170,14 @@ def test_stage_minutes_default_to_shares_of_the_budget_and_bad_ones_are_refused(
         args = Namespace(minutes=total, stages=",".join(stages), ppo_minutes=ppo, instruct_minutes=instruct)
         return stage_minutes(args, stages)
 
-    assert minutes(15, ["sft", "ppo", "instruct"]) == pytest.approx((5.0, 3.0))
-    assert minutes(2, ["sft", "ppo", "instruct"]) == pytest.approx((2 / 3, 0.4))  # fits any budget
+    assert minutes(15, ["sft", "ppo", "instruct"]) == pytest.approx((1.5, 1.5))
+    assert minutes(2, ["sft", "ppo", "instruct"]) == pytest.approx((0.2, 0.2))  # fits any budget
+    few = Namespace(
+        minutes=15, stages="sft,ppo", ppo_minutes=None, instruct_minutes=None, labelled_fraction=0.1
+    )
+    assert stage_minutes(few, ["sft", "ppo"]) == pytest.approx(
+        (5.0, 0.0)
+    )  # stage 2 is the few-labels subject
     assert minutes(2, ["sft", "instruct"], instruct=1.5) == (0.0, 1.5)
     assert minutes(15, ["sft"]) == (0.0, 0.0)
     for args, message in (

@@ -15,13 +15,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--stages", default="sft", help="comma-separated: sft (stage 1), ppo (stage 2), instruct (stage 3)"
     )
     parser.add_argument(
-        "--ppo-minutes", type=float, default=None, help="of the budget, for stage 2 (default: a third of it)"
+        "--ppo-minutes",
+        type=float,
+        default=None,
+        help="of the budget, for stage 2 (default: a tenth of it; a third with --labelled-fraction)",
     )
     parser.add_argument(
         "--instruct-minutes",
         type=float,
         default=None,
-        help="of the budget, for stage 3 (default: a fifth of it)",
+        help="of the budget, for stage 3 (default: a tenth of it)",
     )
     parser.add_argument(
         "--labelled-fraction",
