@@ -175,9 +175,8 @@ def test_stage_minutes_default_to_shares_of_the_budget_and_bad_ones_are_refused(
     few = Namespace(
         minutes=15, stages="sft,ppo", ppo_minutes=None, instruct_minutes=None, labelled_fraction=0.1
     )
-    assert stage_minutes(few, ["sft", "ppo"]) == pytest.approx(
-        (5.0, 0.0)
-    )  # stage 2 is the few-labels subject
+    # the few-labels demo's subject is stage 2: it keeps a third
+    assert stage_minutes(few, ["sft", "ppo"]) == pytest.approx((5.0, 0.0))
     assert minutes(2, ["sft", "instruct"], instruct=1.5) == (0.0, 1.5)
     assert minutes(15, ["sft"]) == (0.0, 0.0)
     for args, message in (
