@@ -101,7 +101,7 @@ class Encoder(nn.Module):
             self.stem = nn.Conv2d(3, WIDTH, 8, 8)
             self.stem.requires_grad_(kind == "patch")
         elif kind == "conv":
-            from gpt2mm.modeling import ConvStem
+            from gpt2mm.layers import ConvStem
 
             self.stem = ConvStem(3, WIDTH, 8)
         elif kind == "cnn":

@@ -4,7 +4,7 @@ Every model gpt2mm writes (`init`, `convert-seed`, `train`, `ppo`, `reward`, and
 `save_model`, which writes, next to the weights and the processor:
 
 - the remote code: configuration_gpt2mm.py, modeling_gpt2mm.py, processing_gpt2mm.py and what they import
-  of gpt2mm (presets_gpt2mm.py), GENERATED from this package's own config.py, modeling.py, processing.py
+  of gpt2mm (layers_gpt2mm.py, presets_gpt2mm.py), GENERATED from this package's own config.py, modeling.py, processing.py
   (`remote_code`: the files as they are, their `from gpt2mm.X import` lines made relative), plus the
   `auto_map` entries in config.json and processor_config.json that point transformers at them. So where
   torch and transformers are installed but gpt2mm is not,

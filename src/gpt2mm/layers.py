@@ -1,0 +1,98 @@
+"""The building blocks the model adds to CLIP and GPT-2: the projector from vision to text width, and the two
+convolutional stems that can replace CLIP's patch embedding (`vision_stem`: `conv` or `cnn`)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gpt2mm.config import MultimodalGPT2Config
+
+
+class MultimodalProjector(nn.Module):
+    """Vision width -> text width: Linear -> LayerNorm -> `projector_num_layers` transformer layers (the seed's)."""
+
+    def __init__(self, config: MultimodalGPT2Config):
+        super().__init__()
+        d = config.text_config.hidden_size
+        self.linear = nn.Linear(config.vision_config.hidden_size, d)
+        self.norm = nn.LayerNorm(d)
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                d_model=d,
+                nhead=config.projector_num_heads,
+                dim_feedforward=config.projector_ffn_dim,
+                dropout=config.projector_dropout,
+                activation=config.projector_activation,
+                norm_first=config.projector_norm_first,
+                batch_first=True,
+            )
+            for _ in range(config.projector_num_layers)
+        )
+        self.token_mixing = config.projector_token_mixing
+
+    def forward(self, vision_states: torch.Tensor) -> torch.Tensor:
+        x = self.norm(self.linear(vision_states))  # (N, T_img, C_text)
+        mask = None
+        if not self.token_mixing:  # each image token attends only to itself (the seed at batch 1)
+            t = x.shape[1]
+            mask = ~torch.eye(t, dtype=torch.bool, device=x.device)  # True = may not attend
+        for layer in self.layers:
+            x = layer(x, src_mask=mask)
+        return x
+
+
+class ConvStem(nn.Sequential):
+    """A convolutional patch embedding: log2(patch) 3x3 convolutions of stride 2 (GELU between them), widths
+    doubling up to the tower's, so an image of side S becomes the same (S / patch)^2 grid of vectors as CLIP's
+    patch embedding, each seeing an overlapping window instead of its own patch alone (a ViT's "early
+    convolutions", Xiao et al. 2021). Drop-in for `CLIPVisionEmbeddings.patch_embedding`."""
+
+    def __init__(self, in_channels: int, width: int, patch_size: int):
+        n = patch_size.bit_length() - 1  # patch_size = 2 ** n
+        widths = [in_channels] + [max(8, width >> (n - 1 - i)) for i in range(n)]
+        layers: list[nn.Module] = []
+        for i in range(n):
+            layers.append(nn.Conv2d(widths[i], widths[i + 1], kernel_size=3, stride=2, padding=1))
+            if i < n - 1:
+                layers.append(nn.GELU())
+        super().__init__(*layers)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The first convolution's weight: CLIP reads the stem's dtype from `patch_embedding.weight`."""
+        return self[0].weight
+
+
+class CNNStem(nn.Sequential):
+    """A small convolutional network in place of the patch embedding: per halving of the resolution, a 3x3
+    convolution, batch norm, GELU and 2x2 max pooling (one more convolution before the last pooling), widths
+    doubling up to the tower's, then a 1x1 convolution to the tower's width. An image of side S becomes the same
+    (S / patch)^2 grid of vectors as CLIP's patch embedding, each seeing a window of about 2.5 patches.
+
+    Unlike `ConvStem` and a trained patch embedding, it learns to read handwritten digits from random weights
+    within 1,000 steps of question answering when plain pre-norm blocks follow it (`bench/vision_probe.py`);
+    batch norm is what makes the difference (with group norm, layer norm or no norm it learns to count but not
+    to read). Through GPT-2 it learns when GPT-2 is built from scratch with `text_init="pytorch"`,
+    `text_final_norm=False` and `text_embedding_std=0.3` (configs/tiny-vqa.yaml; docs/experiments.md).
+    Its batch-norm statistics are buffers, frozen with the tower (`.train()` keeps a frozen tower in eval mode)."""
+
+    def __init__(self, in_channels: int, width: int, patch_size: int):
+        n = patch_size.bit_length() - 1  # patch_size = 2 ** n
+        widths = [in_channels] + [max(16, width >> (n - 1 - i)) for i in range(n)]
+        layers: list[nn.Module] = []
+        for i in range(n):
+            convs = [(widths[i], widths[i + 1])] + ([(widths[i + 1], widths[i + 1])] if i == n - 1 else [])
+            for c_in, c_out in convs:
+                layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.GELU()]
+            layers.append(nn.MaxPool2d(2))
+        layers.append(nn.Conv2d(widths[-1], width, 1))
+        super().__init__(*layers)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The first convolution's weight: CLIP reads the stem's dtype from `patch_embedding.weight`."""
+        return self[0].weight
+
+
+STEMS = {"conv": ConvStem, "cnn": CNNStem}
