@@ -75,6 +75,30 @@ def test_length_difficulties_count_words_and_packing_keeps_the_hardest():
         load_config(SFTConfig, CONFIGS / "tiny-vqa.yaml", ["--data.difficulty", "length"])
 
 
+def test_packing_leaves_conversations_as_they_are():
+    """A LLaVA conversation mixed with VQA questions about its image (stage 3's data.vqa_mix) stays one
+    sample; only the single question-answer samples are packed."""
+    from gpt2mm.data.splits import pack_by_image
+
+    conversation = Sample(
+        id="c",
+        image="x.png",
+        turns=[
+            Turn("user", "describe"),
+            Turn("assistant", "a ball"),
+            Turn("user", "color?"),
+            Turn("assistant", "red"),
+        ],
+    )
+    questions = [
+        Sample(id=q, image="x.png", turns=[Turn("user", q), Turn("assistant", "a")]) for q in ("q1", "q2")
+    ]
+    packed = pack_by_image([questions[0], conversation, questions[1]], 8, seed=0)
+    assert sorted(len(s.turns) for s in packed) == [4, 4]
+    assert [s.turns for s in packed if s.id == "c"] == [conversation.turns]
+    assert sorted(set(s.id.split("+")) for s in packed if s.id != "c") == [{"q1", "q2"}]
+
+
 def test_bad_yaml_is_one_line_naming_where(tmp_path):
     (tmp_path / "bad.yaml").write_text("train:\n  lr: [1\n")
     with pytest.raises(UsageError) as e:

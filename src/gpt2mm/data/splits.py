@@ -199,12 +199,14 @@ def set_difficulty(samples: list, cfg: DataConfig, split: str) -> None:
 def pack_by_image(samples: list, k: int, seed: int) -> list:
     """Questions about the same image as multi-turn samples of up to `k` Q/A pairs (the image is encoded
     once for k answers). The prompt format is the conversation format, whose first turn is stage 1's.
-    Samples without an image or with several are left as they are."""
+    Samples without an image or with several, and conversations (more than one exchange: a LLaVA record mixed
+    with VQA questions), are left as they are."""
     from gpt2mm.data.samples import Sample
 
     by_image: dict[Any, list] = {}
     for s in samples:
-        by_image.setdefault(s.image if len(s.images) == 1 else None, []).append(s)
+        single = len(s.images) == 1 and len(s.turns) == 2
+        by_image.setdefault(s.image if single else None, []).append(s)
     rng = random.Random(seed)
     packed = []
     for image, group in by_image.items():
