@@ -18,14 +18,17 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def assert_official_scores(out: Path, tmp_path: Path, summary: dict, files: dict[str, str]) -> None:
-    """Each summary figure (`files`: results file -> key) is what `gpt2mm vqa-score` gives on that file."""
+    """Each summary figure (`files`: results file -> key) and its breakdown per answer type is what
+    `gpt2mm vqa-score` gives on that file."""
     world = out / "world"
     for results, key in files.items():
         scores = tmp_path / f"{key}.json"
         assert main(["vqa-score", "--questions", str(world / "test_questions.json"), "--annotations",
                      str(world / "test_annotations.json"), "--results", str(out / results),
                      "--json", str(scores)]) == 0  # fmt: skip
-        assert json.loads(scores.read_text())["overall"] == summary[key]
+        official = json.loads(scores.read_text())
+        assert official["overall"] == summary[key]
+        assert official["perAnswerType"] == summary[f"{key}_per_answer_type"]
 
 
 def test_demo_writes_an_honest_summary(tmp_path, capsys):
@@ -61,7 +64,9 @@ def test_demo_with_all_stages_records_each(tmp_path):
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stages"] == ["sft", "ppo", "instruct"] and summary["ppo_updates"] >= 1
-    assert summary["instruct_steps"] >= 1 and summary["test_accuracy"] == summary["instruct_test_accuracy"]
+    assert summary["instruct_steps"] >= 1
+    for figure in ("test_accuracy", "test_accuracy_per_answer_type", "test_accuracy_per_question_type"):
+        assert summary[figure] == summary[f"instruct_{figure}"]  # the last stage's, breakdowns included
     for key in ("instruct_description_scores", "description_scores_before_instruct"):
         assert set(summary[key]) == {"precision", "recall", "f1"}
         assert all(0 <= v <= 100 for v in summary[key].values())

@@ -10,8 +10,9 @@ few test questions (printing question, answer and truth; the images are saved ne
 curve and writes `DIR/summary.json`. With `--stages sft,ppo` it then runs stage 2 (PPO with the VQA-accuracy
 reward) from the stage-1 model and scores it the same way; with `instruct`, stage 3 on the world's LLaVA
 conversations (detailed descriptions), scoring the descriptions of test images against their scenes. Each
-stage's numbers go into the summary (`sft_test_accuracy`, `ppo_test_accuracy`, `instruct_test_accuracy`,
-`instruct_description_scores`); `test_accuracy` is the last stage's.
+stage's numbers go into the summary (`sft_test_accuracy`, `ppo_test_accuracy`, `instruct_test_accuracy`, each
+with its breakdowns per answer and question type, and `instruct_description_scores`); `test_accuracy` and its
+breakdowns are the last stage's.
 
 The recipes are files, configs/demo-sft.yaml, demo-ppo.yaml and demo-instruct.yaml (their comments say why each
 value), and `gpt2mm train configs/demo-sft.yaml` reproduces stage 1. The demo changes only where they write
@@ -140,7 +141,6 @@ def run(args: argparse.Namespace) -> int:
 
         init = list_checkpoints(out / ("ppo" if "ppo" in stages else "run"))[-1]
         summary.update(run_instruct(out, args.seed, instruct_minutes, init))
-        summary["test_accuracy"] = summary["instruct_test_accuracy"]
     summary.update(
         {
             "blind_accuracy": round(blind_pct, 2),
@@ -262,7 +262,7 @@ def run_sft(cfg, out: Path):
     train_summary = run_.train()
     model = run_.acc.unwrap_model(run_.model)
     summary = evaluate_and_report(model, run_.processor, run_.pixels, run_.image_key, out)
-    summary["sft_test_accuracy"] = summary["test_accuracy"]
+    summary |= stage_figures("sft", summary)
     _say(f"stage 1 test accuracy {summary['test_accuracy']:.2f}%")
     return summary, train_summary, run_.cfg
 
@@ -292,22 +292,19 @@ def ppo_and_score(cfg, out: Path) -> dict:
     scores = evaluate_and_report(
         trainer.policy, trainer.processor, trainer.pixels, "pixel_values", out, tag="ppo_"
     )
-    return {
-        "ppo_test_accuracy": scores["test_accuracy"],
-        "ppo_test_accuracy_per_answer_type": scores["test_accuracy_per_answer_type"],
+    return stage_figures("ppo", scores) | {
         "ppo_updates": done["steps"],
         "ppo_train_seconds": done["train_seconds"],
         "ppo_final_kl": done["final"].get("kl"),
         "ppo_final_reward": done["final"].get("reward"),
-        "test_accuracy": scores["test_accuracy"],
     }
 
 
 def run_instruct(out: Path, seed: int, minutes: float, init: Path) -> dict:
     """Stage 3 from `init`: the world's LLaVA conversations (a detailed description, then questions) and stage
     1's packed questions (configs/demo-instruct.yaml), loss on the assistant turns, for `minutes` of training
-    time. Scores the descriptions of test images (object
-    precision / recall / F1 against the scene records) before and after, and the VQA test accuracy after."""
+    time. Scores the descriptions of test images (object precision / recall / F1 against the scene records)
+    before and after, and the VQA test accuracy after."""
     from gpt2mm.eval.report import description_samples, generate_descriptions, score_descriptions
     from gpt2mm.loading import load_model
     from gpt2mm.train.sft import SFTTrainer
@@ -328,8 +325,7 @@ def run_instruct(out: Path, seed: int, minutes: float, init: Path) -> dict:
         f"stage 3: description F1 {after['f1']:.1f}% (before {before['f1']:.1f}%), VQA test accuracy "
         f"{vqa['test_accuracy']:.2f}%; e.g. {texts[0]!r}"
     )
-    return {
-        "instruct_test_accuracy": vqa["test_accuracy"],
+    return stage_figures("instruct", vqa) | {
         "instruct_description_scores": after,
         "description_scores_before_instruct": before,
         "instruct_description_example": texts[0],
@@ -339,6 +335,14 @@ def run_instruct(out: Path, seed: int, minutes: float, init: Path) -> dict:
 
 
 # --- evaluation ----------------------------------------------------------------------------------------------
+
+STAGE_FIGURES = ("test_accuracy", "test_accuracy_per_answer_type", "test_accuracy_per_question_type")
+
+
+def stage_figures(stage: str, scores: dict) -> dict:
+    """A stage's test figures under its prefix (`ppo_test_accuracy`, ...) and unprefixed: the summary's
+    `test_accuracy` and its breakdowns are always those of the last stage that ran, never a mix."""
+    return {f"{stage}_{k}": scores[k] for k in STAGE_FIGURES} | {k: scores[k] for k in STAGE_FIGURES}
 
 
 def evaluate_and_report(model, processor, pixels, image_key: str, out: Path, tag: str = "") -> dict:
