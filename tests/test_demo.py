@@ -117,7 +117,7 @@ def test_the_demo_trains_stage_1_with_configs_demo_sft(tmp_path):
     from gpt2mm import demo
 
     out = tmp_path / "demo"
-    world = "{n_train: 10000, n_val: 100, n_test: 500, seed: 0, questions_per_image: 8}"
+    world = "{n_train: 10000, n_val: 100, n_test: 500, seed: 0, questions_per_image: 8, layout: free}"
     expected = load_config(SFTConfig, CONFIGS / "demo-sft.yaml", [
         "--data.root", str(out / "world"), "--data.synth_args", world,
         "--train.output_dir", str(out / "run"), "--train.seed", "0", "--train.max_minutes", "7.25",
@@ -135,7 +135,9 @@ def test_the_demo_trains_stage_1_with_configs_demo_sft(tmp_path):
         "n_test": 12,
         "seed": 3,
         "questions_per_image": 8,
+        "layout": "free",
     }
+    assert demo.world_args(demo_args("--layout", "grid"))["layout"] == "grid"
     assert cfg.train.seed == 3 and cfg.train.max_minutes == 1.5
 
 

@@ -550,3 +550,23 @@ def test_recipe_synth_args_carry_the_layout(tmp_path):
     cfg = load_config(SFTConfig, recipe, ["--data.synth_args", world])
     ensure_synthetic_world(tmp_path / "w", cfg.data.synth_args, log=lambda *_: None)
     assert read(tmp_path / "w" / "world.json")["params"]["layout"] == "free"
+
+
+def test_a_world_rendered_with_other_arguments_is_refused_not_reused(tmp_path):
+    """Training on data.root that holds another world (the grid one, when the recipe asks for the free one)
+    would train on the wrong data without a word: it is a one-line error, and the world stays as it was."""
+    from gpt2mm.data.splits import ensure_synthetic_world
+
+    root, args = tmp_path / "w", {"n_train": 4, "n_val": 1, "n_test": 2, "seed": 1}
+    syn.write_world(root, **args)  # a grid world
+    before = (root / "world.json").read_bytes()
+    assert syn.world_mismatch(root, **args) is None
+    assert syn.world_mismatch(root, **args, layout="grid", holdout=None) is None  # defaults filled in
+    assert syn.world_mismatch(root, **args, layout="free") == ("layout", "grid", "free")
+    assert syn.world_mismatch(root, **(args | {"seed": 2})) == ("seed", 1, 2)
+    ensure_synthetic_world(root, args, log=lambda *_: None)  # the same world: used as it is
+    with pytest.raises(UsageError, match=r"holds a synthetic world with layout 'grid' where .* asks 'free'"):
+        ensure_synthetic_world(root, args | {"layout": "free"}, log=lambda *_: None)
+    with pytest.raises(UsageError, match="data.synth_args: .*'colour'"):
+        ensure_synthetic_world(root, args | {"colour": "red"}, log=lambda *_: None)
+    assert (root / "world.json").read_bytes() == before

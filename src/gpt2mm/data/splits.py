@@ -236,9 +236,22 @@ def _hardest(levels) -> float | None:
 
 
 def ensure_synthetic_world(root: Path, synth_args: dict, log=print, write: bool = True) -> None:
-    """Render the synthetic world into `root` unless it is there; a folder holding other files is refused
-    (checked by every process of a run; `write` on the main one only)."""
+    """Render the synthetic world into `root` unless it is there; a folder holding other files, or a world
+    rendered with other arguments (another layout, say), is refused (checked by every process of a run;
+    `write` on the main one only)."""
+    from gpt2mm.data.synthetic import world_mismatch, write_world
+
     if (root / "world.json").is_file():
+        try:
+            differ = world_mismatch(root, **synth_args)
+        except TypeError as e:
+            raise UsageError(f"data.synth_args: {e}") from None
+        if differ:
+            name, written, asked = differ
+            raise UsageError(
+                f"data.root {root} holds a synthetic world with {name} {written!r} where data.synth_args asks "
+                f"{asked!r}; give another --data.root, or remove that folder to render it again"
+            )
         return
     if root.exists() and any(root.iterdir()):
         raise UsageError(
@@ -247,7 +260,5 @@ def ensure_synthetic_world(root: Path, synth_args: dict, log=print, write: bool 
         )
     if not write:
         return
-    from gpt2mm.data.synthetic import write_world
-
     log(f"rendering the synthetic world into {root}")
     write_world(root, **synth_args)

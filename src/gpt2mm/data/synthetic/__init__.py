@@ -89,7 +89,14 @@ from gpt2mm.data.synthetic.world import (
     relation_holds,
     render,
 )
-from gpt2mm.data.synthetic.write import ID_OFFSET, SPLITS, load_scenes, parse_holdout, write_world
+from gpt2mm.data.synthetic.write import (
+    ID_OFFSET,
+    SPLITS,
+    load_scenes,
+    parse_holdout,
+    world_mismatch,
+    write_world,
+)
 
 __all__ = [
     "BACKGROUND",
@@ -139,5 +146,6 @@ __all__ = [
     "relation_holds",
     "render",
     "score_description",
+    "world_mismatch",
     "write_world",
 ]

@@ -6,6 +6,7 @@ Same arguments give byte-identical files: each split draws from its own `random.
 
 from __future__ import annotations
 
+import inspect
 import json
 import random
 import time
@@ -288,7 +289,23 @@ def write_world(
             out, split, n, seed, image_size, holdout_list, questions_per_image, min_objects, max_objects,
             answer_noise, families, layout,
         )  # fmt: skip
-    params = {
+    params = _params(
+        counts, seed, image_size, holdout_list, questions_per_image, min_objects, max_objects, answer_noise,
+        families, layout,
+    )  # fmt: skip
+    manifest = _manifest(params, scenes)
+    _dump(out / "world.json", manifest, indent=2)
+    manifest["seconds"] = round(time.perf_counter() - t0, 2)  # not in the file: it would break byte-identity
+    return manifest
+
+
+def _params(
+    counts, seed, image_size, holdout_list, questions_per_image, min_objects, max_objects, answer_noise,
+    families, layout,
+) -> dict[str, Any]:  # fmt: skip
+    """world.json's "params": the arguments a world was rendered with."""
+    n_train, n_val, n_test = counts
+    return {
         "n_train": n_train,
         "n_val": n_val,
         "n_test": n_test,
@@ -303,10 +320,26 @@ def write_world(
         "families": list(families),
         **({"layout": layout} if layout != "grid" else {}),  # absent: a grid world
     }
-    manifest = _manifest(params, scenes)
-    _dump(out / "world.json", manifest, indent=2)
-    manifest["seconds"] = round(time.perf_counter() - t0, 2)  # not in the file: it would break byte-identity
-    return manifest
+
+
+def world_mismatch(out_dir: str | Path, **world_args: Any) -> tuple[str, Any, Any] | None:
+    """None when the world written in `out_dir` was rendered with `write_world(out_dir, **world_args)`'s
+    parameters (defaults filled in), else the first that differs, as (name, written, asked). Only the
+    parameters its world.json records are compared, so a world written by an older version still matches."""
+    args = inspect.signature(write_world).bind(out_dir, **world_args)
+    args.apply_defaults()
+    a = args.arguments
+    families = tuple(a["families"]) if a["families"] else FAMILIES
+    wanted = _params(
+        (a["n_train"], a["n_val"], a["n_test"]), a["seed"], a["image_size"], parse_holdout(a["holdout"]),
+        a["questions_per_image"], a["min_objects"], a["max_objects"], a["answer_noise"], families, a["layout"],
+    )  # fmt: skip
+    written = json.loads((Path(out_dir) / "world.json").read_text(encoding="utf-8")).get("params", {})
+    written, wanted = {"layout": "grid"} | written, {"layout": "grid"} | wanted
+    for name, value in written.items():
+        if name in wanted and wanted[name] != value:
+            return name, value, wanted[name]
+    return None
 
 
 def load_scenes(out_dir: str | Path, split: str) -> list[dict[str, Any]]:
