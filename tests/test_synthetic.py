@@ -565,8 +565,16 @@ def test_a_world_rendered_with_other_arguments_is_refused_not_reused(tmp_path):
     assert syn.world_mismatch(root, **args, layout="free") == ("layout", "grid", "free")
     assert syn.world_mismatch(root, **(args | {"seed": 2})) == ("seed", 1, 2)
     ensure_synthetic_world(root, args, log=lambda *_: None)  # the same world: used as it is
-    with pytest.raises(UsageError, match=r"holds a synthetic world with layout 'grid' where .* asks 'free'"):
+    with pytest.raises(UsageError, match=r"holds a synthetic world with layout 'grid' where .* for 'free'"):
         ensure_synthetic_world(root, args | {"layout": "free"}, log=lambda *_: None)
-    with pytest.raises(UsageError, match="data.synth_args: .*'colour'"):
-        ensure_synthetic_world(root, args | {"colour": "red"}, log=lambda *_: None)
-    assert (root / "world.json").read_bytes() == before
+    for where in (root, tmp_path / "absent"):  # a misspelt argument, whether or not the world is there
+        with pytest.raises(UsageError, match="data.synth_args: .*'colour'"):
+            ensure_synthetic_world(where, args | {"colour": "red"}, log=lambda *_: None)
+    assert (root / "world.json").read_bytes() == before and not (tmp_path / "absent").exists()
+    syn.write_world(tmp_path / "held", **args, holdout="red:circle,blue:square")
+    assert syn.world_mismatch(tmp_path / "held", **args, holdout="blue:square,red:circle") is None  # a set
+    assert syn.world_mismatch(tmp_path / "held", **args, holdout="red:circle")[0] == "holdout"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "world.json").write_text('{"generator": "someone else"}')
+    with pytest.raises(UsageError, match="world.json is not a synthetic world's manifest"):
+        ensure_synthetic_world(tmp_path / "other", args, log=lambda *_: None)

@@ -239,18 +239,27 @@ def ensure_synthetic_world(root: Path, synth_args: dict, log=print, write: bool 
     """Render the synthetic world into `root` unless it is there; a folder holding other files, or a world
     rendered with other arguments (another layout, say), is refused (checked by every process of a run;
     `write` on the main one only)."""
+    import inspect
+
     from gpt2mm.data.synthetic import world_mismatch, write_world
 
+    try:
+        inspect.signature(write_world).bind(root, **synth_args)
+    except TypeError as e:
+        raise UsageError(f"data.synth_args: {e}") from None
     if (root / "world.json").is_file():
         try:
             differ = world_mismatch(root, **synth_args)
-        except TypeError as e:
-            raise UsageError(f"data.synth_args: {e}") from None
+        except (ValueError, KeyError, TypeError) as e:  # not JSON, or not a world's manifest
+            raise UsageError(
+                f"data.root {root}: world.json is not a synthetic world's manifest ({e})"
+            ) from None
         if differ:
             name, written, asked = differ
             raise UsageError(
                 f"data.root {root} holds a synthetic world with {name} {written!r} where data.synth_args asks "
-                f"{asked!r}; give another --data.root, or remove that folder to render it again"
+                f"for {asked!r}; give another --data.root, --data.synth false to train on it as it is, or "
+                "remove that folder to render it again"
             )
         return
     if root.exists() and any(root.iterdir()):
