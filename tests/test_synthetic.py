@@ -560,10 +560,14 @@ def test_a_world_rendered_with_other_arguments_is_refused_not_reused(tmp_path):
     root, args = tmp_path / "w", {"n_train": 4, "n_val": 1, "n_test": 2, "seed": 1}
     syn.write_world(root, **args)  # a grid world
     before = (root / "world.json").read_bytes()
-    assert syn.world_mismatch(root, **args) is None
-    assert syn.world_mismatch(root, **args, layout="grid", holdout=None) is None  # defaults filled in
-    assert syn.world_mismatch(root, **args, layout="free") == ("layout", "grid", "free")
-    assert syn.world_mismatch(root, **(args | {"seed": 2})) == ("seed", 1, 2)
+
+    def mismatch(where, **asked):
+        return syn.world_mismatch(where, syn.world_params(**(args | asked)))
+
+    assert mismatch(root) is None
+    assert mismatch(root, layout="grid", holdout=None) is None  # defaults filled in
+    assert mismatch(root, layout="free") == ("layout", "grid", "free")
+    assert mismatch(root, seed=2) == ("seed", 1, 2)
     ensure_synthetic_world(root, args, log=lambda *_: None)  # the same world: used as it is
     with pytest.raises(UsageError, match=r"holds a synthetic world with layout 'grid' where .* for 'free'"):
         ensure_synthetic_world(root, args | {"layout": "free"}, log=lambda *_: None)
@@ -572,8 +576,8 @@ def test_a_world_rendered_with_other_arguments_is_refused_not_reused(tmp_path):
             ensure_synthetic_world(where, args | {"colour": "red"}, log=lambda *_: None)
     assert (root / "world.json").read_bytes() == before and not (tmp_path / "absent").exists()
     syn.write_world(tmp_path / "held", **args, holdout="red:circle,blue:square")
-    assert syn.world_mismatch(tmp_path / "held", **args, holdout="blue:square,red:circle") is None  # a set
-    assert syn.world_mismatch(tmp_path / "held", **args, holdout="red:circle")[0] == "holdout"
+    assert mismatch(tmp_path / "held", holdout="blue:square,red:circle") is None  # a set
+    assert mismatch(tmp_path / "held", holdout="red:circle")[0] == "holdout"
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "world.json").write_text('{"generator": "someone else"}')
     with pytest.raises(UsageError, match="world.json is not a synthetic world's manifest"):

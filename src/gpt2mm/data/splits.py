@@ -239,17 +239,15 @@ def ensure_synthetic_world(root: Path, synth_args: dict, log=print, write: bool 
     """Render the synthetic world into `root` unless it is there; a folder holding other files, or a world
     rendered with other arguments (another layout, say), is refused (checked by every process of a run;
     `write` on the main one only)."""
-    import inspect
-
-    from gpt2mm.data.synthetic import world_mismatch, write_world
+    from gpt2mm.data.synthetic import world_mismatch, world_params, write_world
 
     try:
-        inspect.signature(write_world).bind(root, **synth_args)
+        wanted = world_params(**synth_args)
     except TypeError as e:
         raise UsageError(f"data.synth_args: {e}") from None
     if (root / "world.json").is_file():
         try:
-            differ = world_mismatch(root, **synth_args)
+            differ = world_mismatch(root, wanted)
         except (ValueError, KeyError, TypeError) as e:  # not JSON, or not a world's manifest
             raise UsageError(
                 f"data.root {root}: world.json is not a synthetic world's manifest ({e})"

@@ -95,6 +95,7 @@ from gpt2mm.data.synthetic.write import (
     load_scenes,
     parse_holdout,
     world_mismatch,
+    world_params,
     write_world,
 )
 
@@ -147,5 +148,6 @@ __all__ = [
     "render",
     "score_description",
     "world_mismatch",
+    "world_params",
     "write_world",
 ]

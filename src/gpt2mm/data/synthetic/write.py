@@ -322,27 +322,29 @@ def _params(
     }
 
 
-def world_mismatch(out_dir: str | Path, **world_args: Any) -> tuple[str, Any, Any] | None:
-    """None when the world written in `out_dir` was rendered with `write_world(out_dir, **world_args)`'s
-    parameters (defaults filled in), else the first that differs, as (name, written, asked). Only the
-    parameters its world.json records are compared, so a world written by an older version with the same
-    arguments matches (even where its pixels differ). ValueError if world.json is not a world's manifest."""
-    args = inspect.signature(write_world).bind(out_dir, **world_args)
-    args.apply_defaults()
-    a = args.arguments
-    families = tuple(a["families"]) if a["families"] else FAMILIES
-    wanted = _params(
+def world_params(**world_args: Any) -> dict[str, Any]:
+    """The "params" that `write_world(out_dir, **world_args)` records in world.json (defaults filled in).
+    TypeError for an argument `write_world` does not take."""
+    bound = inspect.signature(write_world).bind("unused", **world_args)
+    bound.apply_defaults()
+    a = bound.arguments
+    return _params(
         (a["n_train"], a["n_val"], a["n_test"]), a["seed"], a["image_size"], parse_holdout(a["holdout"]),
-        a["questions_per_image"], a["min_objects"], a["max_objects"], a["answer_noise"], families, a["layout"],
+        a["questions_per_image"], a["min_objects"], a["max_objects"], a["answer_noise"],
+        tuple(a["families"]) if a["families"] else FAMILIES, a["layout"],
     )  # fmt: skip
+
+
+def world_mismatch(out_dir: str | Path, wanted: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    """None when the world written in `out_dir` has the parameters `wanted` (`world_params`), else the first
+    that differs, as (name, written, wanted). Only the parameters its world.json records are compared, so a
+    world written by an older version with the same arguments matches (even where its pixels differ); the
+    holdout is a set. ValueError if world.json is not a world's manifest."""
     manifest = json.loads((Path(out_dir) / "world.json").read_text(encoding="utf-8"))
     if manifest.get("generator") != "gpt2mm.data.synthetic":
         raise ValueError(f"its generator is {manifest.get('generator')!r}")
     written, wanted = {"layout": "grid"} | manifest["params"], {"layout": "grid"} | wanted
-    written["holdout"] = sorted(
-        written.get("holdout", [])
-    )  # a set: the order it was given in does not matter
-    wanted["holdout"] = sorted(wanted["holdout"])
+    written["holdout"], wanted["holdout"] = sorted(written.get("holdout", [])), sorted(wanted["holdout"])
     for name, value in written.items():
         if name in wanted and wanted[name] != value:
             return name, value, wanted[name]
