@@ -196,6 +196,31 @@ def test_stage_minutes_default_to_shares_of_the_budget_and_bad_ones_are_refused(
             minutes(*args)
 
 
+def test_the_continued_baseline_goes_on_at_the_rates_stage_1_ended_on(tmp_path):
+    """The "stage 1 continued" baseline trains every parameter group (GPT-2, projector, vision tower) at a
+    constant rate: the one stage 1's own schedule reached at its end, read from that schedule."""
+    from gpt2mm.few_labels import continued_config
+    from gpt2mm.train.optim import lr_lambda
+
+    stage1 = load_config(SFTConfig, CONFIGS / "demo-sft.yaml", ["--train.projector_lr", "1e-3"]).train
+    end = lr_lambda(stage1)(stage1.max_steps)  # the schedule's multiplier at its last step
+    cont = continued_config(tmp_path, "sft_continued", "labelled", tmp_path / "init", 0, 2.0, stage1).train
+    for group in ("lr", "projector_lr", "vision_lr"):
+        assert getattr(stage1, group) > 0
+        assert getattr(cont, group) == pytest.approx(getattr(stage1, group) * end)
+    assert (cont.schedule, cont.warmup_steps, cont.curriculum_steps, cont.max_minutes) == (
+        "constant",
+        0,
+        0,
+        2.0,
+    )
+    stage1 = dataclasses.replace(stage1, projector_lr=None)  # a group without its own rate follows lr
+    assert (
+        continued_config(tmp_path, "c", "labelled", tmp_path / "init", 0, 2.0, stage1).train.projector_lr
+        is None
+    )
+
+
 def test_the_few_labels_demo_runs_stage_2_on_unlabelled_images_against_two_baselines(tmp_path, capsys):
     """`--labelled-fraction`: stage 1 on a tenth of the images; tags on its answers; a reward model; PPO on
     the rest with that reward alone (no answer of an unlabelled image reaches it); two baselines. Every

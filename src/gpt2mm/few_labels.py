@@ -209,17 +209,22 @@ def pseudo_label(world: Path, unlabelled: list[int], model, processor, reward_di
     }  # fmt: skip
 
 
-def continued_config(out: Path, name: str, data: str, init: Path, seed: int, minutes: float, lr: float):
-    """configs/demo-sft.yaml continued from `init` on `data`'s training files for `minutes`, at the
-    constant learning rate `lr` (stage 1's last), with no warm-up or curriculum: more of stage 1."""
+def continued_config(out: Path, name: str, data: str, init: Path, seed: int, minutes: float, stage1):
+    """configs/demo-sft.yaml continued from `init` on `data`'s training files for `minutes`, each parameter
+    group at the constant learning rate stage 1 (its `TrainConfig`, `stage1`) ended on, with no warm-up or
+    curriculum: more of stage 1."""
     from gpt2mm.demo import recipe_path
     from gpt2mm.train.args import load_config
     from gpt2mm.train.config import SFTConfig
 
+    rates = ["--train.lr", repr(stage1.lr * stage1.min_lr_ratio)]
+    for group in ("projector_lr", "vision_lr"):  # the groups with their own rate end at the same ratio of it
+        if getattr(stage1, group) is not None:
+            rates += [f"--train.{group}", repr(getattr(stage1, group) * stage1.min_lr_ratio)]
     overrides = [
         "--model.init_from", str(init), "--data.root", str(out / "world"), "--data.synth", "false",
         *labelled_data(data), "--train.output_dir", str(out / name), "--train.seed", str(seed),
-        "--train.max_minutes", repr(minutes), "--train.lr", repr(lr), "--train.schedule", "constant",
+        "--train.max_minutes", repr(minutes), *rates, "--train.schedule", "constant",
         "--train.warmup_steps", "0", "--train.curriculum_steps", "0", "--train.eval_every", "0",
     ]  # fmt: skip
     return load_config(SFTConfig, recipe_path("sft"), overrides)
@@ -291,7 +296,6 @@ def run(args, out: Path, sft_minutes: float, ppo_minutes: float) -> tuple[dict, 
     _say(f"stage 2: PPO with the reward model on the unlabelled images for up to {ppo_minutes:.1f} minutes")
     ppo = ppo_and_score(ppo_cfg, out)
     minutes = ppo["ppo_train_seconds"] / 60  # the baselines get what stage 2 trained for
-    final_lr = cfg.train.lr * cfg.train.min_lr_ratio
     pseudo = pseudo_label(world, parts["unlabelled"], model, processor, out / "reward")
     _say(
         f"self-training: kept {pseudo['pseudo_kept']} of {pseudo['pseudo_pool']} pseudo labels "
@@ -300,7 +304,7 @@ def run(args, out: Path, sft_minutes: float, ppo_minutes: float) -> tuple[dict, 
     del model
     baselines: dict[str, Any] = {}
     for name, data in (("sft_continued", "labelled"), ("self_training", "selftrain")):
-        b_cfg = continued_config(out, name, data, init, args.seed, minutes, final_lr)
+        b_cfg = continued_config(out, name, data, init, args.seed, minutes, cfg.train)
         baselines |= run_baseline(b_cfg, out, name)
     best_name = max(
         ("sft_continued", "self_training"), key=lambda n: baselines[f"baseline_{n}_test_accuracy"]
