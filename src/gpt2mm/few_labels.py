@@ -218,9 +218,9 @@ def continued_config(out: Path, name: str, data: str, init: Path, seed: int, min
     from gpt2mm.train.config import SFTConfig
 
     rates = ["--train.lr", repr(stage1.lr * stage1.min_lr_ratio)]
-    for group in ("projector_lr", "vision_lr"):  # the groups with their own rate end at the same ratio of it
-        if getattr(stage1, group) is not None:
-            rates += [f"--train.{group}", repr(getattr(stage1, group) * stage1.min_lr_ratio)]
+    for group in ("projector_lr", "vision_lr"):  # a group with its own rate ends at the same ratio of it
+        rate = getattr(stage1, group)
+        rates += [f"--train.{group}", "none" if rate is None else repr(rate * stage1.min_lr_ratio)]
     overrides = [
         "--model.init_from", str(init), "--data.root", str(out / "world"), "--data.synth", "false",
         *labelled_data(data), "--train.output_dir", str(out / name), "--train.seed", str(seed),
