@@ -15,7 +15,7 @@ and RL uses the reward model on images nobody labelled. The demo plays it on the
    images held out for its accuracy.
 5. **Stage 2**: configs/demo-ppo.yaml with `reward: model:DIR` on the unlabelled questions.
 6. **Baselines at equal training time** (stage 2's training seconds), in the same run:
-   `sft_continued`, stage 1 continued on the labelled images at its final learning rate; and
+   `sft_continued`, stage 1 continued on the labelled images at its final learning rates; and
    `self_training`, the stage-1 model's own answers to unlabelled questions (pseudo labels) kept where the
    reward model's P(correct) reaches `PSEUDO_THRESHOLD`, added to the labelled questions, trained the same
    way. Their preparation (answering and scoring the pseudo-label pool) is timed and reported separately.
