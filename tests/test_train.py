@@ -147,6 +147,8 @@ def test_overwrite_removes_the_earlier_run_only_once_the_new_one_has_started(wor
     [
         ("max_steps", "-5", "train.max_steps must be at least 1"),
         ("lr", "0", "train.lr must be positive"),
+        ("projector_lr", "-1e-3", "train.projector_lr must be 0 or more (or none: train.lr), got -0.001"),
+        ("vision_lr", "nan", "train.vision_lr must be 0 or more"),
         ("save_every", "-1", "train.save_every must be 0 or more"),
         ("max_minutes", "0", "train.max_minutes must be positive"),
         ("model.preset", "huge", "model.preset must be one of seed, small, tiny, got 'huge'"),

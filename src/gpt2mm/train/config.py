@@ -243,6 +243,13 @@ class TrainConfig(RunConfig):
         },
     )
 
+    def check(self, precisions: tuple[str, ...] = ("fp32", "bf16", "fp16")) -> None:
+        super().check(precisions)
+        for name in ("projector_lr", "vision_lr"):  # none: train.lr; 0 keeps that part as it is
+            rate = getattr(self, name)
+            if rate is not None and not rate >= 0:
+                raise ValueError(f"train.{name} must be 0 or more (or none: train.lr), got {rate}")
+
 
 @dataclass
 class SFTConfig:
