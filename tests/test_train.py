@@ -67,6 +67,7 @@ def test_stage1_smoke_moves_trainable_keeps_frozen_and_writes_checkpoints(world,
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert all(r["grad_norm"] > 0 for r in rows if "loss" in r)
     assert sum("val_accuracy" in r for r in rows) == 2
     # each checkpoint stands alone (gpt2mm.hub): the model's code, a card with the run's metrics, the recipe
     card = (out / "checkpoint-6" / "README.md").read_text()
@@ -74,6 +75,38 @@ def test_stage1_smoke_moves_trainable_keeps_frozen_and_writes_checkpoints(world,
     assert (out / "checkpoint-6" / "modeling_gpt2mm.py").is_file() and (
         out / "best" / "recipe.yaml"
     ).is_file()
+
+
+def test_the_logged_grad_norm_is_the_whole_gradients_norm_before_clipping(world, tmp_path):
+    """`grad_norm` in metrics.jsonl is what transformers' Trainer logs: the norm of the whole model's gradient
+    before clipping. Reference: the same micro-batches through a copy of the model, the norm summed by hand."""
+    import copy
+    import math
+
+    from gpt2mm.train.args import load_config
+    from gpt2mm.train.config import SFTConfig
+    from gpt2mm.train.sft import SFTTrainer
+
+    # the recipe's own model (CNN stem trained, 8 px patches), batch 4 split into two micro-batches, clipped hard
+    args = train_args(
+        world, tmp_path / "run", "--model.overrides", "{vision_stem: cnn}", "--train.vision_lr", "1e-4"
+    )
+    args += ["--train.batch_size", "4", "--train.grad_accum", "2", "--train.grad_clip", "1e-3"]
+    run = SFTTrainer(load_config(SFTConfig, RECIPE, args[2:]), log=lambda m: None)
+    micro = run._micro_batches(run._next_batch())
+    assert len(micro) == 2
+    reference = copy.deepcopy(run.model)
+    labelled = torch.tensor(float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)))
+    torch.manual_seed(0)
+    for batch in micro:
+        reference(**batch, num_items_in_batch=labelled).loss.backward()
+    naive = math.sqrt(
+        sum(float(p.grad.double().pow(2).sum()) for p in reference.parameters() if p.grad is not None)
+    )
+    torch.manual_seed(0)
+    _, grad_norm = run._optimizer_step(micro)
+    assert naive > 1e-3  # so the step was clipped, and the norm logged is the one before
+    assert grad_norm == pytest.approx(naive, rel=1e-4)
 
 
 CURRICULUM = ["--data.difficulty", "objects", "--train.curriculum_steps", "4", "--data.pack_questions", "3"]

@@ -276,13 +276,15 @@ class SFTTrainer(Trainer):
         return super().train()
 
     def train_step(self) -> tuple[dict[str, Any], int]:
-        loss = self._optimizer_step(self._micro_batches(self._next_batch()))
+        loss, grad_norm = self._optimizer_step(self._micro_batches(self._next_batch()))
         self.last_loss = loss
-        return {"loss": loss, "lr": self.scheduler.get_last_lr()[0]}, self.cfg.train.batch_size
+        row = {"loss": loss, "lr": self.scheduler.get_last_lr()[0]}
+        return {**row, "grad_norm": grad_norm} if grad_norm is not None else row, self.cfg.train.batch_size
 
-    def _optimizer_step(self, micro: list[dict[str, torch.Tensor]]) -> float:
+    def _optimizer_step(self, micro: list[dict[str, torch.Tensor]]) -> tuple[float, float | None]:
         """One optimizer step over the micro-batches; the loss is normalised by the labelled tokens of the
-        whole global batch, so any split among processes and micro-batches gives the same gradient."""
+        whole global batch, so any split among processes and micro-batches gives the same gradient.
+        Returns the global mean loss and the gradient's norm before clipping (None without `grad_clip`)."""
         t = self.cfg.train
         count = torch.tensor(
             float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)), device=self.acc.device
@@ -299,14 +301,15 @@ class SFTTrainer(Trainer):
                 out = self.model(**batch, num_items_in_batch=denom)
             self.acc.backward(out.loss)
             loss_sum += float(out.loss.detach())
+        grad_norm = None
         if t.grad_clip:
-            self.acc.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+            grad_norm = float(self.acc.clip_grad_norm_(self.model.parameters(), t.grad_clip))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         # the global mean loss over labelled tokens
         loss = torch.tensor(loss_sum, device=self.acc.device)
-        return float(self.acc.reduce(loss, reduction="mean")) if self.world > 1 else loss_sum
+        return (float(self.acc.reduce(loss, reduction="mean")) if self.world > 1 else loss_sum), grad_norm
 
     def has_validation(self) -> bool:
         return bool(self.val_samples)
