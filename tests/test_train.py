@@ -507,9 +507,10 @@ def two_processes(world: Path, out: Path, port: int, *extra: str, env: dict[str,
     assert done.stdout.count("done: ") == 1
 
 
-def losses(run: Path) -> list[float]:
+def losses(run: Path, key: str = "loss") -> list[float]:
+    """The run's logged training losses (or another per-step figure: `key`), step by step."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
+    return [r[key] for r in rows if key in r]
 
 
 @pytest.fixture(scope="module")
@@ -531,6 +532,8 @@ def test_fsdp_two_processes_match_one_with_the_same_global_batch(world, tmp_path
     assert main(train_args(world, single, *FSDP_ARGS)) == 0
     assert len(losses(fsdp_run)) == 3
     assert losses(fsdp_run) == pytest.approx(losses(single), rel=1e-4)
+    # the logged gradient norm is the whole model's, over both processes' shards
+    assert losses(fsdp_run, "grad_norm") == pytest.approx(losses(single, "grad_norm"), rel=1e-4)
     for step in ("checkpoint-2", "checkpoint-3"):
         a, b = weights(single / step), weights(fsdp_run / step)
         assert a.keys() == b.keys()  # no sharded or duplicated (tied LM head) tensors

@@ -279,7 +279,9 @@ class SFTTrainer(Trainer):
         loss, grad_norm = self._optimizer_step(self._micro_batches(self._next_batch()))
         self.last_loss = loss
         row = {"loss": loss, "lr": self.scheduler.get_last_lr()[0]}
-        return {**row, "grad_norm": grad_norm} if grad_norm is not None else row, self.cfg.train.batch_size
+        if grad_norm is not None:
+            row["grad_norm"] = grad_norm
+        return row, self.cfg.train.batch_size
 
     def _optimizer_step(self, micro: list[dict[str, torch.Tensor]]) -> tuple[float, float | None]:
         """One optimizer step over the micro-batches; the loss is normalised by the labelled tokens of the
