@@ -122,6 +122,40 @@ def test_unknown_model_override_is_a_one_line_error_naming_it():
     assert model.config.vision_stem == "cnn" and model.config.num_image_tokens == 37
 
 
+def test_model_overrides_from_the_command_line_are_typed_as_the_recipe_file_types_them(tmp_path):
+    """`--model.overrides.KEY VALUE` gives strings; they must reach the model as the same values a recipe
+    file's YAML gives (`projector_num_layers: 2` is the number 2), nested sub-config entries too, and a value
+    that does not fit its field is a one-line error naming it."""
+    from gpt2mm.config import MultimodalGPT2Config
+
+    flags = [
+        "--model.overrides.projector_num_layers", "2", "--model.overrides.text_embedding_std=1e-1",
+        "--model.overrides.projector_norm_first", "true", "--model.overrides.vision_config.patch_size", "16",
+    ]  # fmt: skip
+    from_cli = load_config(SFTConfig, CONFIGS / "tiny-vqa.yaml", flags).model.overrides
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "base: " + str(CONFIGS / "tiny-vqa.yaml") + "\nmodel:\n  overrides:\n    vision_stem: cnn\n"
+        "    vision_config: {patch_size: 16}\n    vision_feature_layer: 0\n    text_init: pytorch\n"
+        "    text_final_norm: false\n    text_embedding_std: 0.1\n    projector_num_layers: 2\n"
+        "    projector_norm_first: true\n"
+    )
+    from_file = load_config(SFTConfig, recipe, []).model.overrides
+    assert from_cli == from_file
+    built = MultimodalGPT2Config.from_preset("tiny", **from_cli)
+    assert (built.projector_num_layers, built.text_embedding_std, built.vision_config.patch_size) == (
+        2,
+        0.1,
+        16,
+    )
+    for flag, value, message in [
+        ("projector_num_layers", "two", r"^model.overrides.projector_num_layers: expected int, got 'two'$"),
+        ("vision_stem", "resnet", r"^model.overrides.vision_stem: 'resnet' is not one of"),
+    ]:
+        with pytest.raises(UsageError, match=message):
+            load_config(SFTConfig, CONFIGS / "tiny-vqa.yaml", [f"--model.overrides.{flag}", value])
+
+
 def test_a_from_scratch_recipes_overrides_on_a_loaded_checkpoint_keep_it_or_name_what_differs():
     """A recipe continued from a checkpoint (`model.init_from`) inherits the overrides that built the model from
     scratch: the checkpoint's equal values stay, initialisation options are moot, a different architecture is

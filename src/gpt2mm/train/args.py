@@ -113,6 +113,8 @@ def build(cls: type[T], values: dict[str, Any] | None = None, prefix: str = "") 
             raise UsageError(str(e)) from None
     try:
         return cls(**kwargs)
+    except UsageError:  # already names its option in full
+        raise
     except (TypeError, ValueError) as e:
         raise UsageError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
 

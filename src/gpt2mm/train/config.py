@@ -115,6 +115,12 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
 
+    def __post_init__(self):
+        if any(isinstance(v, (str, dict)) for v in self.overrides.values()):  # command-line strings
+            from gpt2mm.train.model import typed_overrides
+
+            self.overrides = typed_overrides(self.overrides)
+
 
 @dataclass
 class QuestionDataConfig(VQADataConfig):

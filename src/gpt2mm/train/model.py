@@ -3,6 +3,8 @@ checkpoint, with freezing, LoRA, the attention implementation and activation che
 
 from __future__ import annotations
 
+import typing
+
 from gpt2mm.errors import UsageError
 from gpt2mm.train.config import ModelConfig
 
@@ -50,6 +52,47 @@ def check_overrides(overrides: dict) -> None:
         raise UsageError(
             f"model.overrides: unknown MultimodalGPT2Config field(s) {', '.join(map(repr, unknown))}{hint}"
         )
+
+
+def typed_overrides(overrides: dict) -> dict:
+    """`model.overrides` with the strings a command line gives (`--model.overrides.projector_num_layers 2`)
+    read as the `MultimodalGPT2Config` field's type, as every other option is; inside `vision_config` /
+    `text_config`, and for fields whose type is not declared, as YAML reads a scalar ("8" -> 8, "1e-5" ->
+    1e-05). A value that does not fit its field is a one-line error naming it."""
+    import yaml
+
+    import gpt2mm.config as config_module
+    from gpt2mm.train.args import _coerce
+
+    def scalar(value: str):
+        parsed = yaml.safe_load(value) if value.strip() else value
+        if isinstance(parsed, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
+            try:
+                return float(parsed)
+            except ValueError:
+                return value
+        return parsed
+
+    declared = config_module.MultimodalGPT2Config.__annotations__
+    out = {}
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            value = {k: scalar(v) if isinstance(v, str) else v for k, v in value.items()}
+        elif isinstance(value, str):
+            annotation = declared.get(key)
+            try:
+                tp = eval(annotation, vars(config_module)) if isinstance(annotation, str) else annotation
+            except Exception:  # noqa: BLE001 - an annotation this module cannot resolve: read as YAML does
+                tp = None
+            if tp is None or typing.get_origin(tp) is typing.ClassVar:
+                value = scalar(value)
+            else:
+                try:
+                    value = _coerce(value, tp, f"model.overrides.{key}")
+                except (TypeError, ValueError) as e:
+                    raise UsageError(str(e)) from None
+        out[key] = value
+    return out
 
 
 # Overrides that shape the modules or their initialisation: a loaded checkpoint already has them.
