@@ -3,6 +3,7 @@ checkpoint, with freezing, LoRA, the attention implementation and activation che
 
 from __future__ import annotations
 
+import inspect
 import typing
 
 from gpt2mm.errors import UsageError
@@ -61,7 +62,7 @@ def typed_overrides(overrides: dict) -> dict:
     1e-05). A value that does not fit its field is a one-line error naming it."""
     import yaml
 
-    import gpt2mm.config as config_module
+    from gpt2mm.config import MultimodalGPT2Config
     from gpt2mm.train.args import _coerce
 
     def scalar(value: str):
@@ -73,17 +74,13 @@ def typed_overrides(overrides: dict) -> dict:
                 return value
         return parsed
 
-    declared = config_module.MultimodalGPT2Config.__annotations__
+    declared = inspect.get_annotations(MultimodalGPT2Config, eval_str=True)  # its own fields (not the base's)
     out = {}
     for key, value in overrides.items():
         if isinstance(value, dict):
             value = {k: scalar(v) if isinstance(v, str) else v for k, v in value.items()}
         elif isinstance(value, str):
-            annotation = declared.get(key)
-            try:
-                tp = eval(annotation, vars(config_module)) if isinstance(annotation, str) else annotation
-            except Exception:  # noqa: BLE001 - an annotation this module cannot resolve: read as YAML does
-                tp = None
+            tp = declared.get(key)
             if tp is None or typing.get_origin(tp) is typing.ClassVar:
                 value = scalar(value)
             else:
