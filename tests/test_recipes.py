@@ -154,6 +154,18 @@ def test_model_overrides_from_the_command_line_are_typed_as_the_recipe_file_type
     ]:
         with pytest.raises(UsageError, match=message):
             load_config(SFTConfig, CONFIGS / "tiny-vqa.yaml", [f"--model.overrides.{flag}", value])
+    from gpt2mm.train.model import build_model_for_training
+
+    for flag, value, message in [  # typed, but refused by the config itself
+        ("vision_config.patch_size", "x", r"^model.overrides: .*'patch_size'"),
+        ("projector_num_layers", "-1", r"^model.overrides: projector_num_layers must be >= 0, got -1$"),
+    ]:
+        model_cfg = load_config(
+            SFTConfig, CONFIGS / "tiny-vqa.yaml", [f"--model.overrides.{flag}", value]
+        ).model
+        with pytest.raises(UsageError, match=message) as e:
+            build_model_for_training(model_cfg)
+        assert "\n" not in str(e.value)
 
 
 def test_a_from_scratch_recipes_overrides_on_a_loaded_checkpoint_keep_it_or_name_what_differs():

@@ -12,6 +12,9 @@ from gpt2mm.train.config import ModelConfig
 
 def build_model_for_training(cfg: ModelConfig):
     """The model + processor a recipe asks for, with the freezing / LoRA / checkpointing options applied."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    from gpt2mm.config import MultimodalGPT2Config
     from gpt2mm.loading import build_model, load_model
 
     check_overrides(cfg.overrides)
@@ -19,6 +22,11 @@ def build_model_for_training(cfg: ModelConfig):
         model, processor = load_model(cfg.init_from)
         apply_overrides_to_loaded(model.config, cfg.overrides, cfg.init_from)
     else:
+        try:  # a value its field refuses (`vision_config.patch_size: x`, `projector_num_layers: -1`): one line
+            MultimodalGPT2Config.from_preset(cfg.preset, **cfg.overrides)
+        except (TypeError, ValueError, StrictDataclassError) as e:
+            message = " ".join(line.strip() for line in str(e).splitlines()).split(". Errors:")[0]
+            raise UsageError(f"model.overrides: {message}") from None
         model, processor = build_model(cfg.preset, pretrained=cfg.pretrained, **cfg.overrides)
     if cfg.attn_implementation:
         try:
