@@ -127,6 +127,7 @@ def test_model_overrides_from_the_command_line_are_typed_as_the_recipe_file_type
     file's YAML gives (`projector_num_layers: 2` is the number 2), nested sub-config entries too, and a value
     that does not fit its field is a one-line error naming it."""
     from gpt2mm.config import MultimodalGPT2Config
+    from gpt2mm.train.model import build_model_for_training
 
     flags = [
         "--model.overrides.projector_num_layers", "2", "--model.overrides.text_embedding_std=1e-1",
@@ -154,8 +155,6 @@ def test_model_overrides_from_the_command_line_are_typed_as_the_recipe_file_type
     ]:
         with pytest.raises(UsageError, match=message):
             load_config(SFTConfig, CONFIGS / "tiny-vqa.yaml", [f"--model.overrides.{flag}", value])
-    from gpt2mm.train.model import build_model_for_training
-
     for flag, value, message in [  # typed, but refused by the config itself
         ("vision_config.patch_size", "x", r"^model.overrides: .*'patch_size'"),
         ("projector_num_layers", "-1", r"^model.overrides: projector_num_layers must be >= 0, got -1$"),
