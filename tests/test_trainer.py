@@ -104,3 +104,37 @@ def test_default_tracker_starts_without_an_accelerator_state(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant", "wsd"])
+def test_schedules_follow_their_formulas_by_steps_and_by_the_clock(schedule):
+    """Each schedule's multiplier, step by step, against its formula written out (warmup, then the decay to
+    min_lr_ratio); wsd: the peak until the last decay_fraction of the steps after warmup, then a straight line.
+    With a time budget the clock moves the decay on when it is ahead of the steps."""
+    import math
+
+    from gpt2mm.train.optim import lr_lambda
+
+    cfg = RunConfig(schedule=schedule, warmup_steps=10, max_steps=110, min_lr_ratio=0.1, decay_fraction=0.25)
+    f = lr_lambda(cfg)
+
+    def expected(step: int, done: float) -> float:  # done: the share of the 100 steps after warmup
+        if step < 10:
+            return (step + 1) / 11
+        decay = {
+            "cosine": (1 + math.cos(math.pi * done)) / 2,
+            "linear": 1 - done,
+            "constant": 1.0,
+            "wsd": 1.0 if done <= 0.75 else (1 - done) / 0.25,
+        }[schedule]
+        return 1.0 if schedule == "constant" else 0.1 + 0.9 * decay
+
+    for step in range(0, 121):
+        assert f(step) == pytest.approx(expected(step, min(1, (step - 10) / 100)), abs=1e-12), step
+    if schedule == "wsd":
+        assert [round(f(s), 6) for s in (10, 85, 90, 110)] == [1.0, 1.0, 0.82, 0.1]
+    # a 10-minute budget: at 9 minutes (90% of it) the decay is where step 100 of 110 would put it
+    timed = lr_lambda(RunConfig(**{**vars(cfg), "max_minutes": 10.0}), elapsed=lambda: 540.0)
+    assert timed(20) == pytest.approx(expected(20, 0.9), abs=1e-12)
+    with pytest.raises(ValueError, match="train.decay_fraction"):
+        RunConfig(schedule="wsd", decay_fraction=0).check()

@@ -27,8 +27,16 @@ class RunConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     warmup_steps: int = 50
-    schedule: str = field(default="cosine", metadata={"help": "cosine | linear | constant"})
+    schedule: str = field(
+        default="cosine",
+        metadata={
+            "help": "cosine | linear | constant | wsd (constant, then linear over train.decay_fraction)"
+        },
+    )
     min_lr_ratio: float = 0.0
+    decay_fraction: float = field(
+        default=0.2, metadata={"help": "wsd: the last share of the run (after warmup) that decays"}
+    )
     precision: str = field(
         default="fp32", metadata={"help": "fp32 | bf16 | fp16 | auto (SFT: bf16 where native, else fp32)"}
     )
@@ -46,8 +54,10 @@ class RunConfig:
         if self.precision not in precisions:
             choices = f"{', '.join(precisions[:-1])} or {precisions[-1]}"
             raise ValueError(f"train.precision must be {choices}, got {self.precision!r}")
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise ValueError(f"train.schedule must be cosine, linear or constant, got {self.schedule!r}")
+        if self.schedule not in ("cosine", "linear", "constant", "wsd"):
+            raise ValueError(f"train.schedule must be cosine, linear, constant or wsd, got {self.schedule!r}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ValueError(f"train.decay_fraction must be in (0, 1], got {self.decay_fraction}")
         for name in ("max_steps", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be at least 1, got {getattr(self, name)}")

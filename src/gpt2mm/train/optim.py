@@ -1,6 +1,6 @@
 """The optimizer and the learning-rate schedule every stage uses: AdamW with per-part learning rates and no
-weight decay on biases, norms and embeddings; warmup then cosine / linear / constant decay, which a time budget
-can drive."""
+weight decay on biases, norms and embeddings; warmup then cosine / linear / constant / warmup-stable-decay,
+which a time budget can drive."""
 
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ def adamw(groups: list[dict[str, Any]], lr: float, weight_decay: float = 0.0) ->
 
 
 def lr_lambda(cfg: RunConfig, elapsed=None):
-    """Warmup, then constant / linear / cosine decay to `min_lr_ratio`. With a time budget
+    """Warmup, then constant / linear / cosine decay to `min_lr_ratio`, or `wsd` (warmup-stable-decay, as
+    MiniCPM trains): the peak rate until the last `decay_fraction` of the run, then linear. With a time budget
     (`max_minutes`), `elapsed()` (training seconds so far) also drives the decay, so a run stopped by
     the clock ends its schedule on time (the learning rate then depends on the machine's speed)."""
 
@@ -61,7 +62,12 @@ def lr_lambda(cfg: RunConfig, elapsed=None):
         progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
         if cfg.max_minutes and elapsed is not None:
             progress = max(progress, min(1.0, elapsed() / (60 * cfg.max_minutes)))
-        decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+        if cfg.schedule == "cosine":
+            decay = 0.5 * (1 + math.cos(math.pi * progress))
+        elif cfg.schedule == "wsd":
+            decay = min(1.0, (1 - progress) / cfg.decay_fraction)
+        else:
+            decay = 1 - progress
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
 
     return f
