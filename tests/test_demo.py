@@ -139,6 +139,14 @@ def test_the_demo_trains_stage_1_with_configs_demo_sft(tmp_path):
     }
     assert demo.world_args(demo_args("--layout", "grid"))["layout"] == "grid"
     assert cfg.train.seed == 3 and cfg.train.max_minutes == 1.5
+    # when stage 3 follows, stage 1 holds its peak rate (stage 3 decays from it); nothing else changes
+    for stages, schedule in (
+        ("sft,ppo", "wsd"),
+        ("sft,instruct", "constant"),
+        ("sft,ppo,instruct", "constant"),
+    ):
+        cfg = demo.sft_config(demo_args("--out", str(out), "--stages", stages), out, 7.25)
+        assert fields(cfg) == fields(expected) | {"train": fields(expected.train) | {"schedule": schedule}}
 
 
 def test_the_demo_trains_stages_2_and_3_with_configs_demo_ppo_and_instruct(tmp_path):
@@ -157,14 +165,51 @@ def test_the_demo_trains_stages_2_and_3_with_configs_demo_ppo_and_instruct(tmp_p
         assert fields(make(out, 0, 2.5, init)) == fields(expected)
         recipe = load_config(cls, CONFIGS / f"demo-{name}.yaml", [])
         assert recipe.model.init_from.startswith("runs/demo-sft/") and recipe.data.root == "data/demo-world"
-    # the files' time budgets are the demo's defaults
-    args = argparse.Namespace(
-        minutes=15.0, stages="sft,ppo,instruct", ppo_minutes=None, instruct_minutes=None
-    )
-    budgets = demo.stage_minutes(args, ["sft", "ppo", "instruct"])
+
+    # the files' time budgets are the demo's defaults (stage 2's as the last stage)
+    def budgets(stages):
+        args = argparse.Namespace(minutes=15.0, stages=stages, ppo_minutes=None, instruct_minutes=None)
+        return demo.stage_minutes(args, stages.split(","))
+
     files = [load_config(cls, CONFIGS / f"demo-{name}.yaml", []).train.max_minutes
              for name, cls in (("ppo", PPORecipe), ("instruct", SFTConfig))]  # fmt: skip
-    assert list(budgets) == pytest.approx(files)
+    assert [budgets("sft,ppo")[0], budgets("sft,ppo,instruct")[1]] == pytest.approx(files)
+
+
+def test_stage_3_is_the_decay_of_stage_1s_schedule(tmp_path):
+    """Before stage 3 the demo's stage 1 stays at its peak rates; stage 3 starts from those same rates, every
+    parameter group's, and decays them to stage 1's final ratio over its time budget."""
+    from gpt2mm import demo
+    from gpt2mm.train.optim import lr_lambda
+
+    out = tmp_path / "demo"
+    stage1 = demo.sft_config(demo_args("--out", str(out), "--stages", "sft,ppo,instruct"), out, 10.0).train
+    stage3 = demo.instruct_config(out, 0, 2.25, out / "ppo" / "checkpoint-9").train
+    for group in ("lr", "projector_lr", "vision_lr"):
+        assert getattr(stage1, group) > 0 and getattr(stage3, group) == getattr(stage1, group)
+    seconds = [0.0]
+    peak1, peak3 = lr_lambda(stage1, lambda: seconds[0]), lr_lambda(stage3, lambda: seconds[0])
+    seconds[0] = 60 * stage1.max_minutes  # stage 1's last step: still the peak
+    assert peak1(stage1.warmup_steps) == peak1(10**6) == 1.0
+    seconds[0] = 0.0
+    assert peak3(stage3.warmup_steps) == pytest.approx(1.0, abs=1e-4)
+    seconds[0] = 30 * stage3.max_minutes
+    assert 0.5 < peak3(stage3.warmup_steps + 1) < 0.6  # linear in the clock: (1 + 0.1) / 2 halfway
+    seconds[0] = 60 * stage3.max_minutes
+    assert peak3(stage3.warmup_steps + 1) == pytest.approx(stage3.min_lr_ratio)
+
+
+def test_the_last_stage_takes_what_is_left_of_the_budget():
+    """Stage 3 (at the demo's default share) trains until the demo's deadline less its evaluation time, when
+    the earlier stages left more than its share; never less than its share."""
+    import time
+
+    from gpt2mm.demo import EVAL_RESERVE_S, last_stage_minutes
+
+    assert last_stage_minutes(2.25, None) == 2.25
+    assert last_stage_minutes(2.25, time.perf_counter() - 5) == 2.25  # past the deadline: its share
+    left = last_stage_minutes(2.25, time.perf_counter() + 600)
+    assert (600 - EVAL_RESERVE_S - 1) / 60 < left <= (600 - EVAL_RESERVE_S) / 60
 
 
 def test_stage_minutes_default_to_shares_of_the_budget_and_bad_ones_are_refused(capsys):
@@ -177,8 +222,11 @@ def test_stage_minutes_default_to_shares_of_the_budget_and_bad_ones_are_refused(
         args = Namespace(minutes=total, stages=",".join(stages), ppo_minutes=ppo, instruct_minutes=instruct)
         return stage_minutes(args, stages)
 
-    assert minutes(15, ["sft", "ppo", "instruct"]) == pytest.approx((1.5, 1.5))
-    assert minutes(2, ["sft", "ppo", "instruct"]) == pytest.approx((0.2, 0.2))  # fits any budget
+    # stage 3 carries the decay: three twentieths; stage 2 a tenth, a twentieth before stage 3
+    assert minutes(15, ["sft", "ppo", "instruct"]) == pytest.approx((0.75, 2.25))
+    assert minutes(15, ["sft", "ppo"]) == pytest.approx((1.5, 0.0))
+    assert minutes(15, ["sft", "instruct"]) == pytest.approx((0.0, 2.25))
+    assert minutes(2, ["sft", "ppo", "instruct"]) == pytest.approx((0.1, 0.3))  # fits any budget
     few = Namespace(
         minutes=15, stages="sft,ppo", ppo_minutes=None, instruct_minutes=None, labelled_fraction=0.1
     )

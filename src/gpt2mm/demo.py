@@ -2,7 +2,7 @@
 
     gpt2mm demo --out demo-out                  # about 15 minutes on 2 CPU cores
     gpt2mm demo --out demo-out --minutes 3      # a quicker, weaker run
-    gpt2mm demo --stages sft,ppo,instruct       # all three stages in the same budget (a tenth each for 2 and 3)
+    gpt2mm demo --stages sft,ppo,instruct       # all three stages in the same budget
 
 It renders the synthetic shapes world, trains stage 1 from scratch (the `tiny` preset, its tokenizer trained
 in-process, the answer-only loss), evaluates on the held-out test split with the official VQA metric, answers a
@@ -64,11 +64,14 @@ def world_args(args: argparse.Namespace) -> dict:
 
 
 def sft_overrides(args: argparse.Namespace, out: Path, minutes: float) -> list[str]:
-    """What the demo changes in configs/demo-sft.yaml: the world, the output folder, the seed, the time budget."""
+    """What the demo changes in configs/demo-sft.yaml: the world, the output folder, the seed, the time budget;
+    and, when stage 3 follows, the schedule: stage 1 holds its peak rate (`constant` after the warmup) and
+    stage 3 (configs/demo-instruct.yaml) decays from it, so the run's one decay is on the final data mix."""
+    hold_peak = "instruct" in parse_stages(getattr(args, "stages", "sft"))
     return [
         "--data.root", str(out / "world"), "--data.synth_args", json.dumps(world_args(args)),
         "--train.output_dir", str(out / "run"), "--train.seed", str(args.seed),
-        "--train.max_minutes", repr(minutes),
+        "--train.max_minutes", repr(minutes), *(["--train.schedule", "constant"] if hold_peak else []),
     ]  # fmt: skip
 
 
@@ -140,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
         from gpt2mm.train.checkpoints import list_checkpoints
 
         init = list_checkpoints(out / ("ppo" if "ppo" in stages else "run"))[-1]
-        summary.update(run_instruct(out, args.seed, instruct_minutes, init))
+        deadline = None if args.instruct_minutes is not None else start + 60 * args.minutes
+        summary.update(run_instruct(out, args.seed, instruct_minutes, init, deadline))
     summary.update(
         {
             "blind_accuracy": round(blind_pct, 2),
@@ -199,17 +203,21 @@ def check_few_labels(args: argparse.Namespace, stages: list[str]) -> None:
 
 
 def stage_minutes(args: argparse.Namespace, stages: list[str]) -> tuple[float, float]:
-    """The minutes of stages 2 and 3 (0 for a stage not run): as given, or a tenth of --minutes each (1.5 of
-    15): stage 1 learns fastest per minute, so the demo gives it the rest (with a third for stage 2 and a fifth
-    for stage 3, the three-stage demo ended at 75.92% against 92.21% with a tenth each; docs/experiments.md).
-    The few-labels demo (--labelled-fraction), whose subject is stage 2, gives stage 2 a third."""
+    """The minutes of stages 2 and 3 (0 for a stage not run): as given, or shares of --minutes. Stage 3 gets
+    three twentieths (2.25 of 15): it carries the run's learning-rate decay, about a fifth of the training time
+    as in stage 1 alone. Stage 2 gets a tenth, a twentieth before stage 3 (the three-stage demo reached 97.04%
+    with these shares, 96.22% with a tenth each; docs/experiments.md). The few-labels demo
+    (--labelled-fraction), whose subject is stage 2, gives stage 2 a third."""
     if not args.minutes > 0:
         raise UsageError(f"--minutes must be positive, got {args.minutes}")
-    ppo_share = 1 / 3 if getattr(args, "labelled_fraction", None) is not None else 1 / 10
+    if getattr(args, "labelled_fraction", None) is not None:
+        ppo_share = 1 / 3
+    else:
+        ppo_share = 1 / 20 if "instruct" in stages else 1 / 10
     minutes = {}
     for stage, given, share in (
         ("ppo", args.ppo_minutes, ppo_share),
-        ("instruct", args.instruct_minutes, 1 / 10),
+        ("instruct", args.instruct_minutes, 3 / 20),
     ):
         flag = f"--{stage}-minutes"
         if given is not None and stage not in stages:
@@ -300,10 +308,20 @@ def ppo_and_score(cfg, out: Path) -> dict:
     }
 
 
-def run_instruct(out: Path, seed: int, minutes: float, init: Path) -> dict:
+def last_stage_minutes(minutes: float, deadline: float | None) -> float:
+    """`minutes`, or what is left until `deadline` (a `time.perf_counter()` value) less the time kept for the
+    stage's evaluation, if that is more."""
+    if deadline is None:
+        return minutes
+    return max(minutes, (deadline - time.perf_counter() - EVAL_RESERVE_S) / 60)
+
+
+def run_instruct(out: Path, seed: int, minutes: float, init: Path, deadline: float | None = None) -> dict:
     """Stage 3 from `init`: the world's LLaVA conversations (a detailed description, then questions) and stage
     1's packed questions (configs/demo-instruct.yaml), loss on the assistant turns, for `minutes` of training
-    time. Scores the descriptions of test images (object precision / recall / F1 against the scene records)
+    time, or until `deadline` if that is longer (`last_stage_minutes`): the last stage takes what the earlier
+    stages' evaluations left unused.
+    Scores the descriptions of test images (object precision / recall / F1 against the scene records)
     before and after, and the VQA test accuracy after."""
     from gpt2mm.eval.report import description_samples, generate_descriptions, score_descriptions
     from gpt2mm.loading import load_model
@@ -313,6 +331,7 @@ def run_instruct(out: Path, seed: int, minutes: float, init: Path) -> dict:
     before_model, before_processor = load_model(init)
     before = score_descriptions(generate_descriptions(before_model, before_processor, d_samples), scenes)
     del before_model
+    minutes = last_stage_minutes(minutes, deadline)
     cfg = instruct_config(out, seed, minutes, init)
     _say(f"stage 3: conversations from {init} for up to {minutes:.1f} minutes")
     run_ = SFTTrainer(cfg, log=_say)

@@ -18,13 +18,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--ppo-minutes",
         type=float,
         default=None,
-        help="of the budget, for stage 2 (default: a tenth of it; a third with --labelled-fraction)",
+        help="of the budget, for stage 2 (default: a tenth of it, a twentieth before stage 3; a third with "
+        "--labelled-fraction)",
     )
     parser.add_argument(
         "--instruct-minutes",
         type=float,
         default=None,
-        help="of the budget, for stage 3 (default: a tenth of it)",
+        help="of the budget, for stage 3, which carries the run's learning-rate decay (default: three "
+        "twentieths of it, and what the earlier stages left unused)",
     )
     parser.add_argument(
         "--labelled-fraction",
