@@ -205,9 +205,9 @@ def check_few_labels(args: argparse.Namespace, stages: list[str]) -> None:
 def stage_minutes(args: argparse.Namespace, stages: list[str]) -> tuple[float, float]:
     """The minutes of stages 2 and 3 (0 for a stage not run): as given, or shares of --minutes. Stage 3 gets
     three twentieths (2.25 of 15): it carries the run's learning-rate decay, about a fifth of the training time
-    as in stage 1 alone. Stage 2 gets a tenth, a twentieth before stage 3 (the three-stage demo reached 97.04%
-    with these shares, 96.22% with a tenth each; docs/experiments.md). The few-labels demo
-    (--labelled-fraction), whose subject is stage 2, gives stage 2 a third."""
+    as in stage 1 alone. Stage 2 gets a tenth, a twentieth before stage 3 (the three-stage demo, 30 minutes on
+    one core, one seed: 97.04% with these shares, 96.22% with a tenth each; docs/experiments.md). The
+    few-labels demo (--labelled-fraction), whose subject is stage 2, gives stage 2 a third."""
     if not args.minutes > 0:
         raise UsageError(f"--minutes must be positive, got {args.minutes}")
     if getattr(args, "labelled_fraction", None) is not None:
