@@ -187,6 +187,7 @@ def test_stage_3_is_the_decay_of_stage_1s_schedule(tmp_path):
     stage3 = demo.instruct_config(out, 0, 2.25, out / "ppo" / "checkpoint-9").train
     for group in ("lr", "projector_lr", "vision_lr"):
         assert getattr(stage1, group) > 0 and getattr(stage3, group) == getattr(stage1, group)
+    assert stage3.min_lr_ratio == stage1.min_lr_ratio
     seconds = [0.0]
     peak1, peak3 = lr_lambda(stage1, lambda: seconds[0]), lr_lambda(stage3, lambda: seconds[0])
     seconds[0] = 60 * stage1.max_minutes  # stage 1's last step: still the peak
