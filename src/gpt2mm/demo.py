@@ -320,9 +320,8 @@ def run_instruct(out: Path, seed: int, minutes: float, init: Path, deadline: flo
     """Stage 3 from `init`: the world's LLaVA conversations (a detailed description, then questions) and stage
     1's packed questions (configs/demo-instruct.yaml), loss on the assistant turns, for `minutes` of training
     time, or until `deadline` if that is longer (`last_stage_minutes`): the last stage takes what the earlier
-    stages' evaluations left unused.
-    Scores the descriptions of test images (object precision / recall / F1 against the scene records)
-    before and after, and the VQA test accuracy after."""
+    stages' evaluations left unused. Scores the descriptions of test images (object precision / recall / F1
+    against the scene records) before and after, and the VQA test accuracy after."""
     from gpt2mm.eval.report import description_samples, generate_descriptions, score_descriptions
     from gpt2mm.loading import load_model
     from gpt2mm.train.sft import SFTTrainer
