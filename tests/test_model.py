@@ -321,6 +321,30 @@ def test_drop_cls_and_projector_layers_options():
         MultimodalGPT2Config.from_preset("tiny", fusion="concat")
 
 
+def test_the_config_builds_its_sub_configs_as_older_transformers_need(monkeypatch):
+    """transformers before 5.20 (what vLLM pins) builds no sub-config from `sub_configs_defaults`, and builds a
+    default config to compare with when it saves or prints one: the config builds its sub-configs itself, the
+    same as transformers 5.20+ does, and its defaults are valid (GPT-2's vocabulary, grown to hold `<image>`)."""
+    from transformers import CLIPVisionConfig, GPT2Config
+
+    built = MultimodalGPT2Config(
+        text_config={"n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 300},
+        vision_config={"hidden_size": 32, "num_attention_heads": 4, "image_size": 32, "patch_size": 16},
+        image_token_id=299,
+    )
+    monkeypatch.setattr(MultimodalGPT2Config, "sub_configs_defaults", {})  # as transformers < 5.20 does
+    own = MultimodalGPT2Config(
+        text_config={"n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 300},
+        vision_config={"hidden_size": 32, "num_attention_heads": 4, "image_size": 32, "patch_size": 16},
+        image_token_id=299,
+    )
+    assert type(own.text_config) is GPT2Config and type(own.vision_config) is CLIPVisionConfig
+    assert own.to_dict() == built.to_dict()
+    default = MultimodalGPT2Config()
+    assert default.text_config.vocab_size == default.image_token_id + 1 == 50258
+    assert MultimodalGPT2Config(image_token_id=5).text_config.vocab_size == 50257  # GPT-2's, when it holds it
+
+
 @pytest.mark.parametrize("name", ["seed", "small", "tiny"])
 def test_presets_offline_and_seed_under_a_billion(name):
     cfg = MultimodalGPT2Config.from_preset(name)

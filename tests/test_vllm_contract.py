@@ -13,6 +13,7 @@ those steps with a stand-in for that attention and check that the greedy answers
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -64,6 +65,23 @@ def test_auto_model_is_the_base_model_and_the_checkpoint_says_so(checkpoint):
     assert type(model) is MultimodalGPT2Model and not hasattr(model, "lm_head")
     assert model._supports_attention_backend
     assert all(type(block.attn) is GPT2AttentionAnyLayout for block in model.language_model.h)
+
+
+def test_no_stored_weight_matches_the_patterns_vllm_drops(checkpoint):
+    """vLLM drops, before loading, every stored name that one of the model's `_keys_to_ignore_on_load_unexpected`
+    patterns matches (`re.search`). GPT-2's own ("attn.bias", for old checkpoints' causal-mask buffers) matched
+    every `c_attn.bias`, and vLLM 0.26 refused the checkpoint ("weights were not initialized"; seen on a lent
+    H200). No stored weight may match; the buffers' names still do."""
+    from safetensors import safe_open
+
+    with safe_open(checkpoint / "model.safetensors", "pt") as f:
+        names = list(f.keys())
+    assert any(name.endswith(".attn.c_attn.bias") for name in names)
+    for cls in (AutoModel, MultimodalGPT2ForConditionalGeneration):
+        patterns = [re.compile(p) for p in cls.from_pretrained(checkpoint)._keys_to_ignore_on_load_unexpected]
+        assert patterns and not [name for name in names if any(p.search(name) for p in patterns)]
+        for buffer in ("language_model.h.0.attn.bias", "language_model.h.0.crossattention.bias"):
+            assert any(p.search(buffer) for p in patterns), buffer
 
 
 def test_base_model_hidden_states_are_the_full_models(checkpoint):

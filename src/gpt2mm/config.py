@@ -59,6 +59,8 @@ class MultimodalGPT2Config(PreTrainedConfig):
 
     model_type = "gpt2mm"
     sub_configs_defaults: ClassVar[dict] = {"vision_config": CLIPVisionConfig, "text_config": GPT2Config}
+    # transformers before 5.20 (what vLLM pins) reads `sub_configs` and builds no sub-config from the defaults
+    sub_configs: ClassVar[dict] = sub_configs_defaults
 
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
@@ -83,6 +85,15 @@ class MultimodalGPT2Config(PreTrainedConfig):
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
+        # Build the sub-configs here (transformers 5.20+ would, older versions would not); by default GPT-2's
+        # vocabulary, grown to hold `<image>`, so that `MultimodalGPT2Config()` is valid (older versions build
+        # one to compare with)
+        for key, config_class in self.sub_configs.items():
+            value = getattr(self, key)
+            if value is None:
+                value = {"vocab_size": max(50257, self.image_token_id + 1)} if key == "text_config" else {}
+            if isinstance(value, dict):
+                setattr(self, key, config_class(**value))
         super().__post_init__(**kwargs)
         if self.fusion not in ("add", "replace"):
             raise ValueError(f"fusion must be 'add' or 'replace', got {self.fusion!r}")

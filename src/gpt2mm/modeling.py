@@ -81,6 +81,13 @@ class MultimodalGPT2PreTrainedModel(PreTrainedModel):
             )
         self.projector = MultimodalProjector(config)
         self.language_model = GPT2Model(config.text_config)
+        # GPT-2 ignores old checkpoints' causal-mask buffers by the patterns "attn.bias" and
+        # "crossattention.bias", which as regular expressions match every `c_attn.bias` too: vLLM drops the
+        # weights they match when it loads a model through transformers. These match the buffers alone.
+        self.language_model._keys_to_ignore_on_load_unexpected = {
+            r"(^|\.)attn\.bias$",
+            r"(^|\.)crossattention\.bias$",
+        }
         if not config.text_final_norm:
             self.language_model.ln_f = nn.Identity()
 
