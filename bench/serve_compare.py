@@ -5,12 +5,13 @@
 
 WORLD is a folder of `gpt2mm synth` (its `test_questions.json`, `test_annotations.json` and `images/`). Each
 question goes to `/v1/chat/completions` as a user message of one image (a PNG data URL) and the question's
-text, greedy (`temperature` 0), at most `--max-tokens` tokens: what `gpt2mm serve` and `vllm serve` of the same
-checkpoint both accept, with the stop strings `gpt2mm serve` applies anyway (`STOP_STRINGS`; vLLM applies none
-of its own beyond the end-of-text token). Per server: the answers, their VQA accuracy (the official rules, `gpt2mm.eval`), and
-at each `--concurrency` (that many requests in flight) the requests and completion tokens a second over the
-whole set (after one unmeasured warm-up pass). Then the answers of every server are compared with the first
-one's, question for question. The last line printed is one JSON object with every figure.
+text, greedy (`temperature` 0), at most `--max-tokens` tokens: what `gpt2mm serve` and `vllm serve` of the
+same checkpoint both accept, with the stop strings `gpt2mm serve` applies anyway (`STOP_STRINGS`; vLLM applies
+none of its own beyond the end-of-text token). Per server: the answers, their VQA accuracy (the official
+rules, `gpt2mm.eval`), and at each `--concurrency` (that many requests in flight) the requests and completion
+tokens a second over the whole set (after one unmeasured warm-up pass). Then the answers of every server are
+compared with the first one's, question for question. The last line printed is one JSON object with every
+figure.
 
 Standard library only (plus gpt2mm's VQA metric), so that it runs beside either server's environment.
 """

@@ -46,13 +46,17 @@ start_vllm() {  # start_vllm EXTRA_ARGS...: vLLM's Transformers backend on the c
 start_vllm
 trap 'kill $gpt2mm_pid $vllm_pid 2>/dev/null' EXIT
 
-ready http://127.0.0.1:8001 $gpt2mm_pid 120 || { echo "gpt2mm serve did not come up:"; tail -n 30 "$LOGDIR/vllm_check-gpt2mm.log"; exit 1; }
+if ! ready http://127.0.0.1:8001 $gpt2mm_pid 120; then
+    echo "gpt2mm serve did not come up:" && tail -n 30 "$LOGDIR/vllm_check-gpt2mm.log" && exit 1
+fi
 if ! ready http://127.0.0.1:8002 $vllm_pid "$READY_S"; then
     echo "vllm serve did not come up; its log:" && grep -v -i warn "$LOGDIR/vllm_check-vllm.log" | tail -n 40
     kill $vllm_pid 2>/dev/null; wait $vllm_pid 2>/dev/null
     cp "$LOGDIR/vllm_check-vllm.log" "$LOGDIR/vllm_check-vllm-first.log"
     echo "### again with --enforce-eager" && start_vllm --enforce-eager
-    ready http://127.0.0.1:8002 $vllm_pid "$READY_S" || { grep -v -i warn "$LOGDIR/vllm_check-vllm.log" | tail -n 40; exit 1; }
+    if ! ready http://127.0.0.1:8002 $vllm_pid "$READY_S"; then
+        grep -v -i warn "$LOGDIR/vllm_check-vllm.log" | tail -n 40 && exit 1
+    fi
 fi
 PYTHONPATH=${GPT2MM_PYTHONPATH:-src} $GPT2MM_PYTHON bench/serve_compare.py "$world" --limit "${LIMIT:-1000}" \
     --concurrency "${CONCURRENCY:-1,16,64}" --server gpt2mm=http://127.0.0.1:8001 --server vllm=http://127.0.0.1:8002

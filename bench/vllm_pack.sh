@@ -7,8 +7,8 @@
 # bench/vllm_check.sh. Made for the lent H200 image (Python 3.12, torch 2.11.0+cu130, transformers 5.17):
 # vLLM 0.26.0 is the release built for that torch, and its wheel is cut to what serving this model needs
 # (FA2, MoE, FlashMLA, QuTLASS, the Rust front end and third_party's headers and binaries left out;
-# attention through TRITON_ATTN, sampling without FlashInfer). The versions are those this was run with (2026-12-04); gpt2mm's
-# own process gets the transformers and huggingface_hub it is tested with.
+# attention through TRITON_ATTN, sampling without FlashInfer). The versions are those this was run with
+# (2026-12-04); gpt2mm's own process gets the transformers and huggingface_hub it is tested with.
 set -euo pipefail
 [ $# -eq 2 ] || { echo "usage: bash bench/vllm_pack.sh CHECKPOINT WORLD" >&2; exit 2; }
 ckpt=$1 world=$2
