@@ -47,7 +47,9 @@ start_vllm
 trap 'kill $gpt2mm_pid $vllm_pid 2>/dev/null' EXIT
 
 if ! ready http://127.0.0.1:8001 $gpt2mm_pid 120; then
-    echo "gpt2mm serve did not come up:" && tail -n 30 "$LOGDIR/vllm_check-gpt2mm.log" && exit 1
+    echo "gpt2mm serve did not come up:"
+    tail -n 30 "$LOGDIR/vllm_check-gpt2mm.log"
+    exit 1
 fi
 if ! ready http://127.0.0.1:8002 $vllm_pid "$READY_S"; then
     echo "vllm serve did not come up; its log:" && grep -v -i warn "$LOGDIR/vllm_check-vllm.log" | tail -n 40
@@ -55,7 +57,8 @@ if ! ready http://127.0.0.1:8002 $vllm_pid "$READY_S"; then
     cp "$LOGDIR/vllm_check-vllm.log" "$LOGDIR/vllm_check-vllm-first.log"
     echo "### again with --enforce-eager" && start_vllm --enforce-eager
     if ! ready http://127.0.0.1:8002 $vllm_pid "$READY_S"; then
-        grep -v -i warn "$LOGDIR/vllm_check-vllm.log" | tail -n 40 && exit 1
+        grep -v -i warn "$LOGDIR/vllm_check-vllm.log" | tail -n 40
+        exit 1
     fi
 fi
 PYTHONPATH=${GPT2MM_PYTHONPATH:-src} $GPT2MM_PYTHON bench/serve_compare.py "$world" --limit "${LIMIT:-1000}" \
