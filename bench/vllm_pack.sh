@@ -2,7 +2,7 @@
 # vLLM for a GPU machine without network, in parts that fit the device tool's 64 MiB a call:
 #   bash bench/vllm_pack.sh CHECKPOINT WORLD      # writes .vx/a, .vx/b, .vx/c (add /.vx/ to .git/info/exclude)
 # then three device calls, in one message (they run one after another on the same machine; see the printed
-# commands): part a unpacks vLLM's kernels, part c its flash-attention kernels and the checkpoint, part b
+# commands; the last, with timeout_s 600: vLLM gets 150 s to come up compiled, then 150 s eager): part a unpacks vLLM's kernels, part c its flash-attention kernels and the checkpoint, part b
 # vLLM's Python code and the packages neither the machine's image nor vLLM's kernels bring, then runs
 # bench/vllm_check.sh. Made for the lent H200 image (Python 3.12, torch 2.11.0+cu130, transformers 5.17):
 # vLLM 0.26.0 is the release built for that torch, and its wheel is cut to what serving this model needs
@@ -62,5 +62,5 @@ cat <<EOF
 device calls, in this order (carry, then command):
 1. [".vx/a"]  mkdir -p /tmp/vsite && $x .vx/a/vllm_C.zip /tmp/vsite && cp -r .vx/a/world /tmp/vworld
 2. [".vx/c"]  $x .vx/c/fa3.zip /tmp/vsite && cp -r .vx/c/ckpt /tmp/vckpt
-3. [".vx/b"]  $x .vx/b/vllm_py.zip /tmp/vsite && P="python3 -m pip install -q --no-index --no-deps --no-compile --target" && \$P /tmp/vdeps .vx/b/vdeps/*.whl && \$P /tmp/gsite .vx/b/gdeps/*.whl && VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_PYTHONPATH=/tmp/vsite:/tmp/vdeps GPT2MM_PYTHONPATH=\$PWD/src:/tmp/gsite:/tmp/vdeps LOGDIR=\$OUT bash bench/vllm_check.sh /tmp/vckpt /tmp/vworld
+3. [".vx/b"]  $x .vx/b/vllm_py.zip /tmp/vsite && P="python3 -m pip install -q --no-index --no-deps --no-compile --target" && \$P /tmp/vdeps .vx/b/vdeps/*.whl && \$P /tmp/gsite .vx/b/gdeps/*.whl && VLLM_USE_FLASHINFER_SAMPLER=0 READY_S=150 VLLM_PYTHONPATH=/tmp/vsite:/tmp/vdeps GPT2MM_PYTHONPATH=\$PWD/src:/tmp/gsite:/tmp/vdeps LOGDIR=\$OUT bash bench/vllm_check.sh /tmp/vckpt /tmp/vworld
 EOF
