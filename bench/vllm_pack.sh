@@ -2,9 +2,10 @@
 # vLLM for a GPU machine without network, in parts that fit the device tool's 64 MiB a call:
 #   bash bench/vllm_pack.sh CHECKPOINT WORLD      # writes .vx/a, .vx/b, .vx/c (add /.vx/ to .git/info/exclude)
 # then three device calls, in one message (they run one after another on the same machine; see the printed
-# commands; the last, with timeout_s 600: vLLM gets 150 s to come up compiled, then 150 s eager): part a unpacks vLLM's kernels, part c its flash-attention kernels and the checkpoint, part b
-# vLLM's Python code and the packages neither the machine's image nor vLLM's kernels bring, then runs
-# bench/vllm_check.sh. Made for the lent H200 image (Python 3.12, torch 2.11.0+cu130, transformers 5.17):
+# commands; the last, with timeout_s 600: vLLM gets 150 s to come up compiled, then 150 s eager): part a
+# unpacks vLLM's kernels, part c its flash-attention kernels and the checkpoint, part b vLLM's Python code and
+# the packages neither the machine's image nor vLLM's kernels bring, then runs bench/vllm_check.sh. Made for
+# the lent H200 image (Python 3.12, torch 2.11.0+cu130, transformers 5.17):
 # vLLM 0.26.0 is the release built for that torch, and its wheel is cut to what serving this model needs
 # (FA2, MoE, FlashMLA, QuTLASS, the Rust front end and third_party's headers and binaries left out;
 # attention through TRITON_ATTN, sampling without FlashInfer). The versions are those this was run with
