@@ -13,7 +13,7 @@ tokens a second over the whole set (after one unmeasured warm-up pass). Then the
 compared with the first one's, question for question. The last line printed is one JSON object with every
 figure.
 
-Standard library only (plus gpt2mm's VQA metric), so that it runs beside either server's environment.
+Standard library only, plus gpt2mm's VQA loader and metric: it runs beside either server's environment.
 """
 
 from __future__ import annotations
@@ -31,30 +31,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
 def load_world(world: Path, limit: int) -> list[dict]:
-    """The test split's first `limit` questions, each with its image as a data URL and its ten answers."""
-    from gpt2mm.data.vqa import coco_image_name
+    """The test split's first `limit` questions (gpt2mm's VQA loader), each with its image as a data URL."""
+    from gpt2mm.data.vqa import load_vqa
 
-    questions = json.loads((world / "test_questions.json").read_text())["questions"][:limit]
-    annotations = {
-        a["question_id"]: a for a in json.loads((world / "test_annotations.json").read_text())["annotations"]
-    }
-    images: dict[int, str] = {}
-    items = []
-    for q in questions:
-        image_id = q["image_id"]
-        if image_id not in images:
-            path = world / "images" / "test" / coco_image_name(image_id, "test2014", ".png")
-            images[image_id] = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
-        answers = [a["answer"] for a in annotations[q["question_id"]]["answers"]]
-        items.append(
-            {
-                "question_id": q["question_id"],
-                "question": q["question"],
-                "url": images[image_id],
-                "answers": answers,
-            }
-        )
-    return items
+    samples, _ = load_vqa(
+        world / "test_questions.json", world / "test_annotations.json", world / "images" / "test", limit=limit
+    )
+    urls: dict[str, str] = {}
+    for s in samples:
+        if s.image not in urls:
+            urls[s.image] = "data:image/png;base64," + base64.b64encode(Path(s.image).read_bytes()).decode()
+    return [{"question": s.turns[0].text, "url": urls[s.image], "answers": s.answers} for s in samples]
 
 
 def ask(base: str, model: str, item: dict, max_tokens: int, timeout: float) -> tuple[str, int]:

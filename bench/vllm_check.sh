@@ -4,11 +4,11 @@
 # bench/RESULTS.md). Needs a GPU; well inside 10 minutes.
 #   bash bench/vllm_check.sh CHECKPOINT WORLD          # WORLD: a `gpt2mm synth` folder (its test split)
 # vLLM pins its own torch and transformers (vLLM 0.26: torch 2.11, any transformers from 5.5.3; 0.31 and later
-# cap it below 5.18-5.21), and gpt2mm needs transformers 5.24 or later, so each server runs with its own packages:
-# VLLM_PYTHON / GPT2MM_PYTHON (interpreters, default python3) and VLLM_PYTHONPATH / GPT2MM_PYTHONPATH. Knobs:
-# DTYPE (float32), LIMIT (questions, 1000), CONCURRENCY (requests in flight, "1,16,64"), READY_S (seconds
-# for vLLM to come up, 240; then once more with --enforce-eager, no compilation or CUDA graphs), VLLM_ARGS,
-# LOGDIR (bench), DEVICE (gpt2mm's, cuda; cpu for a dry run of the script).
+# cap it below 5.18-5.21), and gpt2mm needs transformers 5.24 or later, so each server runs with its own
+# packages: VLLM_PYTHON / GPT2MM_PYTHON (interpreters, default python3) and VLLM_PYTHONPATH /
+# GPT2MM_PYTHONPATH. Knobs: DTYPE (float32), LIMIT (questions, 1000), CONCURRENCY (requests in flight,
+# "1,16,64"), READY_S (seconds for vLLM to come up, 240; then once more with --enforce-eager, no compilation
+# or CUDA graphs), VLLM_ARGS, LOGDIR (bench), DEVICE (gpt2mm's, cuda; cpu for a dry run of the script).
 set -uo pipefail
 [ $# -eq 2 ] || { echo "usage: bash bench/vllm_check.sh CHECKPOINT WORLD" >&2; exit 2; }
 ckpt=$1 world=$2
@@ -22,8 +22,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 
 ready() {  # ready URL PID SECONDS: wait until URL/v1/models answers; fail if PID ends or time runs out
     local t0=$SECONDS
-    until python3 -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + '/v1/models', timeout=2)" "$1" \
-        2>/dev/null; do
+    local probe="import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + '/v1/models', timeout=2)"
+    until python3 -c "$probe" "$1" 2>/dev/null; do
         kill -0 "$2" 2>/dev/null || return 1
         ((SECONDS - t0 > $3)) && return 1
         sleep 2

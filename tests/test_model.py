@@ -327,17 +327,14 @@ def test_the_config_builds_its_sub_configs_as_older_transformers_need(monkeypatc
     same as transformers 5.20+ does, and its defaults are valid (GPT-2's vocabulary, grown to hold `<image>`)."""
     from transformers import CLIPVisionConfig, GPT2Config
 
-    built = MultimodalGPT2Config(
+    kwargs = dict(
         text_config={"n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 300},
         vision_config={"hidden_size": 32, "num_attention_heads": 4, "image_size": 32, "patch_size": 16},
         image_token_id=299,
     )
+    built = MultimodalGPT2Config(**copy.deepcopy(kwargs))
     monkeypatch.setattr(MultimodalGPT2Config, "sub_configs_defaults", {})  # as transformers < 5.20 does
-    own = MultimodalGPT2Config(
-        text_config={"n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 300},
-        vision_config={"hidden_size": 32, "num_attention_heads": 4, "image_size": 32, "patch_size": 16},
-        image_token_id=299,
-    )
+    own = MultimodalGPT2Config(**copy.deepcopy(kwargs))
     assert type(own.text_config) is GPT2Config and type(own.vision_config) is CLIPVisionConfig
     assert own.to_dict() == built.to_dict()
     default = MultimodalGPT2Config()
