@@ -138,3 +138,54 @@ def test_schedules_follow_their_formulas_by_steps_and_by_the_clock(schedule):
     assert timed(20) == pytest.approx(expected(20, 0.9), abs=1e-12)
     with pytest.raises(ValueError, match="train.decay_fraction"):
         RunConfig(schedule="wsd", decay_fraction=0).check()
+
+
+def glibc_heap() -> bool:
+    from gpt2mm.train.heap import _malloc_trim, resident_bytes
+
+    return _malloc_trim() is not None and resident_bytes() is not None
+
+
+@pytest.mark.skipif(not glibc_heap(), reason="needs Linux with glibc (malloc_trim, /proc/self/statm)")
+def test_the_heap_trimmer_gives_freed_heap_memory_back_once_it_has_grown():
+    """Blocks freed between live ones stay in the process (glibc keeps the holes) until malloc_trim: the
+    trimmer trims once the resident size is `growth` above its floor, and the resident size falls."""
+    from gpt2mm.train.heap import HeapTrimmer, resident_bytes
+
+    mib = 2**20
+    trim = HeapTrimmer(growth=64 * mib)
+    assert not trim() and trim.floor is not None  # the first call sets the floor
+    blocks = [bytearray(64 * 1024) for _ in range(4096)]  # 256 MiB from the heap (below the mmap threshold)
+    kept = blocks[7::8]  # one block in eight stays live: the freed ones are holes, not the heap's top
+    del blocks
+    held = resident_bytes()
+    assert held >= trim.floor + 64 * mib  # the holes are still resident
+    assert trim() and trim.trims == 1
+    assert resident_bytes() < held - 128 * mib  # most of the 224 MiB freed went back to the system
+    assert not trim() and not trim()  # a new floor, then no growth: nothing to do
+    assert len(kept) == 512
+
+
+def test_the_loop_trims_the_heap_once_a_step_and_never_where_there_is_no_glibc(tmp_path, monkeypatch):
+    import gpt2mm.train.heap as heap
+
+    trimmers = []
+
+    class Counted(heap.HeapTrimmer):
+        def __init__(self):
+            super().__init__(growth=-(2**40))  # any size counts as grown: trim whenever allowed
+            self.calls = 0
+            trimmers.append(self)
+
+        def __call__(self):
+            self.calls += 1
+            return super().__call__()
+
+    monkeypatch.setattr(trainer_module, "HeapTrimmer", Counted)
+    Stage(tmp_path / "a", [], max_steps=6, eval_every=0).train()
+    assert trimmers[0].calls == 6 and trimmers[0].trims == (
+        3 if glibc_heap() else 0
+    )  # floor, trim, floor, ...
+    monkeypatch.setattr(heap, "_malloc_trim", lambda: None)
+    Stage(tmp_path / "b", [], max_steps=6, eval_every=0).train()
+    assert trimmers[1].calls == 6 and trimmers[1].trims == 0

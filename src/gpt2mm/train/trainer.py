@@ -1,6 +1,6 @@
 """The loop every stage's trainer inherits: steps until `max_steps` or the time budget, metrics rows, periodic
-evaluation that keeps `best`, early stopping, periodic checkpoints, and the counters a checkpoint holds for an
-exact `--resume`.
+evaluation that keeps `best`, early stopping, periodic checkpoints, the counters a checkpoint holds for an
+exact `--resume`, and the freed heap memory handed back to the system as the run goes (`heap.HeapTrimmer`).
 
 A stage subclasses `Trainer` and provides `train_step()` (one update: returns its metrics row and the samples
 it took), `evaluate()` (validation accuracy, percent) and `write_model(dir)`; SFT overrides `save` for FSDP."""
@@ -15,6 +15,7 @@ from typing import Any
 
 from gpt2mm.errors import DataError, WriteError, add_hint
 from gpt2mm.train.checkpoints import list_checkpoints, rng_state, save_checkpoint, set_rng_state
+from gpt2mm.train.heap import HeapTrimmer
 from gpt2mm.train.logging import MetricsLog, ProgressBar, time_is_up, trim_metrics
 
 
@@ -86,10 +87,12 @@ class Trainer:
         stop_reason = "max_steps"
         seconds_at_start = self.train_seconds
         window_samples, window_start = 0, time.perf_counter()
+        trim_heap = HeapTrimmer()
         try:
             while self.step < t.max_steps:
                 start = time.perf_counter()
                 row, samples = self.train_step()
+                trim_heap()  # inside the step's time: the budget pays for it
                 self.step += 1
                 self.samples_seen += samples
                 self.train_seconds += time.perf_counter() - start
