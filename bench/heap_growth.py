@@ -2,14 +2,16 @@
 
     python bench/heap_growth.py WORLD --minutes 12 [--recipe configs/demo-sft.yaml] [--cores 0,1]
     python bench/heap_growth.py WORLD --minutes 7 --threads 2 -- --train.eval_every 100
+    python bench/heap_growth.py --render --minutes 15
 
 Runs the recipe's stage-1 trainer (`gpt2mm train RECIPE --data.root WORLD --data.synth false`, plus any
 overrides after `--`) twice, each with its own output folder under a temporary directory: once as the trainer
 runs (`HeapTrimmer` on) and once with the trimmer replaced by one that never trims (what the loop did before
 it). With `--threads 1` (the default) the two run at the same time, each on one of `--cores`; with more threads
-they run one after the other, each on all of `--cores`. Each process reads its resident size after every step. WORLD is a folder the recipe
-reads, e.g. the demo's: `gpt2mm synth WORLD --train 10000 --val 100 --test 500 --seed 0 --questions-per-image 8
---layout free`. Prints a table and, last, one JSON line: per arm the steps, seconds a step, the resident size
+they run one after the other, each on all of `--cores`. Each process reads its resident size after every step.
+WORLD is a folder the recipe reads, e.g. the demo's: `gpt2mm synth WORLD --train 10000 --val 100 --test 500
+--seed 0 --questions-per-image 8 --layout free`; with `--render` in its place, each arm renders the recipe's
+world in its own process first, as the demo does (the case where the untrimmed loop's memory grows). Prints a table and, last, one JSON line: per arm the steps, seconds a step, the resident size
 (MiB) at the start, its peak, its end and after every 100th step, and the trims.
 """
 
@@ -81,7 +83,9 @@ def child(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("world", help="the data folder the recipe trains on (data.root)")
+    parser.add_argument(
+        "world", nargs="?", help="the data folder the recipe trains on (data.root; not with --render)"
+    )
     parser.add_argument("--minutes", type=float, default=12.0, help="each arm's time budget")
     parser.add_argument("--recipe", default="configs/demo-sft.yaml")
     parser.add_argument("--cores", default="0,1", help="the cores (with --threads 1: two, one an arm)")
@@ -102,6 +106,8 @@ def main() -> int:
     if args.child:
         child(args.child, args.recipe, args.world, args.minutes, Path(args.out), args.overrides, args.render)
         return 0
+    if args.render == bool(args.world):
+        parser.error("give WORLD or --render (each arm renders its own world), one of the two")
     if not args.render and not Path(args.world).is_dir():
         parser.error(f"{args.world}: no such folder (make one with gpt2mm synth WORLD ...)")
     cores = args.cores.split(",")
@@ -115,7 +121,7 @@ def main() -> int:
     for i, arm in enumerate(ARMS):
         (tmp / arm).mkdir()
         command = [
-            "taskset", "-c", cores[i] if together else args.cores, sys.executable, __file__, args.world,
+            "taskset", "-c", cores[i] if together else args.cores, sys.executable, __file__, *([args.world] if args.world else []),
             "--minutes", repr(args.minutes), "--recipe", args.recipe, "--child", arm, "--out", str(tmp / arm),
             *(["--render"] if args.render else []), "--", *args.overrides,
         ]  # fmt: skip
