@@ -4,15 +4,17 @@
     python bench/heap_growth.py WORLD --minutes 7 --threads 2 -- --train.eval_every 100
     python bench/heap_growth.py --render --minutes 15
 
-Runs the recipe's stage-1 trainer (`gpt2mm train RECIPE --data.root WORLD --data.synth false`, plus any
-overrides after `--`) twice, each with its own output folder under a temporary directory: once as the trainer
-runs (`HeapTrimmer` on) and once with the trimmer replaced by one that never trims (what the loop did before
-it). With `--threads 1` (the default) the two run at the same time, each on one of `--cores`; with more threads
-they run one after the other, each on all of `--cores`. Each process reads its resident size after every step.
-WORLD is a folder the recipe reads, e.g. the demo's: `gpt2mm synth WORLD --train 10000 --val 100 --test 500
---seed 0 --questions-per-image 8 --layout free`; with `--render` in its place, each arm renders the recipe's
-world in its own process first, as the demo does (the case where the untrimmed loop's memory grows). Prints a table and, last, one JSON line: per arm the steps, seconds a step, the resident size
-(MiB) at the start, its peak, its end and after every 100th step, and the trims.
+Runs the recipe's stage-1 trainer (`gpt2mm train RECIPE --data.root WORLD --data.synth false`, plus any overrides
+after `--`) twice, each with its own output folder under a temporary directory: once as the trainer runs
+(`HeapTrimmer` on) and once with the trimmer replaced by one that never trims (what the loop did before it). With
+`--threads 1` (the default) the two run at the same time, each on one of `--cores`; with more threads they run
+one after the other, each on all of `--cores`. Each process reads its resident size after every step (before the
+loop's trimmer runs, so a trimmed arm's figures are its highest of the step). WORLD is a folder the recipe reads,
+e.g. the demo's: `gpt2mm synth WORLD --train 10000 --val 100 --test 500 --seed 0 --questions-per-image 8 --layout
+free`; with `--render` in its place, each arm renders the recipe's world in its own process first, as the demo
+does (the case where the untrimmed loop's memory grows fastest). Prints a table and, last, one JSON line: per arm
+the steps, seconds a step, the resident size (MiB) at the start, its peak, its end and after every 100th step,
+and the trims.
 """
 
 from __future__ import annotations
