@@ -119,17 +119,18 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="heap_growth_"))
     threads = str(args.threads)
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    started, procs, codes = time.time(), [], []
+    started, procs = time.time(), []
     for i, arm in enumerate(ARMS):
         (tmp / arm).mkdir()
         command = [
-            "taskset", "-c", cores[i] if together else args.cores, sys.executable, __file__, *([args.world] if args.world else []),
+            "taskset", "-c", cores[i] if together else args.cores, sys.executable, __file__,
+            *([args.world] if args.world else []), *(["--render"] if args.render else []),
             "--minutes", repr(args.minutes), "--recipe", args.recipe, "--child", arm, "--out", str(tmp / arm),
-            *(["--render"] if args.render else []), "--", *args.overrides,
+            "--", *args.overrides,
         ]  # fmt: skip
         procs.append(subprocess.Popen(command, env=env))
         if not together:
-            codes.append(procs[-1].wait())
+            procs[-1].wait()  # one arm at a time
     codes = [p.wait() for p in procs]
     if any(codes):
         print(f"heap_growth.py: an arm failed (exit codes {codes}); its output is above", file=sys.stderr)
