@@ -321,6 +321,37 @@ def test_drop_cls_and_projector_layers_options():
         MultimodalGPT2Config.from_preset("tiny", fusion="concat")
 
 
+def test_projector_coordinates_add_each_patch_centre_along_two_learned_directions(tmp_path):
+    """With `projector_coordinates`, an image feature is the projector's output plus x * u + y * v, (x, y) the
+    centre of its patch in [-1, 1] in raster order and the CLS feature unchanged; it is saved and loaded with
+    the model. Without it the model has no such parameter."""
+    plain = MultimodalGPT2ForConditionalGeneration(MultimodalGPT2Config.from_preset("tiny"))
+    assert not any("coord" in name for name, _ in plain.named_parameters())
+    cfg = MultimodalGPT2Config.from_preset("tiny", projector_coordinates=True)
+    model = MultimodalGPT2ForConditionalGeneration(cfg).eval()
+    u, v = model.projector.coord_embedding.detach()
+    assert 0.3 < float(u.std()) < 0.7 and 0.3 < float(v.std()) < 0.7  # drawn, not zeros
+    pixels = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        feats = model.get_image_features(pixels)
+        learned, model.projector.coord_embedding = model.projector.coord_embedding, None
+        expected = model.get_image_features(pixels)  # the projector alone
+        model.projector.coord_embedding = learned
+    for i in range(9):  # the tiny preset: CLS, then a 3x3 grid of 16 px patches (centres at -1, 0, 1)
+        row, col = divmod(i, 3)
+        expected[:, 1 + i] += (col - 1) * u + (row - 1) * v
+    torch.testing.assert_close(feats, expected)
+    model.save_pretrained(tmp_path)
+    loaded = MultimodalGPT2ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert loaded.config.projector_coordinates
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.get_image_features(pixels), feats, rtol=0, atol=0)
+    from gpt2mm.layers import image_token_coordinates
+
+    with pytest.raises(ValueError, match="not a square grid"):
+        image_token_coordinates(12)
+
+
 def test_the_config_builds_its_sub_configs_as_older_transformers_need(monkeypatch):
     """transformers before 5.20 (what vLLM pins) builds no sub-config from `sub_configs_defaults`, and builds a
     default config to compare with when it saves or prints one: the config builds its sub-configs itself, the

@@ -36,6 +36,10 @@ class MultimodalGPT2Config(PreTrainedConfig):
         projector_token_mixing: whether image tokens attend to each other in the projector. The seed fed a
             (batch, 50, d) tensor to a sequence-first layer, so for its batch size of 1 each image token
             attended only to itself; `False` reproduces that (used by `convert-seed`).
+        projector_coordinates: add x * u + y * v to each image feature after the projector, where (x, y) is the
+            centre of the token's patch in [-1, 1] (the CLS feature: 0) and u, v are learned vectors
+            (`projector.coord_embedding`), so that GPT-2 reads both coordinates along straight lines from the
+            start instead of learning them in position tables (docs/experiments.md, 2026-12-05).
         fusion: "add" (the seed's: token embedding + image feature) or "replace" (LLaVA-style).
         freeze_vision: keep the vision tower frozen (no gradients, eval mode).
         vision_stem: how the tower cuts an image into patch vectors: "patch" (CLIP's: one linear map of each
@@ -75,6 +79,7 @@ class MultimodalGPT2Config(PreTrainedConfig):
     projector_activation: str = "relu"
     projector_norm_first: bool = False
     projector_token_mixing: bool = True
+    projector_coordinates: bool = False
     fusion: Literal["add", "replace"] = "add"
     freeze_vision: bool = True
     vision_stem: Literal["patch", "conv", "cnn"] = "patch"

@@ -3,6 +3,8 @@ convolutional stems that can replace CLIP's patch embedding (`vision_stem`: `con
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -30,6 +32,15 @@ class MultimodalProjector(nn.Module):
             for _ in range(config.projector_num_layers)
         )
         self.token_mixing = config.projector_token_mixing
+        self.coord_embedding = None  # (2, C_text): the directions of x and y (`projector_coordinates`)
+        if config.projector_coordinates:
+            self.coord_embedding = nn.Parameter(torch.empty(2, d))
+            self.reset_coordinates()
+
+    def reset_coordinates(self) -> None:
+        """u and v from N(0, COORD_STD): about half the size of the layer-normalised features they are added to."""
+        if self.coord_embedding is not None:
+            nn.init.normal_(self.coord_embedding, std=COORD_STD)
 
     def forward(self, vision_states: torch.Tensor) -> torch.Tensor:
         x = self.norm(self.linear(vision_states))  # (N, T_img, C_text)
@@ -39,7 +50,27 @@ class MultimodalProjector(nn.Module):
             mask = ~torch.eye(t, dtype=torch.bool, device=x.device)  # True = may not attend
         for layer in self.layers:
             x = layer(x, src_mask=mask)
+        if self.coord_embedding is not None:
+            coords = image_token_coordinates(x.shape[1], dtype=x.dtype, device=x.device)
+            x = x + coords @ self.coord_embedding.to(x.dtype)
         return x
+
+
+COORD_STD = 0.5
+
+
+def image_token_coordinates(num_tokens: int, dtype=None, device=None) -> torch.Tensor:
+    """(num_tokens, 2): each image token's (x, y), the centre of its patch on a square grid in raster order (x
+    varies fastest), from -1 (left, top) to 1 (right, bottom); a leading CLS token (num_tokens = side^2 + 1)
+    gets (0, 0)."""
+    side = math.isqrt(num_tokens)
+    cls = num_tokens - side * side
+    if cls not in (0, 1) or side < 2:
+        raise ValueError(f"{num_tokens} image tokens are not a square grid of patches (with or without CLS)")
+    steps = torch.linspace(-1, 1, side, dtype=dtype, device=device)
+    ys, xs = torch.meshgrid(steps, steps, indexing="ij")
+    grid = torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=-1)
+    return torch.cat([grid.new_zeros(cls, 2), grid])
 
 
 class ConvStem(nn.Sequential):

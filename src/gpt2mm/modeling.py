@@ -66,6 +66,8 @@ class MultimodalGPT2PreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+        elif isinstance(module, MultimodalProjector):
+            module.reset_coordinates()  # (its Linear and LayerNorm come here on their own)
         elif isinstance(module, (ConvStem, CNNStem)):
             for layer in module:
                 if isinstance(layer, (nn.Conv2d, nn.BatchNorm2d)):
