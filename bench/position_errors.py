@@ -20,11 +20,16 @@ import argparse
 import collections
 import json
 import re
+import sys
 from pathlib import Path
 
-RELATION = re.compile(r"Is the (.+?) (to the left of|to the right of|above|below) the (.+?)\?$")
-ROWS = ("top", "middle", "bottom")
-COLUMNS = ("left", "centre", "right")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from gpt2mm.data.synthetic import COLUMNS, RELATIONS, ROWS, position_name  # noqa: E402
+
+RELATION = re.compile(rf"Is the (.+?) ({'|'.join(RELATIONS)}) the (.+?)\?$")
+# "top left" -> ("top", "left"), ..., "centre" -> ("middle", "centre"): the world's own names of its regions
+WORDS = {position_name(r, c): (row, col) for r, row in enumerate(ROWS) for c, col in enumerate(COLUMNS)}
 
 
 def find(scene: dict, description: str) -> dict | None:
@@ -35,10 +40,10 @@ def find(scene: dict, description: str) -> dict | None:
 
 
 def row_and_column(answer: str) -> tuple[str | None, str | None]:
-    """("top", "left") for "top left"; ("middle", "centre") for "centre"; None where a word is not a position."""
+    """("top", "left") for "top left", ("middle", "centre") for "centre"; None where a word is not a position."""
+    if answer in WORDS:
+        return WORDS[answer]
     words = answer.split()
-    if words == ["centre"]:
-        return "middle", "centre"
     if len(words) != 2:
         return None, None
     return (words[0] if words[0] in ROWS else None), (words[1] if words[1] in COLUMNS else None)
