@@ -139,7 +139,7 @@ def test_model_overrides_from_the_command_line_are_typed_as_the_recipe_file_type
         "base: " + str(CONFIGS / "tiny-vqa.yaml") + "\nmodel:\n  overrides:\n    vision_stem: cnn\n"
         "    vision_config: {patch_size: 16}\n    vision_feature_layer: 0\n    text_init: pytorch\n"
         "    text_final_norm: false\n    text_embedding_std: 0.1\n    projector_num_layers: 2\n"
-        "    projector_norm_first: true\n"
+        "    projector_norm_first: true\n    projector_coordinates: true\n"
     )
     from_file = load_config(SFTConfig, recipe, []).model.overrides
     assert from_cli == from_file
@@ -187,3 +187,12 @@ def test_a_from_scratch_recipes_overrides_on_a_loaded_checkpoint_keep_it_or_name
         apply_overrides_to_loaded(loaded, {"vision_config": {"patch_size": 16}}, "ckpt")
     with pytest.raises(UsageError, match="vision_stem"):
         apply_overrides_to_loaded(loaded, {"vision_stem": "patch"}, "ckpt")
+    # a checkpoint made before the recipe had the coordinates: its projector has no coord_embedding to use
+    without = MultimodalGPT2Config.from_preset("tiny", **{**recipe, "projector_coordinates": False})
+    with pytest.raises(
+        UsageError,
+        match=r"projector_coordinates: True differs from the checkpoint ckpt's False; .*projector_coordinates false\)",
+    ):
+        apply_overrides_to_loaded(without, recipe, "ckpt")
+    with pytest.raises(UsageError, match="projector_num_layers"):
+        apply_overrides_to_loaded(loaded, {"projector_num_layers": 2}, "ckpt")

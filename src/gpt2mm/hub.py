@@ -448,7 +448,12 @@ def model_card(path: str | os.PathLike, repo_id: str | None = None, about: Mappi
         ),
         (
             "projector",
-            f"Linear -> LayerNorm -> transformer layers: {config.get('projector_num_layers')}",
+            f"Linear -> LayerNorm -> transformer layers: {config.get('projector_num_layers')}"
+            + (
+                ", plus each patch centre's (x, y) along two learned directions"
+                if config.get("projector_coordinates")
+                else ""
+            ),
         ),
         (
             "language model",

@@ -60,7 +60,8 @@ PRESETS: dict[str, Preset] = {
     # Random init, sized for the synthetic shapes world on 2 CPU cores: 48 px images and 16 px patches make
     # a 3x3 grid of patches, one per cell of the world's grid. The vision tower trains (nothing pretrained).
     # The recipes (configs/tiny-vqa.yaml, the demo's) build it with overrides that learn on any layout: a CNN
-    # stem on an 8 px grid and a GPT-2 built to let the tower learn through it (docs/experiments.md).
+    # stem on an 8 px grid, a GPT-2 built to let the tower learn through it, and each patch's coordinates
+    # added to its image feature (docs/experiments.md).
     # Its tokenizer is trained in-process (gpt2mm.tokenizer.build_tiny_tokenizer); the vocab size matches it.
     "tiny": Preset(
         name="tiny",

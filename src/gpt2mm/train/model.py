@@ -101,7 +101,10 @@ def typed_overrides(overrides: dict) -> dict:
 
 
 # Overrides that shape the modules or their initialisation: a loaded checkpoint already has them.
-BUILT_IN = {"vision_config", "text_config", "vision_stem", "text_final_norm"}
+BUILT_IN = {
+    "vision_config", "text_config", "vision_stem", "text_final_norm",
+    "projector_num_layers", "projector_num_heads", "projector_ffn_dim", "projector_coordinates",
+}  # fmt: skip
 INIT_ONLY = {"text_init", "text_embedding_std"}
 
 
@@ -118,10 +121,15 @@ def apply_overrides_to_loaded(config, overrides: dict, source: str) -> None:
             differ = sorted(k for k, v in value.items() if have.get(k) != v)
         else:
             differ = [] if current == value else [key]
-        if differ and key in BUILT_IN:
+        if differ and key in BUILT_IN and isinstance(value, dict):
             raise UsageError(
                 f"model.overrides {key}: {', '.join(differ)} differ(s) from the checkpoint {source}'s; a loaded "
                 "model's architecture cannot change"
+            )
+        if differ and key in BUILT_IN:
+            raise UsageError(
+                f"model.overrides {key}: {value!r} differs from the checkpoint {source}'s {current!r}; a loaded "
+                f"model's architecture cannot change (give --model.overrides.{key} {str(current).lower()})"
             )
         if differ:
             setattr(config, key, value)
