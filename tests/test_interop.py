@@ -21,6 +21,7 @@ import torch
 
 from conftest import make_image, wide_tiny_model
 from gpt2mm import hub
+from gpt2mm.card import LOCAL_MODEL_ID, usage_snippet
 from gpt2mm.cli import main
 from gpt2mm.errors import UsageError
 
@@ -353,7 +354,7 @@ def remote(tmp_path_factory):
         prompt = engine.prepare([("user", question, len(images))], [Image.open(p) for p in images]).input_ids
         ours.append({"prompt": prompt, "new": request.choices[0].token_ids, "text": request.choices[0].text,
                      "finish": request.choices[0].finish_reason})  # fmt: skip
-    snippet = card_snippet((path / "README.md").read_text()).replace(hub.LOCAL_MODEL_ID, str(path))
+    snippet = card_snippet((path / "README.md").read_text()).replace(LOCAL_MODEL_ID, str(path))
     snippet = snippet.replace("max_new_tokens=32", f"max_new_tokens={MAX_NEW_TOKENS}")
     chats = {name: hf_messages(c, lambda k: {"path": paths[k]}) for name, c in CONVERSATIONS.items()}
     theirs = run_without_gpt2mm(
@@ -455,7 +456,7 @@ def test_model_card_reads_the_run(tmp_path, tiny_pair):
     )
     assert "| test_accuracy | 93.5 |" in text and "stage_names" not in text
     assert "`someone/shapes-vqa`" in text and "max_steps 40" in text and "recipe.yaml" in text
-    assert "gpt2mm train" in text and hub.LOCAL_MODEL_ID in text
+    assert "gpt2mm train" in text and LOCAL_MODEL_ID in text
     import yaml
 
     assert yaml.safe_load((run / "checkpoint-40" / "recipe.yaml").read_text()) == recipe
@@ -542,8 +543,8 @@ def test_push_uploads_the_checkpoint_and_its_card(saved, fake_hub, capsys):
         "chat_template.jinja",
     } <= set(files)
     card = files["README.md"].decode()
-    assert 'model_id = "me/tiny-vqa"' in card and hub.LOCAL_MODEL_ID not in card
-    assert card_snippet(card) == hub.usage_snippet("me/tiny-vqa") + "\n"
+    assert 'model_id = "me/tiny-vqa"' in card and LOCAL_MODEL_ID not in card
+    assert card_snippet(card) == usage_snippet("me/tiny-vqa") + "\n"
     assert "gpt2mm train" in card  # the card keeps what the checkpoint's own card said made it
     assert "https://huggingface.co/me/tiny-vqa/commit/1" in capsys.readouterr().out
 
