@@ -169,6 +169,66 @@ def test_loss_on_labelled_positions_only_equals_full_logits_loss(tiny_pair):
     torch.testing.assert_close(full.loss, naive, rtol=1e-5, atol=1e-6)
 
 
+def test_answer_weights_make_each_answer_count_once(tiny_pair):
+    """`loss_weights=answer_weights(labels)`: the loss is the mean over answers of each answer's mean token
+    cross-entropy. Reference: the answers found by walking the labels, the loss summed answer by answer from
+    the full logits."""
+    from gpt2mm.modeling import answer_weights
+
+    model, processor = tiny_pair
+    model = copy.deepcopy(model)
+    examples = [  # several answers a sample, of one token (plus end-of-text) and of many
+        processor.encode_conversation(
+            [
+                ("user", "What color?"),
+                ("assistant", "red"),
+                ("user", "Describe it."),
+                ("assistant", "A red circle at the top left, and a small blue square below it."),
+            ]
+        ),
+        processor.encode_conversation(
+            [("user", "How many?"), ("assistant", "3"), ("user", "Is it?"), ("assistant", "no")]
+        ),
+    ]
+    ids, labels, attn = right_padded_batch(processor, examples)
+    pixels = processor.preprocess_images([make_image(10), make_image(11)])
+    model.train()
+    disable_dropout(model)
+    weights = answer_weights(labels)
+    out = model(input_ids=ids, attention_mask=attn, pixel_values=pixels, labels=labels, loss_weights=weights)
+    full = model(input_ids=ids, attention_mask=attn, pixel_values=pixels, labels=labels, return_logits=True)
+    answers = []  # [(row, [positions])], walking each row
+    for row in range(labels.shape[0]):
+        for t in range(labels.shape[1]):
+            if labels[row, t] == IGNORE_INDEX:
+                continue
+            if t == 0 or labels[row, t - 1] == IGNORE_INDEX:
+                answers.append((row, []))
+            answers[-1][1].append(t)
+    assert len(answers) == 4 and sorted(len(a[1]) for a in answers)[-1] > 10
+    expected = torch.zeros(labels.shape)
+    per_answer = []
+    for row, positions in answers:
+        expected[row, positions] = 1 / len(positions)
+        ce = [
+            torch.nn.functional.cross_entropy(full.logits[row, t - 1].float(), labels[row, t])
+            for t in positions
+        ]
+        per_answer.append(torch.stack(ce).mean())
+    torch.testing.assert_close(weights, expected)
+    naive = torch.stack(per_answer).mean()
+    torch.testing.assert_close(out.loss, naive, rtol=1e-5, atol=1e-6)
+    weighted_full = model(
+        input_ids=ids,
+        attention_mask=attn,
+        pixel_values=pixels,
+        labels=labels,
+        return_logits=True,
+        loss_weights=weights,
+    )
+    torch.testing.assert_close(weighted_full.loss, naive, rtol=1e-5, atol=1e-6)
+
+
 def test_frozen_vision_gets_no_gradients(tiny_pair):
     model, processor = tiny_pair
     model = copy.deepcopy(model).train()

@@ -19,6 +19,7 @@ from gpt2mm.cli import main
 from gpt2mm.config import IGNORE_INDEX
 from gpt2mm.data.collate import encode_samples
 from gpt2mm.data.synthetic import DESCRIBE_PROMPT, write_world
+from gpt2mm.modeling import answer_weights
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo-sft.yaml"
 # the demo's stage-1 recipe made the small one these tests are about: one question per sample, no conversations or
@@ -77,9 +78,11 @@ def test_stage1_smoke_moves_trainable_keeps_frozen_and_writes_checkpoints(world,
     ).is_file()
 
 
-def test_the_logged_grad_norm_is_the_whole_gradients_norm_before_clipping(world, tmp_path):
+@pytest.mark.parametrize("average", ["tokens", "answers"])
+def test_the_logged_grad_norm_is_the_whole_gradients_norm_before_clipping(world, tmp_path, average):
     """`grad_norm` in metrics.jsonl is what transformers' Trainer logs: the norm of the whole model's gradient
-    before clipping. Reference: the same micro-batches through a copy of the model, the norm summed by hand."""
+    before clipping. Reference: the same micro-batches through a copy of the model, the norm summed by hand,
+    the loss averaged over the whole batch's labelled tokens or (`train.loss_average: answers`) answers."""
     import copy
     import math
 
@@ -92,14 +95,19 @@ def test_the_logged_grad_norm_is_the_whole_gradients_norm_before_clipping(world,
         world, tmp_path / "run", "--model.overrides", "{vision_stem: cnn}", "--train.vision_lr", "1e-4"
     )
     args += ["--train.batch_size", "4", "--train.grad_accum", "2", "--train.grad_clip", "1e-3"]
+    args += ["--train.loss_average", average, "--data.pack_questions", "3"]
     run = SFTTrainer(load_config(SFTConfig, RECIPE, args[2:]), log=lambda m: None)
     micro = run._micro_batches(run._next_batch())
     assert len(micro) == 2
     reference = copy.deepcopy(run.model)
     labelled = torch.tensor(float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)))
+    weights = [answer_weights(b["labels"]) if average == "answers" else None for b in micro]
+    if average == "answers":
+        labelled = sum(w.sum() for w in weights)  # the batch's answers
+        assert labelled > 4  # several answers a sample
     torch.manual_seed(0)
-    for batch in micro:
-        reference(**batch, num_items_in_batch=labelled).loss.backward()
+    for batch, w in zip(micro, weights):
+        reference(**batch, num_items_in_batch=labelled, loss_weights=w).loss.backward()
     naive = math.sqrt(
         sum(float(p.grad.double().pow(2).sum()) for p in reference.parameters() if p.grad is not None)
     )
@@ -184,6 +192,7 @@ def test_overwrite_removes_the_earlier_run_only_once_the_new_one_has_started(wor
         ("vision_lr", "nan", "train.vision_lr must be 0 or more"),
         ("save_every", "-1", "train.save_every must be 0 or more"),
         ("max_minutes", "0", "train.max_minutes must be positive"),
+        ("loss_average", "samples", "train.loss_average must be tokens or answers, got 'samples'"),
         ("model.preset", "huge", "model.preset must be one of seed, small, tiny, got 'huge'"),
     ],
 )

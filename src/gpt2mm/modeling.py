@@ -316,6 +316,7 @@ class MultimodalGPT2ForConditionalGeneration(MultimodalGPT2PreTrainedModel, Gene
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        loss_weights: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """The usual causal-LM forward, with images.
@@ -327,6 +328,10 @@ class MultimodalGPT2ForConditionalGeneration(MultimodalGPT2PreTrainedModel, Gene
             labels: (B, T); positions labelled -100 are ignored, the rest are predicted from the previous
                 position (shifted inside, as in transformers).
             past_key_values / cache: the KV cache (`cache` is the transformers 5 name; both are accepted).
+            loss_weights: (B, T), a weight for each label (`answer_weights(labels)`: each answer counts once);
+                the loss is then sum(weight * cross-entropy) / sum(weight), instead of the mean over labels.
+            num_items_in_batch: the loss's denominator, under gradient accumulation the whole batch's (labels,
+                or the weights' sum); by default this micro-batch's.
             return_logits: whether to return logits. By default they are skipped only when training with
                 labels: the LM head then runs on the labelled positions alone, never building the full
                 (B, T, vocab) tensor.
@@ -376,9 +381,9 @@ class MultimodalGPT2ForConditionalGeneration(MultimodalGPT2PreTrainedModel, Gene
             logits = self.lm_head(kept)  # (B, T_kept, vocab)
         if labels is not None:
             if logits is not None and logits.shape[1] == hidden.shape[1]:
-                loss = causal_lm_loss_from_logits(logits, labels, num_items_in_batch)
+                loss = causal_lm_loss_from_logits(logits, labels, num_items_in_batch, loss_weights)
             else:
-                loss = causal_lm_loss(hidden, labels, self.lm_head, num_items_in_batch)
+                loss = causal_lm_loss(hidden, labels, self.lm_head, num_items_in_batch, loss_weights)
 
         return CausalLMOutputWithPast(
             loss=loss,
@@ -563,31 +568,57 @@ def causal_lm_loss(
     labels: torch.Tensor,
     lm_head: nn.Module,
     num_items_in_batch: int | torch.Tensor | None = None,
+    loss_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next-token cross-entropy with the LM head run only on the positions that have a label.
 
     hidden (B, T, C) at position t predicts labels[:, t + 1]; labels of -100 are ignored. Equal to the
     loss on full logits (a test checks it) without the (B, T, vocab) tensor: the answer tokens are a few
-    of the ~70 positions of a VQA sample.
+    of the ~70 positions of a VQA sample. `loss_weights` (B, T): each label's weight (see `forward`).
     """
     targets = labels[:, 1:]  # (B, T-1)
     keep = targets != IGNORE_INDEX
     logits = lm_head(hidden[:, :-1][keep])  # (M, vocab)
-    return _reduce(F.cross_entropy(logits.float(), targets[keep], reduction="sum"), keep, num_items_in_batch)
+    return _reduce(logits, targets[keep], keep, num_items_in_batch, loss_weights)
 
 
 def causal_lm_loss_from_logits(
-    logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    loss_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
-    loss = F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="sum")
-    return _reduce(loss, keep, num_items_in_batch)
+    return _reduce(logits[:, :-1][keep], targets[keep], keep, num_items_in_batch, loss_weights)
 
 
-def _reduce(total: torch.Tensor, keep: torch.Tensor, num_items_in_batch) -> torch.Tensor:
-    # Mean over labelled tokens; under gradient accumulation the trainer passes the count of the whole batch.
-    denom = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
+def _reduce(logits, targets, keep, num_items_in_batch, loss_weights) -> torch.Tensor:
+    # The (weighted) mean over labelled tokens; under gradient accumulation the trainer passes the
+    # denominator of the whole batch.
+    if loss_weights is None:
+        total = F.cross_entropy(logits.float(), targets, reduction="sum")
+        denom = keep.sum().clamp(min=1)
+    else:
+        weights = loss_weights[:, 1:][keep].float()
+        total = (F.cross_entropy(logits.float(), targets, reduction="none") * weights).sum()
+        denom = weights.sum().clamp(min=1e-12)
+    if num_items_in_batch is not None:
+        denom = num_items_in_batch
     if isinstance(denom, torch.Tensor):
         denom = denom.to(total.device)
     return total / denom
+
+
+def answer_weights(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) float: 1 / the length of the answer each label belongs to (an answer: a run of consecutive
+    labelled positions), 0 where there is no label. As `loss_weights` every answer counts once, whatever its
+    length: a one-word answer as much as a paragraph (the weights of a batch sum to its number of answers)."""
+    keep = labels != IGNORE_INDEX
+    starts = keep.clone()
+    starts[:, 1:] &= ~keep[:, :-1]
+    answer = starts.flatten().long().cumsum(0).view_as(keep) - 1  # the answer each position belongs to
+    lengths = torch.bincount(answer[keep], minlength=int(starts.sum()))
+    weights = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+    weights[keep] = 1.0 / lengths[answer[keep]].float()
+    return weights

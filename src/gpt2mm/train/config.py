@@ -242,6 +242,13 @@ class TrainConfig(RunConfig):
     grad_accum: int = 1
     projector_lr: float | None = None
     vision_lr: float | None = None
+    loss_average: str = field(
+        default="tokens",
+        metadata={
+            "help": "tokens | answers: the loss is the mean over answer tokens, or over answers (each answer's "
+            "tokens share one weight: a one-word answer counts as much as a paragraph)"
+        },
+    )
     length_grouping: bool = True
     curriculum_steps: int = field(
         default=0,
@@ -261,6 +268,8 @@ class TrainConfig(RunConfig):
 
     def check(self, precisions: tuple[str, ...] = ("fp32", "bf16", "fp16")) -> None:
         super().check(precisions)
+        if self.loss_average not in ("tokens", "answers"):
+            raise ValueError(f"train.loss_average must be tokens or answers, got {self.loss_average!r}")
         for name in ("projector_lr", "vision_lr"):  # none: train.lr; 0 keeps that part as it is
             rate = getattr(self, name)
             if rate is not None and not rate >= 0:

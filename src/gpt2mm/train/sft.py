@@ -284,13 +284,19 @@ class SFTTrainer(Trainer):
         return row, self.cfg.train.batch_size
 
     def _optimizer_step(self, micro: list[dict[str, torch.Tensor]]) -> tuple[float, float | None]:
-        """One optimizer step over the micro-batches; the loss is normalised by the labelled tokens of the
-        whole global batch, so any split among processes and micro-batches gives the same gradient.
-        Returns the global mean loss and the gradient's norm before clipping (None without `grad_clip`)."""
+        """One optimizer step over the micro-batches; the loss is normalised by the labelled tokens (or, with
+        `train.loss_average: answers`, the answers) of the whole global batch, so any split among processes
+        and micro-batches gives the same gradient. Returns the global mean loss and the gradient's norm
+        before clipping (None without `grad_clip`)."""
         t = self.cfg.train
-        count = torch.tensor(
-            float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)), device=self.acc.device
-        )
+        if t.loss_average == "answers":
+            from gpt2mm.modeling import answer_weights
+
+            micro = [{**b, "loss_weights": answer_weights(b["labels"])} for b in micro]
+            items = sum(float(b["loss_weights"][:, 1:].sum()) for b in micro)
+        else:
+            items = float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro))
+        count = torch.tensor(items, device=self.acc.device)
         total = self.acc.reduce(count, reduction="sum") if self.world > 1 else count
         # DDP averages gradients over processes; scale so the result is sum(losses) / all labelled tokens
         denom = total / self.world
@@ -309,7 +315,7 @@ class SFTTrainer(Trainer):
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        # the global mean loss over labelled tokens
+        # the global mean loss over labelled tokens (or answers)
         loss = torch.tensor(loss_sum, device=self.acc.device)
         return (float(self.acc.reduce(loss, reduction="mean")) if self.world > 1 else loss_sum), grad_norm
 
