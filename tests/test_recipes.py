@@ -14,10 +14,11 @@ from gpt2mm.train.args import load_config
 from gpt2mm.train.config import DataConfig, SFTConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-# What configs/demo-sft.yaml adds to configs/tiny-vqa.yaml: the shapes world and where the demo writes.
+# What configs/demo-sft.yaml adds to configs/tiny-vqa.yaml: the shapes world, its conversations (with the loss
+# averaged over answers, which their long descriptions call for) and where the demo writes.
 WORLD_EXTRAS = {
     "data.root", "data.synth", "data.synth_args", "data.conversation_mix", "data.difficulty",
-    "train.output_dir", "train.max_minutes", "train.curriculum_steps",
+    "train.output_dir", "train.max_minutes", "train.curriculum_steps", "train.loss_average",
 }  # fmt: skip
 
 
