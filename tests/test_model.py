@@ -195,8 +195,9 @@ def test_answer_weights_make_each_answer_count_once(tiny_pair):
     model.train()
     disable_dropout(model)
     weights = answer_weights(labels)
-    out = model(input_ids=ids, attention_mask=attn, pixel_values=pixels, labels=labels, loss_weights=weights)
-    full = model(input_ids=ids, attention_mask=attn, pixel_values=pixels, labels=labels, return_logits=True)
+    inputs = {"input_ids": ids, "attention_mask": attn, "pixel_values": pixels, "labels": labels}
+    out = model(**inputs, loss_weights=weights)
+    full = model(**inputs, return_logits=True)
     answers = []  # [(row, [positions])], walking each row
     for row in range(labels.shape[0]):
         for t in range(labels.shape[1]):
@@ -218,14 +219,7 @@ def test_answer_weights_make_each_answer_count_once(tiny_pair):
     torch.testing.assert_close(weights, expected)
     naive = torch.stack(per_answer).mean()
     torch.testing.assert_close(out.loss, naive, rtol=1e-5, atol=1e-6)
-    weighted_full = model(
-        input_ids=ids,
-        attention_mask=attn,
-        pixel_values=pixels,
-        labels=labels,
-        return_logits=True,
-        loss_weights=weights,
-    )
+    weighted_full = model(**inputs, return_logits=True, loss_weights=weights)
     torch.testing.assert_close(weighted_full.loss, naive, rtol=1e-5, atol=1e-6)
 
 
