@@ -89,14 +89,22 @@ def test_auto_settings_use_bf16_only_where_the_cpu_has_it(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     recipe = load_config(SFTConfig, CONFIGS / "demo-sft.yaml", [])
     assert (recipe.train.precision, recipe.model.attn_implementation) == ("auto", "auto")
-    for native, precision in ((True, "bf16"), (False, "fp32")):
+    # eager attention with bf16 on a CPU; SDPA (None: the model's default) in fp32
+    for native, precision, attn in ((True, "bf16", "eager"), (False, "fp32", None)):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
-        assert (fast_precision(), fast_attn_implementation()) == (precision, "eager")
+        assert (fast_precision(), fast_attn_implementation(precision)) == (precision, attn)
         resolved = resolve_auto(recipe)
-        assert (resolved.train.precision, resolved.model.attn_implementation) == (precision, "eager")
+        assert (resolved.train.precision, resolved.model.attn_implementation) == (precision, attn)
         assert recipe.train.precision == "auto"  # the recipe itself still says auto
+    # a precision the recipe names decides the attention on a CPU with native bf16 too
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     fixed = load_config(SFTConfig, CONFIGS / "demo-sft.yaml", ["--train.precision", "fp32"])
-    assert resolve_auto(fixed).train.precision == "fp32"
+    assert (resolve_auto(fixed).train.precision, resolve_auto(fixed).model.attn_implementation) == (
+        "fp32",
+        None,
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert fast_attn_implementation("bf16") is None  # a GPU: SDPA
 
 
 def demo_args(*argv: str):

@@ -4,8 +4,9 @@ set-up, so that a recipe file (the demo's among them) runs well on a CPU and on 
 - precision `auto`: bf16 autocast where the hardware multiplies bf16 natively (a GPU that supports it; a CPU with
   AVX512-BF16 or AMX, elsewhere bf16 would be emulated and slower), else fp32. bf16 reached fp32's test accuracy
   on the demo's recipe.
-- attn_implementation `auto`: transformers' eager attention on a CPU, since at the demo's lengths (~150 tokens)
-  the CPU flash-attention kernel's bf16 backward takes much of a step; on a GPU the model's default (SDPA).
+- attn_implementation `auto`: transformers' eager attention where a CPU trains in bf16, since at the demo's lengths
+  (~150 tokens) the CPU flash-attention kernel's bf16 backward takes much of a step; elsewhere the model's default
+  (SDPA): on a GPU, and on a CPU in fp32, where it is the faster of the two (`bench/cpu_attention.py`).
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ def fast_precision() -> str:
     return "bf16" if any(check() for check in native) else "fp32"
 
 
-def fast_attn_implementation() -> str | None:
-    """eager on a CPU; None (the model's default, SDPA) on a GPU."""
-    return None if torch.cuda.is_available() else "eager"
+def fast_attn_implementation(precision: str) -> str | None:
+    """eager on a CPU that trains in bf16; None (the model's default, SDPA) on a GPU or in fp32."""
+    return "eager" if precision == "bf16" and not torch.cuda.is_available() else None
 
 
 def resolve_auto(cfg):
@@ -39,7 +40,7 @@ def resolve_auto(cfg):
     if train.precision == AUTO:
         train = dataclasses.replace(train, precision=fast_precision())
     if model.attn_implementation == AUTO:
-        model = dataclasses.replace(model, attn_implementation=fast_attn_implementation())
+        model = dataclasses.replace(model, attn_implementation=fast_attn_implementation(train.precision))
     if train is cfg.train and model is cfg.model:
         return cfg
     return dataclasses.replace(cfg, train=train, model=model)

@@ -1,0 +1,134 @@
+"""The demo recipe's training step on a CPU with each attention implementation, side by side in one run.
+
+    python bench/cpu_attention.py WORLD [--recipe configs/demo-sft.yaml] [--steps 8] [--rounds 3] [--threads 2]
+    python bench/cpu_attention.py WORLD -- --model.overrides.text_config.n_head 8
+
+WORLD is a folder the recipe reads, e.g. the demo's: `gpt2mm synth WORLD --train 10000 --val 100 --test 500
+--seed 0 --questions-per-image 8 --layout free`. For each precision this CPU runs (fp32 always, bf16 where it is
+native: AVX512-BF16 or AMX) and each attention implementation (transformers' eager, SDPA), the recipe's stage-1
+trainer is built with the same seed (so the same initial weights) and times `--steps` optimizer steps on the same
+batches, drawn after the curriculum (full-length scenes), after two untimed steps. The arms take turns for
+`--rounds` rounds, so a machine that slows down or speeds up during the run affects them alike; each arm's figure
+is its median round. After the two untimed steps, the two attention implementations' losses on the next batch are
+compared at each precision (the same function: they differ by rounding only). Prints a table and, last, one JSON line.
+What `attn_implementation: auto` picks on this machine is printed beside it (`gpt2mm.train.fast`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from gpt2mm.train.args import load_config  # noqa: E402
+from gpt2mm.train.config import SFTConfig  # noqa: E402
+from gpt2mm.train.fast import fast_attn_implementation, fast_precision  # noqa: E402
+from gpt2mm.train.sft import SFTTrainer  # noqa: E402
+
+ATTENTION = ("eager", "sdpa")
+
+
+def build(recipe: str, world: str, out: Path, precision: str, attn: str, extra: list[str]) -> SFTTrainer:
+    argv = ["--data.root", world, "--data.synth", "false", "--train.output_dir", str(out)]
+    argv += [
+        "--train.precision",
+        precision,
+        "--model.attn_implementation",
+        attn,
+        "--train.curriculum_steps",
+        "0",
+    ]
+    trainer = SFTTrainer(load_config(SFTConfig, recipe, argv + extra), log=lambda *a, **k: None)
+    trainer.model.train()
+    return trainer
+
+
+def loss_on(trainer: SFTTrainer, micro: list[dict[str, torch.Tensor]]) -> float:
+    with torch.no_grad(), trainer.acc.autocast():
+        return float(trainer.model(**micro[0]).loss)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("world")
+    ap.add_argument("--recipe", default="configs/demo-sft.yaml")
+    ap.add_argument("--steps", type=int, default=8, help="timed optimizer steps per arm and round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args, extra = ap.parse_known_args()
+    extra = [a for a in extra if a != "--"]
+    torch.set_num_threads(args.threads)
+    precisions = ["fp32"] + (["bf16"] if fast_precision() == "bf16" else [])
+    arms = [(p, a) for p in precisions for a in ATTENTION]
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers = {
+            arm: build(args.recipe, args.world, Path(tmp) / "-".join(arm), *arm, extra) for arm in arms
+        }
+        source = trainers[arms[0]]
+        batches = [source._micro_batches(source._next_batch()) for _ in range(2 + args.steps)]
+        for t in trainers.values():
+            for micro in batches[:2]:
+                t._optimizer_step(micro)
+        losses = {arm: loss_on(t, batches[2]) for arm, t in trainers.items()}
+        times: dict[tuple[str, str], list[float]] = {arm: [] for arm in arms}
+        for _ in range(args.rounds):
+            for arm, t in trainers.items():
+                start = time.perf_counter()
+                for micro in batches[2:]:
+                    t._optimizer_step(micro)
+                times[arm].append((time.perf_counter() - start) / args.steps)
+    lengths = [int(m[0]["input_ids"].shape[1]) for m in batches]
+    auto = fast_attn_implementation(fast_precision()) or "sdpa"
+    print(
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads; "
+        f"batch {source.cfg.train.batch_size}, lengths {min(lengths)}-{max(lengths)}; "
+        f"auto picks {fast_precision()} + {auto}"
+    )
+    rows = []
+    for precision in precisions:
+        base = statistics.median(times[(precision, "eager")])
+        gap = abs(losses[(precision, "eager")] - losses[(precision, "sdpa")])
+        for attn in ATTENTION:
+            ms = 1000 * statistics.median(times[(precision, attn)])
+            rows.append(
+                {
+                    "precision": precision,
+                    "attn": attn,
+                    "step_ms": round(ms, 1),
+                    "speedup_over_eager": round(1000 * base / ms, 3),
+                    "rounds_ms": [round(1000 * s, 1) for s in times[(precision, attn)]],
+                    "loss_after_2_steps": round(losses[(precision, attn)], 6),
+                }
+            )
+            print(
+                f"{precision:5} {attn:6} {ms:8.1f} ms a step  x{1000 * base / ms:.2f}  (loss {losses[(precision, attn)]:.6f}, gap {gap:.1e})"
+            )
+    print(
+        json.dumps(
+            {
+                "bench": "cpu_attention",
+                "recipe": args.recipe,
+                "extra": extra,
+                "cpu": platform.processor() or platform.machine(),
+                "torch": torch.__version__,
+                "threads": args.threads,
+                "steps": args.steps,
+                "rounds": args.rounds,
+                "auto": [fast_precision(), auto],
+                "rows": rows,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
