@@ -89,8 +89,8 @@ def test_auto_settings_use_bf16_only_where_the_cpu_has_it(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     recipe = load_config(SFTConfig, CONFIGS / "demo-sft.yaml", [])
     assert (recipe.train.precision, recipe.model.attn_implementation) == ("auto", "auto")
-    # eager attention with bf16 on a CPU; SDPA (None: the model's default) in fp32
-    for native, precision, attn in ((True, "bf16", "eager"), (False, "fp32", None)):
+    # eager attention with bf16 on a CPU; SDPA in fp32
+    for native, precision, attn in ((True, "bf16", "eager"), (False, "fp32", "sdpa")):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
         assert (fast_precision(), fast_attn_implementation(precision)) == (precision, attn)
         resolved = resolve_auto(recipe)
@@ -99,12 +99,10 @@ def test_auto_settings_use_bf16_only_where_the_cpu_has_it(monkeypatch):
     # a precision the recipe names decides the attention on a CPU with native bf16 too
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     fixed = load_config(SFTConfig, CONFIGS / "demo-sft.yaml", ["--train.precision", "fp32"])
-    assert (resolve_auto(fixed).train.precision, resolve_auto(fixed).model.attn_implementation) == (
-        "fp32",
-        None,
-    )
+    resolved = resolve_auto(fixed)
+    assert (resolved.train.precision, resolved.model.attn_implementation) == ("fp32", "sdpa")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert fast_attn_implementation("bf16") is None  # a GPU: SDPA
+    assert fast_attn_implementation("bf16") is None  # a GPU: the model's default (SDPA)
 
 
 def demo_args(*argv: str):

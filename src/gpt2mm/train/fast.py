@@ -5,8 +5,8 @@ set-up, so that a recipe file (the demo's among them) runs well on a CPU and on 
   AVX512-BF16 or AMX, elsewhere bf16 would be emulated and slower), else fp32. bf16 reached fp32's test accuracy
   on the demo's recipe.
 - attn_implementation `auto`: transformers' eager attention where a CPU trains in bf16, since at the demo's lengths
-  (~150 tokens) the CPU flash-attention kernel's bf16 backward takes much of a step; elsewhere the model's default
-  (SDPA): on a GPU, and on a CPU in fp32, where it is the faster of the two (`bench/cpu_attention.py`).
+  (~150 tokens) the CPU flash-attention kernel's bf16 backward takes much of a step; SDPA where a CPU trains in
+  fp32, the faster of the two there (`bench/cpu_attention.py`); on a GPU the model's default (SDPA).
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ def fast_precision() -> str:
 
 
 def fast_attn_implementation(precision: str) -> str | None:
-    """eager on a CPU that trains in bf16; None (the model's default, SDPA) on a GPU or in fp32."""
-    return "eager" if precision == "bf16" and not torch.cuda.is_available() else None
+    """On a CPU: eager where it trains in bf16, else SDPA; None (the model's default, SDPA) on a GPU."""
+    if torch.cuda.is_available():
+        return None
+    return "eager" if precision == "bf16" else "sdpa"
 
 
 def resolve_auto(cfg):
