@@ -38,6 +38,8 @@ ATTENTION = ("eager", "sdpa")
 
 
 def build(recipe: str, world: str, out: Path, precision: str, attn: str, extra: list[str]) -> SFTTrainer:
+    """The recipe's stage-1 trainer on WORLD at this precision and attention, without the curriculum (its seed, so
+    every arm starts from the same weights)."""
     argv = ["--data.root", world, "--data.synth", "false", "--train.output_dir", str(out)]
     argv += [
         "--train.precision",
@@ -53,6 +55,7 @@ def build(recipe: str, world: str, out: Path, precision: str, attn: str, extra: 
 
 
 def loss_on(trainer: SFTTrainer, micro: list[dict[str, torch.Tensor]]) -> float:
+    """The model's loss on the first micro-batch, without a gradient."""
     with torch.no_grad(), trainer.acc.autocast():
         return float(trainer.model(**micro[0]).loss)
 

@@ -6,7 +6,8 @@ set-up, so that a recipe file (the demo's among them) runs well on a CPU and on 
   on the demo's recipe.
 - attn_implementation `auto`: transformers' eager attention where a CPU trains in bf16, since at the demo's lengths
   (~150 tokens) the CPU flash-attention kernel's bf16 backward takes much of a step; SDPA where a CPU trains in
-  fp32, the faster of the two there (`bench/cpu_attention.py`); on a GPU the model's default (SDPA).
+  fp32, the faster of the two there (the demo's batches on an AVX2 CPU: `bench/cpu_attention.py`); on a GPU the
+  model's default (SDPA).
 """
 
 from __future__ import annotations
