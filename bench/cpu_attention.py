@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from gpt2mm.errors import DataError, UsageError  # noqa: E402
 from gpt2mm.train.args import load_config  # noqa: E402
 from gpt2mm.train.config import SFTConfig  # noqa: E402
 from gpt2mm.train.fast import fast_attn_implementation, fast_precision  # noqa: E402
@@ -73,9 +74,12 @@ def main() -> None:
     precisions = ["fp32"] + (["bf16"] if fast_precision() == "bf16" else [])
     arms = [(p, a) for p in precisions for a in ATTENTION]
     with tempfile.TemporaryDirectory() as tmp:
-        trainers = {
-            arm: build(args.recipe, args.world, Path(tmp) / "-".join(arm), *arm, extra) for arm in arms
-        }
+        try:
+            trainers = {
+                arm: build(args.recipe, args.world, Path(tmp) / "-".join(arm), *arm, extra) for arm in arms
+            }
+        except (UsageError, DataError, OSError) as e:  # a world or recipe that is not there
+            ap.error(str(e))
         source = trainers[arms[0]]
         batches = [source._micro_batches(source._next_batch()) for _ in range(2 + args.steps)]
         for t in trainers.values():
