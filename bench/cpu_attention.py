@@ -41,15 +41,16 @@ ATTENTION = ("eager", "sdpa")
 def build(recipe: str, world: str, out: Path, precision: str, attn: str, extra: list[str]) -> SFTTrainer:
     """The recipe's stage-1 trainer on WORLD at this precision and attention, without the curriculum (its seed, so
     every arm starts from the same weights)."""
-    argv = ["--data.root", world, "--data.synth", "false", "--train.output_dir", str(out)]
-    argv += [
+    argv = [
+        "--data.root",
+        world,
+        "--data.synth",
+        "false",
+        "--train.output_dir",
+        str(out),
         "--train.precision",
-        precision,
-        "--model.attn_implementation",
-        attn,
-        "--train.curriculum_steps",
-        "0",
     ]
+    argv += [precision, "--model.attn_implementation", attn, "--train.curriculum_steps", "0"]
     trainer = SFTTrainer(load_config(SFTConfig, recipe, argv + extra), log=lambda *a, **k: None)
     trainer.model.train()
     return trainer
@@ -94,7 +95,7 @@ def main() -> None:
                     t._optimizer_step(micro)
                 times[arm].append((time.perf_counter() - start) / args.steps)
     lengths = [int(m[0]["input_ids"].shape[1]) for m in batches]
-    auto = fast_attn_implementation(fast_precision()) or "sdpa"
+    auto = fast_attn_implementation(fast_precision())  # on a CPU: eager or sdpa
     print(
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads; "
         f"batch {source.cfg.train.batch_size}, lengths {min(lengths)}-{max(lengths)}; "
@@ -106,6 +107,7 @@ def main() -> None:
         gap = abs(losses[(precision, "eager")] - losses[(precision, "sdpa")])
         for attn in ATTENTION:
             ms = 1000 * statistics.median(times[(precision, attn)])
+            loss = losses[(precision, attn)]
             rows.append(
                 {
                     "precision": precision,
@@ -113,11 +115,11 @@ def main() -> None:
                     "step_ms": round(ms, 1),
                     "speedup_over_eager": round(1000 * base / ms, 3),
                     "rounds_ms": [round(1000 * s, 1) for s in times[(precision, attn)]],
-                    "loss_after_2_steps": round(losses[(precision, attn)], 6),
+                    "loss_after_2_steps": round(loss, 6),
                 }
             )
             print(
-                f"{precision:5} {attn:6} {ms:8.1f} ms a step  x{1000 * base / ms:.2f}  (loss {losses[(precision, attn)]:.6f}, gap {gap:.1e})"
+                f"{precision:5} {attn:6} {ms:8.1f} ms a step  x{1000 * base / ms:.2f}  (loss {loss:.6f}, gap {gap:.1e})"
             )
     print(
         json.dumps(
