@@ -3,12 +3,14 @@
     python bench/heap_growth.py WORLD --minutes 12 [--recipe configs/demo-sft.yaml] [--cores 0,1]
     python bench/heap_growth.py WORLD --minutes 7 --threads 2 -- --train.eval_every 100
     python bench/heap_growth.py --render --minutes 15
+    python bench/heap_growth.py WORLD --minutes 8 --threads 2 --arms trimmed,every,untrimmed
 
 Runs the recipe's stage-1 trainer (`gpt2mm train RECIPE --data.root WORLD --data.synth false`, plus any overrides
 after `--`) twice, each with its own output folder under a temporary directory: once as the trainer runs
-(`HeapTrimmer` on) and once with the trimmer replaced by one that never trims (what the loop did before it). With
-`--threads 1` (the default) the two run at the same time, each on one of `--cores`; with more threads they run
-one after the other, each on all of `--cores`. Each process reads its resident size after every step (before the
+(`HeapTrimmer` on, arm `trimmed`) and once with the trimmer replaced by one that never trims (`untrimmed`: what the
+loop did before it); `--arms` can add `every`, a trimmer that trims whenever the size has grown, however soon after
+its last trim (the loop before 2026-12-06). With `--threads 1` (the default) two arms run at the same time, each on
+one of `--cores`; with more threads the arms run one after the other, each on all of `--cores`. Each process reads its resident size after every step (before the
 loop's trimmer runs, so a trimmed arm's figures are its highest of the step). WORLD is a folder the recipe reads,
 e.g. the demo's: `gpt2mm synth WORLD --train 10000 --val 100 --test 500 --seed 0 --questions-per-image 8 --layout
 free`; with `--render` in its place, each arm renders the recipe's world in its own process first, as the demo
@@ -28,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ARMS = ("trimmed", "untrimmed")
+ARMS = ("trimmed", "untrimmed", "every")
 
 
 def child(
@@ -38,14 +40,14 @@ def child(
     import gpt2mm.train.trainer as trainer_module
     from gpt2mm.train.args import load_config
     from gpt2mm.train.config import SFTConfig
-    from gpt2mm.train.heap import HeapTrimmer, resident_bytes
+    from gpt2mm.train.heap import INTERVAL, HeapTrimmer, resident_bytes
     from gpt2mm.train.sft import SFTTrainer
 
     trimmers: list[HeapTrimmer] = []
 
     class Watched(HeapTrimmer):
         def __init__(self):
-            super().__init__()
+            super().__init__(interval=0.0 if arm == "every" else INTERVAL)
             if arm == "untrimmed":
                 self.trim = None
             trimmers.append(self)
@@ -99,6 +101,9 @@ def main() -> int:
         help="each arm renders the recipe's world in its own process first, as `gpt2mm train` and the demo do "
         "when the world is not there (WORLD is then not read)",
     )  # fmt: skip
+    parser.add_argument(
+        "--arms", default="trimmed,untrimmed", help=f"which arms, in order, from {', '.join(ARMS)}"
+    )
     parser.add_argument("--child", choices=ARMS, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     argv = sys.argv[1:]
@@ -112,15 +117,18 @@ def main() -> int:
         parser.error("give WORLD or --render (each arm renders its own world), one of the two")
     if not args.render and not Path(args.world).is_dir():
         parser.error(f"{args.world}: no such folder (make one with gpt2mm synth WORLD ...)")
+    arms = args.arms.split(",")
+    if not arms or any(arm not in ARMS for arm in arms) or len(set(arms)) != len(arms):
+        parser.error(f"--arms {args.arms}: give distinct arms from {', '.join(ARMS)}")
     cores = args.cores.split(",")
     together = args.threads == 1
-    if together and len(cores) != 2:
-        parser.error(f"--cores {args.cores}: give two cores, e.g. 0,1 (one an arm)")
+    if together and (len(cores) != 2 or len(arms) != 2):
+        parser.error(f"--cores {args.cores} --arms {args.arms}: with --threads 1 give two cores and two arms")
     tmp = Path(tempfile.mkdtemp(prefix="heap_growth_"))
     threads = str(args.threads)
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     started, procs = time.time(), []
-    for i, arm in enumerate(ARMS):
+    for i, arm in enumerate(arms):
         (tmp / arm).mkdir()
         command = [
             "taskset", "-c", cores[i] if together else args.cores, sys.executable, __file__,
@@ -135,9 +143,9 @@ def main() -> int:
     if any(codes):
         print(f"heap_growth.py: an arm failed (exit codes {codes}); its output is above", file=sys.stderr)
         return 1
-    rows = [json.loads((tmp / arm / "result.json").read_text()) for arm in ARMS]
+    rows = [json.loads((tmp / arm / "result.json").read_text()) for arm in arms]
     how = "side by side, one core each" if together else f"one after the other, {args.threads} threads each"
-    print(f"{len(ARMS)} arms {how}, {time.time() - started:.0f} s")
+    print(f"{len(arms)} arms {how}, {time.time() - started:.0f} s")
     print(
         f"{'arm':<10} {'steps':>6} {'s/step':>7} {'start MiB':>10} {'peak MiB':>9} {'end MiB':>8} {'trims':>6}"
     )

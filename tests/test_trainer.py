@@ -176,6 +176,35 @@ assert len(kept) == 512
     assert done.returncode == 0, done.stderr
 
 
+def test_the_heap_trimmer_waits_its_interval_between_trims(monkeypatch):
+    """However often the size grows, trims come at least `interval` seconds apart (each costs the page faults of
+    a working set that comes back); growth is still what starts one."""
+    import gpt2mm.train.heap as heap
+
+    trimmed, now, size, grows = [], [0.0], [1000], [True]
+
+    def resident():
+        size[0] += 100 if grows[0] else 0  # `growth` more at every call while it grows
+        return size[0]
+
+    monkeypatch.setattr(heap, "_malloc_trim", lambda: trimmed.append)
+    monkeypatch.setattr(heap, "resident_bytes", resident)
+    trim = heap.HeapTrimmer(growth=100, interval=60.0, clock=lambda: now[0])
+    assert not trim()  # the first call sets the floor
+    assert trim() and trimmed == [0]  # grown, and no trim before: trims at once
+    at = []
+    for second in range(1, 181):
+        now[0] = float(second)
+        if trim():
+            at.append(second)
+    assert at == [60, 120, 180]  # grown at every call, trimmed once a minute
+    grows[0] = False
+    for second in range(181, 1000):  # no growth: no trim, however long it waits
+        now[0] = float(second)
+        assert not trim()
+    assert trim.trims == len(trimmed) == 4
+
+
 def test_the_loop_trims_the_heap_once_a_step_and_never_where_there_is_no_glibc(tmp_path, monkeypatch):
     import gpt2mm.train.heap as heap
 
@@ -183,7 +212,7 @@ def test_the_loop_trims_the_heap_once_a_step_and_never_where_there_is_no_glibc(t
 
     class Counted(heap.HeapTrimmer):
         def __init__(self):
-            super().__init__(growth=-(2**40))  # any size counts as grown: trim whenever allowed
+            super().__init__(growth=-(2**40), interval=0.0)  # any size counts as grown: trim whenever allowed
             self.calls = 0
             trimmers.append(self)
 

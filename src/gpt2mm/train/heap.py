@@ -9,16 +9,22 @@ stage 1 of the demo after rendering its world grew from 1.26 to 2.44 GiB between
 the first case peaked at 2.16 GiB at the same speed, and a one-core 30-minute `gpt2mm demo --stages sft,ppo` at
 2.51 GB against 3.89 GB. `malloc_trim(0)` hands those pages back. `HeapTrimmer` calls it when the resident size has
 grown by `growth` bytes beyond what a step needs, so a run whose memory does not grow pays nothing but reading
-/proc/self/statm once a step. Where there is no glibc or no /proc (macOS, Windows, musl), it does nothing."""
+/proc/self/statm once a step, and at most once every `interval` seconds: a trim costs about half a second on a
+2-core CPU (the trim, then the page faults of a working set that comes back), and on a bf16 CPU a step's working
+set swings by that much, so trimming at every such growth trimmed 117 times in 1,500 steps of the demo's recipe
+(every 4-42 steps after the first 300), 61 of its 489 s (docs/experiments.md, 2026-12-06). Where there is no glibc
+or no /proc (macOS, Windows, musl), it does nothing."""
 
 from __future__ import annotations
 
 import ctypes
 import os
 import sys
+import time
 from collections.abc import Callable
 
 GROWTH = 512 * 2**20  # bytes of growth that make the trimmer call malloc_trim
+INTERVAL = 60.0  # seconds at least from one trim to the next
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
@@ -43,13 +49,18 @@ def resident_bytes() -> int | None:
 class HeapTrimmer:
     """Call once a step: trims glibc's heap when the resident size is `growth` bytes above where it stood one
     step after the last trim (the first call sets that floor: by then a step's pages are all in use again, so
-    the floor is the run's live memory and one step's working set). Returns whether it trimmed; `trims`
-    counts the calls to malloc_trim."""
+    the floor is the run's live memory and one step's working set), and `interval` seconds or more have passed
+    since its last trim. Returns whether it trimmed; `trims` counts the calls to malloc_trim."""
 
-    def __init__(self, growth: int = GROWTH):
+    def __init__(
+        self, growth: int = GROWTH, interval: float = INTERVAL, clock: Callable[[], float] = time.monotonic
+    ):
         self.growth = growth
+        self.interval = interval
+        self.clock = clock
         self.trim = _malloc_trim()
         self.floor: int | None = None
+        self.last: float | None = None  # the clock at the last trim
         self.trims = 0
 
     def __call__(self) -> bool:
@@ -61,7 +72,10 @@ class HeapTrimmer:
             return False
         if resident < self.floor + self.growth:
             return False
+        if self.last is not None and self.clock() - self.last < self.interval:
+            return False
         self.trim(0)
         self.trims += 1
         self.floor = None
+        self.last = self.clock()
         return True
