@@ -3,20 +3,20 @@
     python bench/heap_growth.py WORLD --minutes 12 [--recipe configs/demo-sft.yaml] [--cores 0,1]
     python bench/heap_growth.py WORLD --minutes 7 --threads 2 -- --train.eval_every 100
     python bench/heap_growth.py --render --minutes 15
-    python bench/heap_growth.py WORLD --minutes 8 --threads 2 --arms trimmed,every,untrimmed
+    python bench/heap_growth.py --render --minutes 8 --threads 2 --arms trimmed,every,untrimmed
 
 Runs the recipe's stage-1 trainer (`gpt2mm train RECIPE --data.root WORLD --data.synth false`, plus any overrides
-after `--`) twice, each with its own output folder under a temporary directory: once as the trainer runs
-(`HeapTrimmer` on, arm `trimmed`) and once with the trimmer replaced by one that never trims (`untrimmed`: what the
-loop did before it); `--arms` can add `every`, a trimmer that trims whenever the size has grown, however soon after
-its last trim (the loop before 2026-12-06). With `--threads 1` (the default) two arms run at the same time, each on
-one of `--cores`; with more threads the arms run one after the other, each on all of `--cores`. Each process reads its resident size after every step (before the
-loop's trimmer runs, so a trimmed arm's figures are its highest of the step). WORLD is a folder the recipe reads,
-e.g. the demo's: `gpt2mm synth WORLD --train 10000 --val 100 --test 500 --seed 0 --questions-per-image 8 --layout
-free`; with `--render` in its place, each arm renders the recipe's world in its own process first, as the demo
-does (the case where the untrimmed loop's memory grows fastest). Prints a table and, last, one JSON line: per arm
-the steps, seconds a step, the resident size (MiB) at the start, its peak, its end and after every 100th step,
-and the trims.
+after `--`) once for each arm, each with its own output folder under a temporary directory: `trimmed`, as the
+trainer runs (`HeapTrimmer` on); `untrimmed`, with a trimmer that never trims (the loop before it); and, when
+`--arms` names it, `every`, a trimmer that trims whenever the size has grown, however soon after its last trim (the
+loop before 2026-12-06). With `--threads 1` (the default) two arms run at the same time, each on one of `--cores`;
+with more threads the arms run one after the other, each on all of `--cores`. Each process reads its resident size
+after every step (before the loop's trimmer runs, so a trimmed arm's figures are its highest of the step). WORLD is
+a folder the recipe reads, e.g. the demo's: `gpt2mm synth WORLD --train 10000 --val 100 --test 500 --seed 0
+--questions-per-image 8 --layout free`; with `--render` in its place, each arm renders the recipe's world in its
+own process first, as the demo does (the case where the untrimmed loop's memory grows fastest). Prints a table
+and, last, one JSON line: per arm the steps, seconds a step, the resident size (MiB) at the start, its peak, its
+end and after every 100th step, and the trims.
 """
 
 from __future__ import annotations

@@ -232,8 +232,9 @@ class SFTTrainer(Trainer):
         """A batch drawn from the samples no harder than the curriculum allows at this step: the limit grows
         linearly from the easiest difficulty to the hardest over `curriculum_steps`. With `length_grouping`
         the batches of a run of steps (`curriculum_steps` / 20, at most 50) are drawn together at the limit of
-        the run's first step and grouped by length, as an epoch's are (less padding: steps 226-300 of the demo's
-        recipe took 309-350 ms with random batches, 274-297 ms with the epoch's grouped ones). A function of (seed, step), so a resumed run draws the same batches."""
+        the run's first step and grouped by length, as an epoch's are: less padding (the demo's first 400 steps
+        in 102-104 s against 116 s with batches drawn one by one, docs/experiments.md 2026-12-06). A function
+        of (seed, step), so a resumed run draws the same batches."""
         from gpt2mm.data.collate import length_grouped_batches
 
         t = self.cfg.train
