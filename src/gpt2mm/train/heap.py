@@ -10,8 +10,8 @@ the first case peaked at 2.16 GiB at the same speed, and a one-core 30-minute `g
 2.51 GB against 3.89 GB. `malloc_trim(0)` hands those pages back. `HeapTrimmer` calls it when the resident size has
 grown by `growth` bytes beyond what a step needs, so a run whose memory does not grow pays nothing but reading
 /proc/self/statm once a step, and at most once every `interval` seconds. A trim costs 0.4-0.5 s on a 2-core CPU
-(the trim and, likely, the page faults of memory that comes back), and in bf16 a step's working set swings by 512
-MiB: trimming at every such growth trimmed every few steps and cost 9% of the demo's steps (108 trims in 8 minutes;
+(the trim and, likely, the page faults of memory that comes back), and in bf16 the demo's resident size regrew
+512 MiB every 4-42 steps: trimming at every such growth cost 9% of the steps of its stage 1 (108 trims in 8 minutes;
 once a minute: 8 trims, the untrimmed pace, a peak of 3.3 GiB against 3.4 untrimmed and 2.7 trimming at every
 growth; bench/RESULTS.md, 2026-12-06). Where there is no glibc or no /proc (macOS, Windows, musl), it does
 nothing."""
