@@ -504,41 +504,6 @@ def test_curriculum_starts_with_the_easiest_samples(world, tmp_path):
     assert run._curriculum_batch() == first  # a function of (seed, step)
 
 
-def test_curriculum_batches_are_grouped_by_length_over_a_run_of_steps(world, tmp_path):
-    """With length grouping (the default), the curriculum draws `curriculum_steps` / 20 steps' batches (at most
-    50) at once, at the limit of the first of them, and sorts them by length: each batch holds a band of
-    lengths that no other batch of the run enters, and pads less than the same steps' batches drawn one by one."""
-    from gpt2mm.train.args import load_config
-    from gpt2mm.train.config import SFTConfig
-    from gpt2mm.train.sft import SFTTrainer
-
-    def trainer(*extra):
-        args = train_args(world, tmp_path / "run", *CURRICULUM, "--train.curriculum_steps", "1000", *extra)
-        return SFTTrainer(load_config(SFTConfig, RECIPE, args[2:]), log=lambda m: None)
-
-    def batches(run, steps):
-        out = []
-        for step in steps:
-            run.step = step
-            out.append(run._curriculum_batch())
-        return out
-
-    grouped, single = trainer(), trainer("--train.length_grouping", "false")
-    steps = range(400, 450)  # one run of 50 steps, at the limit of step 400
-    levels = sorted(e.difficulty for e in grouped.examples)
-    limit = levels[0] + (levels[-1] - levels[0]) * 400 / 1000
-    lengths = [[len(grouped.examples[i].input_ids) for i in b] for b in batches(grouped, steps)]
-    assert all(len(b) == grouped.cfg.train.batch_size for b in lengths)
-    assert all(grouped.examples[i].difficulty <= limit for b in batches(grouped, steps) for i in b)
-    bands = sorted((min(b), max(b)) for b in lengths)
-    assert all(hi <= next_lo for (_, hi), (next_lo, _) in zip(bands, bands[1:]))  # no band enters another
-    padding = lambda bs: sum(max(b) * len(b) - sum(b) for b in bs)  # noqa: E731
-    ungrouped = [[len(single.examples[i].input_ids) for i in b] for b in batches(single, steps)]
-    assert padding(lengths) < padding(ungrouped)
-    again = trainer()  # a resumed run at step 437 draws the same batch
-    assert batches(again, [437]) == batches(grouped, [437])
-
-
 def test_defaults_run_without_a_recipe(world, tmp_path):
     args = train_args(world, tmp_path / "run", "--train.max_steps", "2", "--train.eval_every", "0")
     assert args[1] == str(RECIPE)

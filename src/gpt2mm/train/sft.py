@@ -75,7 +75,6 @@ class SFTTrainer(Trainer):
         self.epoch = 0
         self.batch_in_epoch = 0
         self._batches: tuple[int, list[list[int]]] | None = None  # (epoch, its batches)
-        self._curriculum_run: tuple[int, list[list[int]]] | None = None  # (its first step, its batches)
         from gpt2mm.train.logging import check_trackers
 
         check_trackers(t.log_with)
@@ -230,13 +229,8 @@ class SFTTrainer(Trainer):
 
     def _curriculum_batch(self) -> list[int]:
         """A batch drawn from the samples no harder than the curriculum allows at this step: the limit grows
-        linearly from the easiest difficulty to the hardest over `curriculum_steps`. With `length_grouping`
-        the batches of a run of steps (`curriculum_steps` / 20, at most 50) are drawn together at the limit of
-        the run's first step and grouped by length, as an epoch's are: less padding (the demo's first 400 steps
-        in 102-104 s against 116 s with batches drawn one by one, docs/experiments.md 2026-12-06). A function
-        of (seed, step), so a resumed run draws the same batches."""
-        from gpt2mm.data.collate import length_grouped_batches
-
+        linearly from the easiest difficulty to the hardest over `curriculum_steps`. A function of
+        (seed, step), so a resumed run draws the same batches."""
         t = self.cfg.train
         if not hasattr(self, "_by_difficulty"):
             levels = [e.difficulty for e in self.examples]
@@ -246,22 +240,11 @@ class SFTTrainer(Trainer):
                 )
             self._by_difficulty = sorted(range(len(levels)), key=lambda i: levels[i])
             self._levels = sorted(levels)
-        run = max(1, min(50, t.curriculum_steps // 20)) if t.length_grouping else 1
-        first = self.step - self.step % run
-        if self._curriculum_run is None or self._curriculum_run[0] != first:
-            lo, hi = self._levels[0], self._levels[-1]
-            limit = lo + (hi - lo) * first / max(1, t.curriculum_steps)
-            pool = self._by_difficulty[: bisect.bisect_right(self._levels, limit)]
-            g = torch.Generator().manual_seed(t.seed * 1000003 + 7919 * (first + 1))
-            drawn = [pool[i] for i in torch.randint(len(pool), (t.batch_size * run,), generator=g).tolist()]
-            lengths = [len(self.examples[i].input_ids) for i in drawn]
-            grouped = (
-                length_grouped_batches(lengths, t.batch_size, g, mega_batch_factor=run)
-                if run > 1
-                else [range(len(drawn))]
-            )
-            self._curriculum_run = (first, [[drawn[j] for j in b] for b in grouped])
-        return self._curriculum_run[1][self.step - first]
+        lo, hi = self._levels[0], self._levels[-1]
+        limit = lo + (hi - lo) * self.step / max(1, t.curriculum_steps)
+        pool = self._by_difficulty[: bisect.bisect_right(self._levels, limit)]
+        g = torch.Generator().manual_seed(t.seed * 1000003 + 7919 * (self.step + 1))
+        return [pool[i] for i in torch.randint(len(pool), (t.batch_size,), generator=g).tolist()]
 
     def _next_batch(self) -> list[int]:
         """The curriculum's batch while it lasts, then the epoch's next batch (a new epoch when one is done)."""
