@@ -118,7 +118,7 @@ def main() -> int:
     if not args.render and not Path(args.world).is_dir():
         parser.error(f"{args.world}: no such folder (make one with gpt2mm synth WORLD ...)")
     arms = args.arms.split(",")
-    if not arms or any(arm not in ARMS for arm in arms) or len(set(arms)) != len(arms):
+    if any(arm not in ARMS for arm in arms) or len(set(arms)) != len(arms):
         parser.error(f"--arms {args.arms}: give distinct arms from {', '.join(ARMS)}")
     cores = args.cores.split(",")
     together = args.threads == 1
