@@ -697,6 +697,51 @@ def test_cnn_stem_is_a_batch_norm_cnn_on_clips_grid_and_its_statistics_freeze_wi
         MultimodalGPT2Config.from_preset("tiny", vision_stem="cnn", vision_config={"patch_size": 6})
 
 
+def test_cpu_layouts_give_the_default_layouts_loss_and_gradients(monkeypatch):
+    """On a CPU the CNN stem runs on channels-last tensors and the projector's attention takes the unfused kernel
+    (`gpt2mm.layers.cpu_layout`), for speed only: the loss and every gradient equal those of PyTorch's default
+    layouts and kernels (the reference: the same model with `cpu_layout` off), and the stem's convolutions
+    do receive channels-last input."""
+    from gpt2mm import layers
+
+    cfg = MultimodalGPT2Config.from_preset(
+        "tiny",
+        vision_stem="cnn",
+        vision_config={"patch_size": 8},
+        vision_feature_layer=0,
+        projector_coordinates=True,
+    )
+    torch.manual_seed(0)
+    model = MultimodalGPT2ForConditionalGeneration(cfg).train()
+    n_img = cfg.num_image_tokens
+    ids = torch.randint(2, cfg.text_config.vocab_size, (4, n_img + 12))
+    ids[:, 1 : 1 + n_img] = cfg.image_token_id
+    labels = ids.clone()
+    labels[:, : 1 + n_img] = IGNORE_INDEX
+    pixels = torch.randn(4, 3, 48, 48)
+    seen = []
+    first = model.vision_tower.embeddings.patch_embedding[0]
+    first.register_forward_pre_hook(
+        lambda m, a: seen.append(a[0].is_contiguous(memory_format=torch.channels_last))
+    )
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(input_ids=ids, pixel_values=pixels, labels=labels).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    fast, fast_grads = loss_and_grads()
+    with monkeypatch.context() as m:
+        m.setattr(layers, "cpu_layout", lambda x: False)
+        ref, ref_grads = loss_and_grads()
+    assert seen == [True, False]
+    torch.testing.assert_close(fast, ref)
+    assert fast_grads.keys() == ref_grads.keys() and any("projector.layers" in n for n in ref_grads)
+    for name in ref_grads:
+        torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_text_options_drop_ln_f_init_like_nn_linear_and_scale_the_embeddings(tmp_path):
     """text_final_norm=False: the logits equal GPT-2's (transformers' GPT2LMHeadModel, same weights) with its
     final LayerNorm made the identity; text_init="pytorch": every GPT-2 matrix and bias is drawn as nn.Linear

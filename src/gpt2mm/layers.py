@@ -3,10 +3,12 @@ convolutional stems that can replace CLIP's patch embedding (`vision_stem`: `con
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gpt2mm.config import MultimodalGPT2Config
 
@@ -48,8 +50,11 @@ class MultimodalProjector(nn.Module):
         if not self.token_mixing:  # each image token attends only to itself (the seed at batch 1)
             t = x.shape[1]
             mask = ~torch.eye(t, dtype=torch.bool, device=x.device)  # True = may not attend
-        for layer in self.layers:
-            x = layer(x, src_mask=mask)
+        # On a CPU, attention over an image's few tokens is faster unfused: the flash kernel's backward took 8.8 ms
+        # against 2.7 ms for the math one on the demo's batch in bf16 (bench/cpu_layout.py). The same function.
+        with sdpa_kernel(SDPBackend.MATH) if cpu_layout(x) else contextlib.nullcontext():
+            for layer in self.layers:
+                x = layer(x, src_mask=mask)
         if self.coord_embedding is not None:
             coords = image_token_coordinates(x.shape[1], dtype=x.dtype, device=x.device)
             x = x + coords @ self.coord_embedding.to(x.dtype)
@@ -89,6 +94,14 @@ class ConvStem(nn.Sequential):
                 layers.append(nn.GELU())
         super().__init__(*layers)
 
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if cpu_layout(pixel_values):
+            # On a CPU, max pooling is an order of magnitude faster on channels-last tensors and the convolutions
+            # faster too (the stem's forward and backward 38 against 56 ms on the demo's batch in bf16,
+            # bench/cpu_layout.py); the same function, the layout of the values only.
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+        return super().forward(pixel_values)
+
     @property
     def weight(self) -> torch.Tensor:
         """The first convolution's weight: CLIP reads the stem's dtype from `patch_embedding.weight`."""
@@ -120,6 +133,14 @@ class CNNStem(nn.Sequential):
         layers.append(nn.Conv2d(widths[-1], width, 1))
         super().__init__(*layers)
 
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if cpu_layout(pixel_values):
+            # On a CPU, max pooling is an order of magnitude faster on channels-last tensors and the convolutions
+            # faster too (the stem's forward and backward 38 against 56 ms on the demo's batch in bf16,
+            # bench/cpu_layout.py); the same function, the layout of the values only.
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+        return super().forward(pixel_values)
+
     @property
     def weight(self) -> torch.Tensor:
         """The first convolution's weight: CLIP reads the stem's dtype from `patch_embedding.weight`."""
@@ -127,3 +148,9 @@ class CNNStem(nn.Sequential):
 
 
 STEMS = {"conv": ConvStem, "cnn": CNNStem}
+
+
+def cpu_layout(x: torch.Tensor) -> bool:
+    """Whether the CPU's faster layouts apply (a tensor on a CPU): the CNN stem in channels-last memory and the
+    projector's attention unfused. GPUs keep the defaults (not measured there)."""
+    return x.device.type == "cpu"
