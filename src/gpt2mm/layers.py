@@ -51,7 +51,7 @@ class MultimodalProjector(nn.Module):
             t = x.shape[1]
             mask = ~torch.eye(t, dtype=torch.bool, device=x.device)  # True = may not attend
         # On a CPU, attention over an image's few tokens is faster unfused: the flash kernel's backward took 8.8 ms
-        # against 2.7 ms for the math one on the demo's batch in bf16 (bench/cpu_layout.py). The same function.
+        # against 2.7 ms for the math one on the demo's batch in bf16 (bench/cpu_step.py). The same function.
         with sdpa_kernel(SDPBackend.MATH) if cpu_layout(x) else contextlib.nullcontext():
             for layer in self.layers:
                 x = layer(x, src_mask=mask)
@@ -98,7 +98,7 @@ class ConvStem(nn.Sequential):
         if cpu_layout(pixel_values):
             # On a CPU, max pooling is an order of magnitude faster on channels-last tensors and the convolutions
             # faster too (the stem's forward and backward 38 against 56 ms on the demo's batch in bf16,
-            # bench/cpu_layout.py); the same function, the layout of the values only.
+            # bench/cpu_step.py); the same function, the layout of the values only.
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         return super().forward(pixel_values)
 
@@ -137,7 +137,7 @@ class CNNStem(nn.Sequential):
         if cpu_layout(pixel_values):
             # On a CPU, max pooling is an order of magnitude faster on channels-last tensors and the convolutions
             # faster too (the stem's forward and backward 38 against 56 ms on the demo's batch in bf16,
-            # bench/cpu_layout.py); the same function, the layout of the values only.
+            # bench/cpu_step.py); the same function, the layout of the values only.
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         return super().forward(pixel_values)
 

@@ -1,16 +1,19 @@
-"""The demo recipe's training step on a CPU with and without the CPU layouts, side by side in one run.
+"""The demo recipe's training step on a CPU as the package runs it and as it ran before, side by side in one run.
 
-    python bench/cpu_layout.py WORLD [--recipe configs/demo-sft.yaml] [--steps 8] [--rounds 3] [--threads 2]
+    python bench/cpu_step.py WORLD [--recipe configs/demo-sft.yaml] [--steps 8] [--rounds 3] [--threads 2]
 
 WORLD is a folder the recipe reads, e.g. the demo's: `gpt2mm synth WORLD --train 10000 --val 100 --test 500
---seed 0 --questions-per-image 8 --layout free`. The CPU layouts (`gpt2mm.layers.cpu_layout`): the CNN stem runs on
-channels-last tensors and the projector's attention takes PyTorch's unfused (math) kernel. The other arm turns
-both off, as before they existed. For each precision this CPU runs (fp32 always, bf16 where it is native) with
-the attention `auto` picks for it, the recipe's stage-1 trainer is built twice with the same seed (the same
-initial weights) and times `--steps` optimizer steps on the same batches, drawn after the curriculum, after two
-untimed steps. The arms take turns for `--rounds` rounds, so a machine that slows down or speeds up affects them
-alike; each arm's figure is its median round. The two layouts' losses on the next batch are compared (the same
-function: they differ by rounding only). Prints a table and, last, one JSON line.
+--seed 0 --questions-per-image 8 --layout free`. Arms (`ARMS`):
+- `before`: PyTorch's default layouts and GPT-2's tanh GELU (`gelu_pytorch_tanh`), as until 2026-12-06;
+- `layouts`: the CPU layouts (`gpt2mm.layers.cpu_layout`: the CNN stem on channels-last tensors, the projector's
+  attention through PyTorch's unfused kernel), still the tanh GELU;
+- `now`: the CPU layouts and the `tiny` preset's exact GELU (erf).
+For each precision this CPU runs (fp32 always, bf16 where it is native) with the attention `auto` picks for it,
+the recipe's stage-1 trainer is built once per arm with the same seed (the same initial weights) and times
+`--steps` optimizer steps on the same batches, drawn after the curriculum, after two untimed steps. The arms take
+turns for `--rounds` rounds, so a machine that slows down or speeds up affects them alike; each arm's figure is its
+median round. Each arm's loss on the next batch is printed: `before` and `layouts` compute the same function (they
+differ by rounding), `now` a GELU within 5e-4 of it. Prints a table and, last, one JSON line.
 """
 
 from __future__ import annotations
@@ -37,18 +40,22 @@ from gpt2mm.train.config import SFTConfig  # noqa: E402
 from gpt2mm.train.fast import fast_attn_implementation, fast_precision  # noqa: E402
 from gpt2mm.train.sft import SFTTrainer  # noqa: E402
 
-LAYOUTS = ("default", "cpu")  # without the CPU layouts (as before them), with them (the package's)
+TANH_GELU = ["--model.overrides.text_config.activation_function", "gelu_pytorch_tanh"]
+ARMS = {  # name -> (the CPU layouts on, recipe overrides)
+    "before": (False, TANH_GELU),
+    "layouts": (True, TANH_GELU),
+    "now": (True, []),
+}
 
 
-def layout(name: str):
-    """A context in which the model runs with (`cpu`) or without (`default`) the CPU layouts."""
-    if name == "cpu":
-        return contextlib.nullcontext()
-    return mock.patch.object(layers, "cpu_layout", lambda x: False)
+def layout(on: bool):
+    """A context in which the model runs with or without the CPU layouts."""
+    return contextlib.nullcontext() if on else mock.patch.object(layers, "cpu_layout", lambda x: False)
 
 
 def build(recipe: str, world: str, out: Path, precision: str, extra: list[str]) -> SFTTrainer:
-    """The recipe's stage-1 trainer on WORLD at this precision with `auto`'s attention, without the curriculum."""
+    """The recipe's stage-1 trainer on WORLD at this precision with `auto`'s attention, without the curriculum
+    (its seed, so every arm starts from the same weights)."""
     attn = fast_attn_implementation(precision)
     argv = ["--data.root", world, "--data.synth", "false", "--train.output_dir", str(out)]
     argv += [
@@ -81,11 +88,14 @@ def main() -> None:
     extra = [a for a in extra if a != "--"]
     torch.set_num_threads(args.threads)
     precisions = ["fp32"] + (["bf16"] if fast_precision() == "bf16" else [])
-    arms = [(p, lay) for p in precisions for lay in LAYOUTS]
+    arms = [(p, name) for p in precisions for name in ARMS]
     with tempfile.TemporaryDirectory() as tmp:
         try:
             trainers = {
-                arm: build(args.recipe, args.world, Path(tmp) / "-".join(arm), arm[0], extra) for arm in arms
+                arm: build(
+                    args.recipe, args.world, Path(tmp) / "-".join(arm), arm[0], ARMS[arm[1]][1] + extra
+                )
+                for arm in arms
             }
         except (UsageError, DataError, OSError) as e:  # a world or recipe that is not there
             ap.error(str(e))
@@ -93,14 +103,14 @@ def main() -> None:
         batches = [source._micro_batches(source._next_batch()) for _ in range(2 + args.steps)]
         losses = {}
         for arm, t in trainers.items():
-            with layout(arm[1]):
+            with layout(ARMS[arm[1]][0]):
                 for micro in batches[:2]:
                     t._optimizer_step(micro)
                 losses[arm] = loss_on(t, batches[2])
         times: dict[tuple[str, str], list[float]] = {arm: [] for arm in arms}
         for _ in range(args.rounds):
             for arm, t in trainers.items():
-                with layout(arm[1]):
+                with layout(ARMS[arm[1]][0]):
                     start = time.perf_counter()
                     for micro in batches[2:]:
                         t._optimizer_step(micro)
@@ -112,30 +122,29 @@ def main() -> None:
     )
     rows = []
     for precision in precisions:
-        base = statistics.median(times[(precision, "default")])
-        gap = abs(losses[(precision, "default")] - losses[(precision, "cpu")])
-        for lay in LAYOUTS:
-            ms = 1000 * statistics.median(times[(precision, lay)])
-            loss = losses[(precision, lay)]
+        base = statistics.median(times[(precision, "before")])
+        for name in ARMS:
+            ms = 1000 * statistics.median(times[(precision, name)])
+            loss = losses[(precision, name)]
             rows.append(
                 {
                     "precision": precision,
                     "attn": fast_attn_implementation(precision),
-                    "layout": lay,
+                    "arm": name,
                     "step_ms": round(ms, 1),
-                    "speedup_over_default": round(1000 * base / ms, 3),
-                    "rounds_ms": [round(1000 * s, 1) for s in times[(precision, lay)]],
+                    "speedup_over_before": round(1000 * base / ms, 3),
+                    "rounds_ms": [round(1000 * s, 1) for s in times[(precision, name)]],
                     "loss_after_2_steps": round(loss, 6),
                 }
             )
             print(
-                f"{precision:5} {fast_attn_implementation(precision):6} {lay:8} {ms:8.1f} ms a step  "
-                f"x{1000 * base / ms:.2f}  (loss {loss:.6f}, gap {gap:.1e})"
+                f"{precision:5} {fast_attn_implementation(precision):6} {name:8} {ms:8.1f} ms a step  "
+                f"x{1000 * base / ms:.2f}  (loss {loss:.6f})"
             )
     print(
         json.dumps(
             {
-                "bench": "cpu_layout",
+                "bench": "cpu_step",
                 "recipe": args.recipe,
                 "extra": extra,
                 "cpu": platform.processor() or platform.machine(),
