@@ -3,17 +3,15 @@
     python bench/cpu_step.py WORLD [--recipe configs/demo-sft.yaml] [--steps 8] [--rounds 3] [--threads 2]
 
 WORLD is a folder the recipe reads, e.g. the demo's: `gpt2mm synth WORLD --train 10000 --val 100 --test 500
---seed 0 --questions-per-image 8 --layout free`. Arms (`ARMS`):
-- `before`: PyTorch's default layouts and GPT-2's tanh GELU (`gelu_pytorch_tanh`), as until 2026-12-06;
-- `layouts`: the CPU layouts (`gpt2mm.layers.cpu_layout`: the CNN stem on channels-last tensors, the projector's
-  attention through PyTorch's unfused kernel), still the tanh GELU;
-- `now`: the CPU layouts and the `tiny` preset's exact GELU (erf).
-For each precision this CPU runs (fp32 always, bf16 where it is native) with the attention `auto` picks for it,
+--seed 0 --questions-per-image 8 --layout free`. Arms (`ARMS`): `before`, PyTorch's default layouts (as until
+2026-12-06); `now`, the CPU layouts (`gpt2mm.layers.cpu_layout`: the CNN stem on channels-last tensors, the
+projector's attention through PyTorch's unfused kernel). Recipe overrides after `--` apply to every arm. For each
+precision this CPU runs (fp32 always, bf16 where it is native) with the attention `auto` picks for it,
 the recipe's stage-1 trainer is built once per arm with the same seed (the same initial weights) and times
 `--steps` optimizer steps on the same batches, drawn after the curriculum, after two untimed steps. The arms take
 turns for `--rounds` rounds, so a machine that slows down or speeds up affects them alike; each arm's figure is its
-median round. Each arm's loss on the next batch is printed: `before` and `layouts` compute the same function (they
-differ by rounding), `now` a GELU within 5e-4 of it. Prints a table and, last, one JSON line.
+median round. Each arm's loss on the next batch is printed: the arms compute the same function (they differ by
+rounding). Prints a table and, last, one JSON line.
 """
 
 from __future__ import annotations
@@ -40,12 +38,7 @@ from gpt2mm.train.config import SFTConfig  # noqa: E402
 from gpt2mm.train.fast import fast_attn_implementation, fast_precision  # noqa: E402
 from gpt2mm.train.sft import SFTTrainer  # noqa: E402
 
-TANH_GELU = ["--model.overrides.text_config.activation_function", "gelu_pytorch_tanh"]
-ARMS = {  # name -> (the CPU layouts on, recipe overrides)
-    "before": (False, TANH_GELU),
-    "layouts": (True, TANH_GELU),
-    "now": (True, []),
-}
+ARMS = {"before": False, "now": True}  # name -> the CPU layouts on
 
 
 def layout(on: bool):
@@ -92,10 +85,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         try:
             trainers = {
-                arm: build(
-                    args.recipe, args.world, Path(tmp) / "-".join(arm), arm[0], ARMS[arm[1]][1] + extra
-                )
-                for arm in arms
+                arm: build(args.recipe, args.world, Path(tmp) / "-".join(arm), arm[0], extra) for arm in arms
             }
         except (UsageError, DataError, OSError) as e:  # a world or recipe that is not there
             ap.error(str(e))
@@ -103,14 +93,14 @@ def main() -> None:
         batches = [source._micro_batches(source._next_batch()) for _ in range(2 + args.steps)]
         losses = {}
         for arm, t in trainers.items():
-            with layout(ARMS[arm[1]][0]):
+            with layout(ARMS[arm[1]]):
                 for micro in batches[:2]:
                     t._optimizer_step(micro)
                 losses[arm] = loss_on(t, batches[2])
         times: dict[tuple[str, str], list[float]] = {arm: [] for arm in arms}
         for _ in range(args.rounds):
             for arm, t in trainers.items():
-                with layout(ARMS[arm[1]][0]):
+                with layout(ARMS[arm[1]]):
                     start = time.perf_counter()
                     for micro in batches[2:]:
                         t._optimizer_step(micro)

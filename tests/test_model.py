@@ -438,13 +438,12 @@ def test_presets_offline_and_seed_under_a_billion(name):
         assert 8e8 < n < 1e9, n  # CLIP ViT-B/32 vision (88M) + GPT-2 large (774M) + projector
     if name == "tiny":
         assert n < 5e6 and not cfg.freeze_vision
-        # the exact GELU, x * Phi(x), of which GPT-2's own activation (gelu_new) is the tanh approximation
+        # GPT-2's own activation (gelu_new, the tanh approximation), as one fused kernel
         from transformers.activations import ACT2FN
 
-        x = torch.linspace(-6, 6, 1001, dtype=torch.float64)
+        x = torch.linspace(-6, 6, 1001)
         act = ACT2FN[cfg.text_config.activation_function]
-        torch.testing.assert_close(act(x), x * 0.5 * (1 + torch.erf(x / 2**0.5)))
-        assert float((act(x) - ACT2FN["gelu_new"](x)).abs().max()) < 5e-4
+        torch.testing.assert_close(act(x), ACT2FN["gelu_new"](x), rtol=1e-5, atol=1e-6)
 
 
 def test_compiled_blocks_give_the_eager_loss_and_gradients():

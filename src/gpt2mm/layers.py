@@ -50,8 +50,9 @@ class MultimodalProjector(nn.Module):
         if not self.token_mixing:  # each image token attends only to itself (the seed at batch 1)
             t = x.shape[1]
             mask = ~torch.eye(t, dtype=torch.bool, device=x.device)  # True = may not attend
-        # On a CPU, attention over an image's few tokens is faster unfused: the flash kernel's backward took 8.8 ms
-        # against 2.7 ms for the math one on the demo's batch in bf16 (bench/cpu_step.py). The same function.
+        # On a CPU, attention over an image's few tokens is faster unfused: forward and backward took 8.8 ms with
+        # the flash kernel against 2.7 ms with the math one on the demo's batch in bf16 (bench/cpu_step.py times
+        # the whole step). The same function.
         with sdpa_kernel(SDPBackend.MATH) if cpu_layout(x) else contextlib.nullcontext():
             for layer in self.layers:
                 x = layer(x, src_mask=mask)
@@ -93,14 +94,6 @@ class ConvStem(nn.Sequential):
             if i < n - 1:
                 layers.append(nn.GELU())
         super().__init__(*layers)
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if cpu_layout(pixel_values):
-            # On a CPU, max pooling is an order of magnitude faster on channels-last tensors and the convolutions
-            # faster too (the stem's forward and backward 38 against 56 ms on the demo's batch in bf16,
-            # bench/cpu_step.py); the same function, the layout of the values only.
-            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
-        return super().forward(pixel_values)
 
     @property
     def weight(self) -> torch.Tensor:
