@@ -129,8 +129,8 @@ class CNNStem(nn.Sequential):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if cpu_layout(pixel_values):
             # On a CPU, max pooling is an order of magnitude faster on channels-last tensors and the convolutions
-            # faster too (the stem's forward and backward 38 against 56 ms on the demo's batch in bf16,
-            # bench/cpu_step.py); the same function, the layout of the values only.
+            # faster too (the stem's forward and backward 38 against 56 ms on the demo's batch in bf16;
+            # bench/cpu_step.py times the whole step); the same function, the layout of the values only.
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         return super().forward(pixel_values)
 
