@@ -17,6 +17,7 @@ What `attn_implementation: auto` picks on this machine is printed beside it (`gp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -62,43 +63,59 @@ def loss_on(trainer: SFTTrainer, micro: list[dict[str, torch.Tensor]]) -> float:
         return float(trainer.model(**micro[0]).loss)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def arguments(doc: str) -> tuple[argparse.ArgumentParser, argparse.Namespace, list[str]]:
+    """The command line these CPU benches share (WORLD, --recipe, --steps, --rounds, --threads; recipe overrides
+    after `--`); sets the thread count."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("world")
     ap.add_argument("--recipe", default="configs/demo-sft.yaml")
     ap.add_argument("--steps", type=int, default=8, help="timed optimizer steps per arm and round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args, extra = ap.parse_known_args()
-    extra = [a for a in extra if a != "--"]
     torch.set_num_threads(args.threads)
-    precisions = ["fp32"] + (["bf16"] if fast_precision() == "bf16" else [])
-    arms = [(p, a) for p in precisions for a in ATTENTION]
+    return ap, args, [a for a in extra if a != "--"]
+
+
+def time_arms(ap, args, make, arms, context=lambda arm: contextlib.nullcontext()):
+    """Each arm's trainer (`make(arm, out_dir)`), two untimed steps, its loss on the next batch, then `--rounds`
+    rounds in which the arms take turns timing `--steps` steps on the same batches (each inside `context(arm)`).
+    Returns (losses, seconds a step per round, batches)."""
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            trainers = {
-                arm: build(args.recipe, args.world, Path(tmp) / "-".join(arm), *arm, extra) for arm in arms
-            }
+            trainers = {arm: make(arm, Path(tmp) / "-".join(arm)) for arm in arms}
         except (UsageError, DataError, OSError) as e:  # a world or recipe that is not there
             ap.error(str(e))
         source = trainers[arms[0]]
         batches = [source._micro_batches(source._next_batch()) for _ in range(2 + args.steps)]
-        for t in trainers.values():
-            for micro in batches[:2]:
-                t._optimizer_step(micro)
-        losses = {arm: loss_on(t, batches[2]) for arm, t in trainers.items()}
+        losses = {}
+        for arm, t in trainers.items():
+            with context(arm):
+                for micro in batches[:2]:
+                    t._optimizer_step(micro)
+                losses[arm] = loss_on(t, batches[2])
         times: dict[tuple[str, str], list[float]] = {arm: [] for arm in arms}
         for _ in range(args.rounds):
             for arm, t in trainers.items():
-                start = time.perf_counter()
-                for micro in batches[2:]:
-                    t._optimizer_step(micro)
-                times[arm].append((time.perf_counter() - start) / args.steps)
+                with context(arm):
+                    start = time.perf_counter()
+                    for micro in batches[2:]:
+                        t._optimizer_step(micro)
+                    times[arm].append((time.perf_counter() - start) / args.steps)
+    return losses, times, batches
+
+
+def main() -> None:
+    ap, args, extra = arguments(__doc__)
+    precisions = ["fp32"] + (["bf16"] if fast_precision() == "bf16" else [])
+    arms = [(p, a) for p in precisions for a in ATTENTION]
+    make = lambda arm, out: build(args.recipe, args.world, out, *arm, extra)  # noqa: E731
+    losses, times, batches = time_arms(ap, args, make, arms)
     lengths = [int(m[0]["input_ids"].shape[1]) for m in batches]
     auto = fast_attn_implementation(fast_precision())  # on a CPU: eager or sdpa
     print(
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads; "
-        f"batch {source.cfg.train.batch_size}, lengths {min(lengths)}-{max(lengths)}; "
+        f"batch {sum(int(m['input_ids'].shape[0]) for m in batches[0])}, lengths {min(lengths)}-{max(lengths)}; "
         f"auto picks {fast_precision()} + {auto}"
     )
     rows = []

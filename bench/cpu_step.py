@@ -16,14 +16,11 @@ rounding). Prints a table and, last, one JSON line.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import platform
 import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 from unittest import mock
 
@@ -31,12 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from cpu_attention import arguments, build, time_arms  # noqa: E402  (bench/, this script's folder)
 from gpt2mm import layers  # noqa: E402
-from gpt2mm.errors import DataError, UsageError  # noqa: E402
-from gpt2mm.train.args import load_config  # noqa: E402
-from gpt2mm.train.config import SFTConfig  # noqa: E402
 from gpt2mm.train.fast import fast_attn_implementation, fast_precision  # noqa: E402
-from gpt2mm.train.sft import SFTTrainer  # noqa: E402
 
 ARMS = {"before": False, "now": True}  # name -> the CPU layouts on
 
@@ -46,69 +40,19 @@ def layout(on: bool):
     return contextlib.nullcontext() if on else mock.patch.object(layers, "cpu_layout", lambda x: False)
 
 
-def build(recipe: str, world: str, out: Path, precision: str, extra: list[str]) -> SFTTrainer:
-    """The recipe's stage-1 trainer on WORLD at this precision with `auto`'s attention, without the curriculum
-    (its seed, so every arm starts from the same weights)."""
-    attn = fast_attn_implementation(precision)
-    argv = ["--data.root", world, "--data.synth", "false", "--train.output_dir", str(out)]
-    argv += [
-        "--train.precision",
-        precision,
-        "--model.attn_implementation",
-        attn,
-        "--train.curriculum_steps",
-        "0",
-    ]
-    trainer = SFTTrainer(load_config(SFTConfig, recipe, argv + extra), log=lambda *a, **k: None)
-    trainer.model.train()
-    return trainer
-
-
-def loss_on(trainer: SFTTrainer, micro: list[dict[str, torch.Tensor]]) -> float:
-    """The model's loss on the first micro-batch, without a gradient."""
-    with torch.no_grad(), trainer.acc.autocast():
-        return float(trainer.model(**micro[0]).loss)
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("world")
-    ap.add_argument("--recipe", default="configs/demo-sft.yaml")
-    ap.add_argument("--steps", type=int, default=8, help="timed optimizer steps per arm and round")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args, extra = ap.parse_known_args()
-    extra = [a for a in extra if a != "--"]
-    torch.set_num_threads(args.threads)
+    ap, args, extra = arguments(__doc__)
     precisions = ["fp32"] + (["bf16"] if fast_precision() == "bf16" else [])
     arms = [(p, name) for p in precisions for name in ARMS]
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            trainers = {
-                arm: build(args.recipe, args.world, Path(tmp) / "-".join(arm), arm[0], extra) for arm in arms
-            }
-        except (UsageError, DataError, OSError) as e:  # a world or recipe that is not there
-            ap.error(str(e))
-        source = trainers[arms[0]]
-        batches = [source._micro_batches(source._next_batch()) for _ in range(2 + args.steps)]
-        losses = {}
-        for arm, t in trainers.items():
-            with layout(ARMS[arm[1]]):
-                for micro in batches[:2]:
-                    t._optimizer_step(micro)
-                losses[arm] = loss_on(t, batches[2])
-        times: dict[tuple[str, str], list[float]] = {arm: [] for arm in arms}
-        for _ in range(args.rounds):
-            for arm, t in trainers.items():
-                with layout(ARMS[arm[1]]):
-                    start = time.perf_counter()
-                    for micro in batches[2:]:
-                        t._optimizer_step(micro)
-                    times[arm].append((time.perf_counter() - start) / args.steps)
+
+    def make(arm, out):  # the recipe's trainer at this precision with the attention `auto` picks for it
+        return build(args.recipe, args.world, out, arm[0], fast_attn_implementation(arm[0]), extra)
+
+    losses, times, batches = time_arms(ap, args, make, arms, context=lambda arm: layout(ARMS[arm[1]]))
     lengths = [int(m[0]["input_ids"].shape[1]) for m in batches]
     print(
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads; "
-        f"batch {source.cfg.train.batch_size}, lengths {min(lengths)}-{max(lengths)}"
+        f"batch {sum(int(m['input_ids'].shape[0]) for m in batches[0])}, lengths {min(lengths)}-{max(lengths)}"
     )
     rows = []
     for precision in precisions:
