@@ -105,6 +105,32 @@ def time_arms(ap, args, make, arms, context=lambda arm: contextlib.nullcontext()
     return losses, times, batches
 
 
+def run_info(bench: str, args, extra: list[str]) -> dict:
+    """What a result line records about its run: the bench, its recipe and overrides, the machine, the counts."""
+    return {
+        "bench": bench,
+        "recipe": args.recipe,
+        "extra": extra,
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "steps": args.steps,
+        "rounds": args.rounds,
+    }
+
+
+def timing_row(arm, times, losses, base: float) -> dict:
+    """An arm's figures: its median seconds a step over the rounds, its speed-up over `base` (seconds a step),
+    each round, and its loss after the two untimed steps."""
+    ms = 1000 * statistics.median(times[arm])
+    return {
+        "step_ms": round(ms, 1),
+        "speedup": round(1000 * base / ms, 3),
+        "rounds_ms": [round(1000 * s, 1) for s in times[arm]],
+        "loss_after_2_steps": round(losses[arm], 6),
+    }
+
+
 def main() -> None:
     ap, args, extra = arguments(__doc__)
     precisions = ["fp32"] + (["bf16"] if fast_precision() == "bf16" else [])
@@ -123,36 +149,14 @@ def main() -> None:
         base = statistics.median(times[(precision, "eager")])
         gap = abs(losses[(precision, "eager")] - losses[(precision, "sdpa")])
         for attn in ATTENTION:
-            ms = 1000 * statistics.median(times[(precision, attn)])
-            loss = losses[(precision, attn)]
-            rows.append(
-                {
-                    "precision": precision,
-                    "attn": attn,
-                    "step_ms": round(ms, 1),
-                    "speedup_over_eager": round(1000 * base / ms, 3),
-                    "rounds_ms": [round(1000 * s, 1) for s in times[(precision, attn)]],
-                    "loss_after_2_steps": round(loss, 6),
-                }
-            )
+            row = {"precision": precision, "attn": attn, **timing_row((precision, attn), times, losses, base)}
+            rows.append(row)
             print(
-                f"{precision:5} {attn:6} {ms:8.1f} ms a step  x{1000 * base / ms:.2f}  (loss {loss:.6f}, gap {gap:.1e})"
+                f"{precision:5} {attn:6} {row['step_ms']:8.1f} ms a step  x{row['speedup']:.2f}  "
+                f"(loss {row['loss_after_2_steps']:.6f}, gap {gap:.1e})"
             )
     print(
-        json.dumps(
-            {
-                "bench": "cpu_attention",
-                "recipe": args.recipe,
-                "extra": extra,
-                "cpu": platform.processor() or platform.machine(),
-                "torch": torch.__version__,
-                "threads": args.threads,
-                "steps": args.steps,
-                "rounds": args.rounds,
-                "auto": [fast_precision(), auto],
-                "rows": rows,
-            }
-        )
+        json.dumps({**run_info("cpu_attention", args, extra), "auto": [fast_precision(), auto], "rows": rows})
     )
 
 

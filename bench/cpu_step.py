@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from cpu_attention import arguments, build, time_arms  # noqa: E402  (bench/, this script's folder)
+from cpu_attention import arguments, build, run_info, time_arms, timing_row  # noqa: E402  (bench/, this script's folder)
 from gpt2mm import layers  # noqa: E402
 from gpt2mm.train.fast import fast_attn_implementation, fast_precision  # noqa: E402
 
@@ -58,38 +58,14 @@ def main() -> None:
     for precision in precisions:
         base = statistics.median(times[(precision, "before")])
         for name in ARMS:
-            ms = 1000 * statistics.median(times[(precision, name)])
-            loss = losses[(precision, name)]
-            rows.append(
-                {
-                    "precision": precision,
-                    "attn": fast_attn_implementation(precision),
-                    "arm": name,
-                    "step_ms": round(ms, 1),
-                    "speedup_over_before": round(1000 * base / ms, 3),
-                    "rounds_ms": [round(1000 * s, 1) for s in times[(precision, name)]],
-                    "loss_after_2_steps": round(loss, 6),
-                }
-            )
+            attn = fast_attn_implementation(precision)
+            row = {"precision": precision, "attn": attn, "arm": name}
+            rows.append({**row, **timing_row((precision, name), times, losses, base)})
             print(
-                f"{precision:5} {fast_attn_implementation(precision):6} {name:8} {ms:8.1f} ms a step  "
-                f"x{1000 * base / ms:.2f}  (loss {loss:.6f})"
+                f"{precision:5} {attn:6} {name:8} {rows[-1]['step_ms']:8.1f} ms a step  x{rows[-1]['speedup']:.2f}  "
+                f"(loss {rows[-1]['loss_after_2_steps']:.6f})"
             )
-    print(
-        json.dumps(
-            {
-                "bench": "cpu_step",
-                "recipe": args.recipe,
-                "extra": extra,
-                "cpu": platform.processor() or platform.machine(),
-                "torch": torch.__version__,
-                "threads": args.threads,
-                "steps": args.steps,
-                "rounds": args.rounds,
-                "rows": rows,
-            }
-        )
-    )
+    print(json.dumps({**run_info("cpu_step", args, extra), "rows": rows}))
 
 
 if __name__ == "__main__":
