@@ -135,7 +135,10 @@ def main() -> None:
     ap, args, extra = arguments(__doc__)
     precisions = ["fp32"] + (["bf16"] if fast_precision() == "bf16" else [])
     arms = [(p, a) for p in precisions for a in ATTENTION]
-    make = lambda arm, out: build(args.recipe, args.world, out, *arm, extra)  # noqa: E731
+
+    def make(arm, out):  # the recipe's trainer at this precision and attention
+        return build(args.recipe, args.world, out, *arm, extra)
+
     losses, times, batches = time_arms(ap, args, make, arms)
     lengths = [int(m[0]["input_ids"].shape[1]) for m in batches]
     auto = fast_attn_implementation(fast_precision())  # on a CPU: eager or sdpa
