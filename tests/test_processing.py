@@ -208,6 +208,37 @@ def test_single_image_encodings_are_unchanged(tiny_processor):
     assert p.format_prompt("<image>\nWhat?") == p.format_prompt("What?") == "Q: <image> What? A:"
 
 
+def test_a_data_set_encodes_as_each_sample_alone(tiny_processor):
+    """`encode_samples` tokenizes each distinct question, answer and prompt once (its memo); every example is
+    still the sample's own encoding, token for token, however often its parts repeat."""
+    from gpt2mm.data.collate import encode_samples
+    from gpt2mm.data.samples import Sample, Turn
+
+    p = tiny_processor
+    questions = ["What color is it?", "How many?", "Is there a red circle?"]
+    samples = [
+        Sample(
+            str(i),
+            f"{i % 3}.png" if i % 5 else None,
+            [
+                turn
+                for j in range(1 + i % 3)
+                for turn in (Turn("user", questions[(i + j) % 3]), Turn("assistant", ["red", "2", "yes"][j]))
+            ],
+        )
+        for i in range(12)
+    ]
+    encoded, report = encode_samples(samples, p, max_length=200)
+    assert report.kept == len(samples)
+    for e, s in zip(encoded, samples):
+        alone = p.encode_turns(s.encoder_turns())
+        assert (e.input_ids, e.labels) == (alone["input_ids"], alone["labels"])
+    memo: dict = {}
+    first = p.encode_turns(samples[4].encoder_turns(), memo=memo)
+    again = p.encode_turns(samples[4].encoder_turns(), memo=memo)
+    assert first == again and {k: p._tokens(k) for k in memo} == memo  # nothing remembered was changed
+
+
 def test_collator_stacks_every_image_in_order(tiny_pair):
     """The examples' images in order, each example's in its own order: the order of the `<image>` runs,
     which the model checks against the image count."""

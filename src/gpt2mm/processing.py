@@ -264,7 +264,10 @@ class MultimodalGPT2Processor(ProcessorMixin):
         return " ".join(w for w in words if w)
 
     def encode_turns(
-        self, turns: Sequence[tuple[str, str, int]], generation_prompt: bool = False
+        self,
+        turns: Sequence[tuple[str, str, int]],
+        generation_prompt: bool = False,
+        memo: dict[str, list[int]] | None = None,
     ) -> dict[str, list[int]]:
         """THE encoding: (role, text, number of images) turns, user first, alternating -> `input_ids` and
         `labels` (-100 except on the assistant turns' tokens and their end-of-text).
@@ -276,6 +279,8 @@ class MultimodalGPT2Processor(ProcessorMixin):
         or with its answer (to be trained on).
         `generation_prompt`: the conversation is a prompt to answer, so it must end with a user turn and
         every question needs text (a `ValueError` otherwise: `Q: <image> A:` asks nothing).
+        `memo`: a dict that keeps each part's tokens from call to call, for encoding a whole data set, whose
+        questions, answers and prompts repeat: each distinct part is tokenized once (the same ids).
         """
         ids: list[int] = []
         labels: list[int] = []
@@ -290,13 +295,13 @@ class MultimodalGPT2Processor(ProcessorMixin):
                     prompt = self.format_prompt(text, num_images=n_images)
                 except ValueError as e:
                     raise ValueError(f"turn {i}: {e}") from None
-                part = self._tokens(self.expand_image_tokens(prompt))
+                part = self._tokens(self.expand_image_tokens(prompt), memo)
                 ids += part
                 labels += [IGNORE_INDEX] * len(part)
             else:
                 if n_images or self.image_token in text:
                     raise ValueError(f"turn {i}: assistant turns cannot hold images")
-                part = self._tokens(" " + text.strip()) + [self.tokenizer.eos_token_id]
+                part = self._tokens(" " + text.strip(), memo) + [self.tokenizer.eos_token_id]
                 ids += part
                 labels += part
         if generation_prompt and (not turns or turns[-1][0] != "user"):
@@ -315,8 +320,14 @@ class MultimodalGPT2Processor(ProcessorMixin):
         n_images = [int(with_image and i == 0) for i in range(len(turns))]
         return self.encode_turns([(role, text, n) for (role, text), n in zip(turns, n_images)])
 
-    def _tokens(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def _tokens(self, text: str, memo: dict[str, list[int]] | None = None) -> list[int]:
+        """`text`'s token ids (no special tokens), from `memo` where it holds them (callers do not change
+        the list they get)."""
+        if memo is None:
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if text not in memo:
+            memo[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return memo[text]
 
     def postprocess_answer(self, text: str) -> str:
         """A generated continuation -> the answer: up to end-of-text or the next `Q:`, trimmed."""

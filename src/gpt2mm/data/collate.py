@@ -53,8 +53,9 @@ def encode_samples(
     whole answer, in which case the sample is skipped and counted."""
     out: list[Encoded] = []
     report = EncodeReport()
+    memo: dict[str, list[int]] = {}  # each distinct question, answer and prompt is tokenized once
     for i, s in enumerate(samples):
-        enc = processor.encode_turns(s.encoder_turns())
+        enc = processor.encode_turns(s.encoder_turns(), memo=memo)
         ids, labels = enc["input_ids"], enc["labels"]
         if len(ids) > max_length:
             image_end = max((j + 1 for j, t in enumerate(ids) if t == processor.image_token_id), default=0)
