@@ -34,7 +34,7 @@ from gpt2mm.errors import UsageError
 STAGES = ("sft", "ppo", "instruct")
 RECIPES = Path(__file__).resolve().parents[2] / "configs"  # the source checkout's recipes
 # Seconds kept for each stage's start (its data read and encoded, its model built) and its test evaluation,
-# examples and plot: 17 s measured for stage 1 on a 2-core AMD EPYC (bench/stage_setup.py; docs/experiments.md).
+# examples and plot: about 10 s and 7 s for stage 1 on a 2-core AMD EPYC (bench/stage_setup.py; docs/experiments.md).
 EVAL_RESERVE_S = 30.0
 
 
