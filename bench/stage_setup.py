@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from cpu_attention import arguments, run_info  # noqa: E402  (bench/, this script's folder)
 from gpt2mm.data import collate  # noqa: E402
+from gpt2mm.errors import DataError, UsageError  # noqa: E402
 from gpt2mm.processing import MultimodalGPT2Processor  # noqa: E402
 from gpt2mm.train.args import load_config  # noqa: E402
 from gpt2mm.train.config import SFTConfig  # noqa: E402
@@ -72,8 +73,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for name, on in ARMS.items():
-                with memo(on):
-                    trainer, total, enc = build(args.recipe, args.world, Path(tmp) / f"{name}{r}", extra)
+                try:
+                    with memo(on):
+                        trainer, total, enc = build(args.recipe, args.world, Path(tmp) / f"{name}{r}", extra)
+                except (UsageError, DataError, OSError) as e:  # a world or recipe that is not there
+                    ap.error(str(e))
                 totals[name].append(total)
                 encoding[name].append(enc)
                 examples[name] = [(e.input_ids, e.labels, e.images) for e in trainer.examples]
