@@ -326,7 +326,7 @@ class MultimodalGPT2Processor(ProcessorMixin):
         if memo is None:
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if text not in memo:
-            memo[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            memo[text] = self._tokens(text)
         return memo[text]
 
     def postprocess_answer(self, text: str) -> str:
