@@ -697,11 +697,10 @@ def test_cnn_stem_is_a_batch_norm_cnn_on_clips_grid_and_its_statistics_freeze_wi
         MultimodalGPT2Config.from_preset("tiny", vision_stem="cnn", vision_config={"patch_size": 6})
 
 
-def test_cpu_layouts_give_the_default_layouts_loss_and_gradients(monkeypatch):
-    """On a CPU the CNN stem runs on channels-last tensors and the projector's attention takes the unfused kernel
-    (`gpt2mm.layers.cpu_layout`), for speed only: the loss and every gradient equal those of PyTorch's default
-    layouts and kernels (the reference: the same model with `cpu_layout` off), and the stem's convolutions
-    do receive channels-last input."""
+def test_cpu_layout_gives_the_default_layouts_loss_and_gradients(monkeypatch):
+    """On a CPU the CNN stem runs on channels-last tensors (`gpt2mm.layers.cpu_layout`), for speed only: the loss
+    and every gradient equal those of PyTorch's default layout (the reference: the same model with `cpu_layout`
+    off), and the stem's convolutions do receive channels-last input."""
     from gpt2mm import layers
 
     cfg = MultimodalGPT2Config.from_preset(

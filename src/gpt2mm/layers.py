@@ -3,12 +3,10 @@ convolutional stems that can replace CLIP's patch embedding (`vision_stem`: `con
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gpt2mm.config import MultimodalGPT2Config
 
@@ -50,12 +48,11 @@ class MultimodalProjector(nn.Module):
         if not self.token_mixing:  # each image token attends only to itself (the seed at batch 1)
             t = x.shape[1]
             mask = ~torch.eye(t, dtype=torch.bool, device=x.device)  # True = may not attend
-        # On a CPU, attention over an image's few tokens is faster unfused: forward and backward took 8.8 ms with
-        # the flash kernel against 2.7 ms with the math one on the demo's batch in bf16 (bench/cpu_step.py times
-        # the whole step). The same function.
-        with sdpa_kernel(SDPBackend.MATH) if cpu_layout(x) else contextlib.nullcontext():
-            for layer in self.layers:
-                x = layer(x, src_mask=mask)
+        # PyTorch's default attention kernel, on a CPU too: the unfused one is faster there (the layer 13.9 against
+        # 21.4 ms on the demo's batch in bf16) and computes the same function, but no run that trained with it
+        # beside the channels-last stem learned the grid world's size questions (docs/experiments.md, 2026-12-06).
+        for layer in self.layers:
+            x = layer(x, src_mask=mask)
         if self.coord_embedding is not None:
             coords = image_token_coordinates(x.shape[1], dtype=x.dtype, device=x.device)
             x = x + coords @ self.coord_embedding.to(x.dtype)
@@ -144,6 +141,6 @@ STEMS = {"conv": ConvStem, "cnn": CNNStem}
 
 
 def cpu_layout(x: torch.Tensor) -> bool:
-    """Whether the CPU's faster layouts apply (a tensor on a CPU): the CNN stem in channels-last memory and the
-    projector's attention unfused. GPUs keep the defaults (not measured there)."""
+    """Whether the CPU's faster layout applies (a tensor on a CPU): the CNN stem in channels-last memory. GPUs keep
+    the default (not measured there)."""
     return x.device.type == "cpu"
