@@ -4,9 +4,9 @@
 
 WORLD is a folder the recipe reads, e.g. the demo's: `gpt2mm synth WORLD --train 10000 --val 100 --test 500
 --seed 0 --questions-per-image 8 --layout free`. Arms (`ARMS`): `before`, PyTorch's default layouts (as until
-2026-12-06); `now`, the CPU layout (`gpt2mm.layers.cpu_layout`: the CNN stem on channels-last tensors; from
-3db22c1 to 5f8ed95 the projector's attention took PyTorch's unfused kernel too). Recipe overrides after `--` apply to every arm. For each
-precision this CPU runs (fp32 always, bf16 where it is native) with the attention `auto` picks for it,
+2026-12-06); `now`, the CPU layout (`gpt2mm.layers.cpu_layout`: the CNN stem on channels-last tensors; from 3db22c1
+to 5f8ed95 the projector's attention took PyTorch's unfused kernel too). Recipe overrides after `--` apply to every
+arm. For each precision this CPU runs (fp32 always, bf16 where it is native) with the attention `auto` picks for it,
 the recipe's stage-1 trainer is built once per arm with the same seed (the same initial weights) and times
 `--steps` optimizer steps on the same batches, drawn after the curriculum, after two untimed steps. The arms take
 turns for `--rounds` rounds, so a machine that slows down or speeds up affects them alike; each arm's figure is its
