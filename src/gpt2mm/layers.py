@@ -50,7 +50,8 @@ class MultimodalProjector(nn.Module):
             mask = ~torch.eye(t, dtype=torch.bool, device=x.device)  # True = may not attend
         # PyTorch's default attention kernel, on a CPU too: the unfused one is faster there (the layer 13.9 against
         # 21.4 ms on the demo's batch in bf16) and computes the same function, but no run that trained with it
-        # beside the channels-last stem learned the grid world's size questions (docs/experiments.md, 2026-12-06).
+        # beside the channels-last stem learned the grid world's size questions (docs/experiments.md, 2026-12-06,
+        # thirty-seventh session).
         for layer in self.layers:
             x = layer(x, src_mask=mask)
         if self.coord_embedding is not None:
