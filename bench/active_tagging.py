@@ -12,8 +12,10 @@ the same settings every round) and scored on the held-out tags, and `--batch` mo
 either the ones that reward model is least sure of (`gpt2mm.tag.store.tagging_order`, the app's order) or
 random ones. Both orders start from the same first batch. The last training images of the world are used
 (a few-labels demo labels its first ones). Prints one table row per round and order, then one JSON line:
-the accuracies, and for each seed the tags the uncertainty order needed to reach random order's final
-accuracy.
+the held-out accuracies and AUCs, for each seed the tags the uncertainty order needed to reach random
+order's final accuracy and final AUC, and each order's mean over the rounds after the first batch. Where the base model is strong (most answers tagged correct), the
+accuracy is close to the share of correct tags whatever the reward model learned; the AUC is the measure
+that still says how well it tells a wrong answer from a right one.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def tags_for(samples, answers, noise: float, rng: random.Random):
     return rows
 
 
-def train_and_score(tags, heldout: Path, base: str, out: Path, seed: int) -> float:
+def train_and_score(tags, heldout: Path, base: str, out: Path, seed: int) -> tuple[float, float | None]:
+    """A reward model trained from `base` on `tags`: its held-out accuracy (percent) and AUC."""
     from gpt2mm.reward.train import RewardTrainConfig, train_reward
     from gpt2mm.tag.store import write_jsonl
 
@@ -54,7 +57,21 @@ def train_and_score(tags, heldout: Path, base: str, out: Path, seed: int) -> flo
         epochs=3.0, batch_size=64, warmup_steps=10, seed=seed, progress=False, log_every=10**6,
     )  # fmt: skip
     metrics = train_reward(cfg, log=lambda m: None)
-    return 100 * metrics["heldout"]["accuracy"]
+    h = metrics["heldout"]
+    return 100 * h["accuracy"], h["auc"]
+
+
+def tags_to_reach(curve, column: int, target: float | None) -> int | None:
+    """The fewest tags at which `curve`'s `column` (1: accuracy, 2: AUC) is at least `target` (None: never)."""
+    if target is None:
+        return None
+    return next((row[0] for row in curve if row[column] is not None and row[column] >= target), None)
+
+
+def mean_auc(rows) -> float | None:
+    """The mean AUC of curve rows (None if any round had no AUC: held-out tags all of one class)."""
+    aucs = [row[2] for row in rows]
+    return None if not aucs or None in aucs else round(sum(aucs) / len(aucs), 4)
 
 
 def main() -> None:
@@ -115,12 +132,13 @@ def main() -> None:
                 curve = []
                 for r in range(args.rounds + 1):
                     out = tmp / f"rm-{seed}-{order}-{r}"
-                    acc = train_and_score(
+                    acc, auc = train_and_score(
                         [pool_tags[i] for i in chosen], tmp / "heldout.jsonl", args.base, out, seed
                     )
-                    curve.append((len(chosen), round(acc, 2)))
+                    curve.append((len(chosen), round(acc, 2), None if auc is None else round(auc, 4)))
                     print(
-                        f"seed {seed} {order:10s} tags {len(chosen):5d}: held-out accuracy {acc:.2f}%",
+                        f"seed {seed} {order:10s} tags {len(chosen):5d}: held-out accuracy {acc:.2f}%,"
+                        f" AUC {'n/a' if auc is None else f'{auc:.4f}'}",
                         flush=True,
                     )
                     if r == args.rounds:
@@ -135,13 +153,23 @@ def main() -> None:
                                    [pool_answers[i] for i in rest])  # fmt: skip
                         chosen += tagging_order(rest, dict(zip(rest, p)))[: args.batch]
                 curves[order] = curve
-            target = curves["random"][-1][1]
-            reached = next((n for n, a in curves["least_sure"] if a >= target), None)
+            final = curves["random"][-1]
             results[seed] = {
                 "curves": curves,
-                "random_final": target,
-                "least_sure_tags_to_reach_it": reached,
-                "random_tags": curves["random"][-1][0],
+                "random_tags": final[0],
+                "random_final": final[1],
+                "least_sure_tags_to_reach_it": tags_to_reach(curves["least_sure"], 1, final[1]),
+                "random_final_auc": final[2],
+                "least_sure_tags_to_reach_its_auc": tags_to_reach(curves["least_sure"], 2, final[2]),
+                # each order's mean over the rounds after the shared first batch: the tags-to-reach figures
+                # read one point of a noisy curve, these every point
+                "mean_after_first": {
+                    order: {
+                        "accuracy": round(sum(row[1] for row in c[1:]) / max(1, len(c) - 1), 2),
+                        "auc": mean_auc(c[1:]),
+                    }
+                    for order, c in curves.items()
+                },
             }
     print(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}))
 
