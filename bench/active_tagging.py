@@ -13,9 +13,10 @@ either the ones that reward model is least sure of (`gpt2mm.tag.store.tagging_or
 random ones. Both orders start from the same first batch. The last training images of the world are used
 (a few-labels demo labels its first ones). Prints one table row per round and order, then one JSON line:
 the held-out accuracies and AUCs, for each seed the tags the uncertainty order needed to reach random
-order's final accuracy and final AUC, and each order's mean over the rounds after the first batch. Where the base model is strong (most answers tagged correct), the
-accuracy is close to the share of correct tags whatever the reward model learned; the AUC is the measure
-that still says how well it tells a wrong answer from a right one.
+order's final accuracy and final AUC, and each order's mean over the rounds after the first batch. The
+reward model weighs the two classes equally, so its accuracy at 0.5 depends on where its threshold falls as
+much as on how it ranks answers; the AUC measures the ranking alone (from a strong base, where nine answers
+in ten are tagged correct, the two can disagree).
 """
 
 from __future__ import annotations
