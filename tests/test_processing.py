@@ -267,6 +267,77 @@ def test_collator_stacks_every_image_in_order(tiny_pair):
     assert torch.isfinite(out.loss)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_independent_turns_answer_each_packed_question_as_if_asked_alone(tiny_pair, implementation):
+    """`data.independent_turns`: in a pack of questions about one image, every answer gets the logits that the
+    question encoded as a sample of its own gives (the reference: plain causal attention on that sample);
+    rows it does not apply to (no image, an image in a later turn) keep plain causal attention."""
+    from gpt2mm.data.collate import Collator, encode_samples
+    from gpt2mm.data.samples import Sample, Turn
+    from gpt2mm.data.splits import pack_by_image
+
+    model, p = tiny_pair
+    model.set_attn_implementation(implementation)
+    qa = [("What color is it?", "red"), ("How many are there?", "3"), ("Is the cross left of it?", "no")]
+    singles = [Sample(f"a{k}", "1", [Turn("user", q), Turn("assistant", a)]) for k, (q, a) in enumerate(qa)]
+    singles += [
+        Sample(f"b{k}", "2", [Turn("user", q), Turn("assistant", a)]) for k, (q, a) in enumerate(qa[:2])
+    ]
+    packs = pack_by_image(singles, k=8, seed=0)
+    later_image = Sample(  # its one image is in the second user turn
+        "later",
+        "3",
+        [
+            Turn("user", "Hi?"),
+            Turn("assistant", "hi"),
+            Turn("user", "And <image> ?"),
+            Turn("assistant", "blue"),
+        ],
+    )
+    text_only = Sample(
+        "text",
+        None,
+        [Turn("user", "Hi?"), Turn("assistant", "hi"), Turn("user", "Why?"), Turn("assistant", "so")],
+    )
+    rows = [*packs, text_only]
+    pixels = {str(i): p.preprocess_images([make_image(i, size=32)])[0] for i in range(1, 4)}
+    turns = (p.image_token_id, p.tokenizer.eos_token_id)
+    encoded, _ = encode_samples(rows, p, max_length=200)
+    batch = Collator(p.tokenizer.pad_token_id, pixels.__getitem__, independent_turns=turns)(encoded)
+    assert batch["attention_mask"].shape[1:] == (1, batch["input_ids"].shape[1], batch["input_ids"].shape[1])
+    packed = model(**batch).logits
+    for r, pack in enumerate(packs):
+        assert len(pack.turns) > 2  # a pack of several questions
+        ids, labels = batch["input_ids"][r], batch["labels"][r]
+        starts = [t for t in range(1, len(ids)) if labels[t] != -100 and labels[t - 1] == -100]
+        for k, start in enumerate(starts):
+            alone = Sample("one", pack.image, pack.turns[2 * k : 2 * k + 2])
+            one = Collator(p.tokenizer.pad_token_id, pixels.__getitem__)(encode_samples([alone], p, 200)[0])
+            first = int((one["labels"][0] != -100).nonzero()[0])
+            n = int((one["labels"][0] != -100).sum())
+            assert torch.equal(ids[start : start + n], one["input_ids"][0, first : first + n])
+            expected = model(**one).logits[0, first - 1 : first - 1 + n]
+            torch.testing.assert_close(packed[r, start - 1 : start - 1 + n], expected, atol=1e-5, rtol=1e-5)
+    # a text-only row is left causal: the same logits as without the option
+    plain = Collator(p.tokenizer.pad_token_id, pixels.__getitem__)(encode_samples([text_only], p, 200)[0])
+    n = plain["input_ids"].shape[1]
+    torch.testing.assert_close(packed[len(packs), :n], model(**plain).logits[0], atol=1e-5, rtol=1e-5)
+    # a row whose image is in a later turn: causal attention, positions 0, 1, 2, ... (beside a pack)
+    both = Collator(p.tokenizer.pad_token_id, pixels.__getitem__, independent_turns=turns)(
+        encode_samples([packs[0], later_image], p, 200)[0]
+    )
+    n = len(encode_samples([later_image], p, 200)[0][0].input_ids)
+    assert torch.equal(both["attention_mask"][1, 0, :n, :n], torch.ones(n, n, dtype=torch.bool).tril())
+    assert both["position_ids"][1, :n].tolist() == list(range(n))
+    # single questions only: nothing to change, so the plain (B, T) mask that keeps SDPA's fused causal kernel
+    alone = Collator(p.tokenizer.pad_token_id, pixels.__getitem__, independent_turns=turns)(
+        encode_samples(singles[:2], p, 200)[0]
+    )
+    assert alone["attention_mask"].dim() == 2 and "position_ids" not in alone
+    model.set_attn_implementation("sdpa")
+
+
 def _manual_logits(model, ids: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
     """The model's logits for one row, its image features put in by hand, run by run."""
     cfg = model.config

@@ -361,6 +361,9 @@ class MultimodalGPT2ForConditionalGeneration(MultimodalGPT2PreTrainedModel, Gene
             # Right padding under causal attention: no real token sees a later pad, and pads carry no label,
             # so the loss is the same without the mask, and SDPA can run its fused causal (flash) kernel.
             attention_mask = None
+        if attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.dim() == 4:
+            implementation = self.language_model.config._attn_implementation
+            attention_mask = attention_bias(attention_mask, inputs_embeds.dtype, implementation)
         out = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -552,6 +555,15 @@ def right_padded(attention_mask: torch.Tensor, labels: torch.Tensor) -> bool:
     no_token_after_pad = (real[:, 1:] <= real[:, :-1]).all()
     no_label_on_pad = (labels.masked_fill(real, IGNORE_INDEX) == IGNORE_INDEX).all()
     return bool(no_token_after_pad & no_label_on_pad)
+
+
+def attention_bias(mask: torch.Tensor, dtype: torch.dtype, implementation: str) -> torch.Tensor:
+    """A (B, 1, T, T) boolean mask (True: may attend) as the attention function takes it: eager attention adds
+    its mask to the scores, so for it 0 where True and the dtype's lowest value elsewhere; SDPA takes the
+    booleans as they are."""
+    if implementation != "eager":
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -73,19 +73,75 @@ def encode_samples(
     return out, report
 
 
+def independent_turns(
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor,
+    image_token_id: int,
+    end_token_id: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention and positions under which each exchange of a sample is learned as if it were asked alone.
+
+    A pack of questions about one image (`data.pack_questions`) is one sequence, `Q: <image> q1 A: a1<end>Q: q2
+    A: a2<end>...`. Under plain causal attention the answer to q2 also reads q1 and a1, and q2 stands further
+    from the image than any question asked alone. Here a token of a later exchange attends only to the image
+    prefix (the sequence up to its last `<image>` token) and its own exchange, whose opening tokens in common
+    with what the first exchange has before the image (`Q:`) are hidden, and its positions go on from the
+    image as the first question's do. So every answer gets the logits it would get as a sample of its own:
+    packing saves encoding the image again, and changes nothing else. An exchange ends at a labelled end
+    token. Rows without an image, or with an `<image>` token after the first exchange, keep causal attention.
+
+    Returns a (B, 1, T, T) boolean mask (True: may attend; the model's forward takes it, see
+    `modeling.attention_bias`) and (B, T) position ids, or None where no row has a second exchange (plain
+    causal attention is then the same, and keeps SDPA's fused causal kernel).
+    """
+    batch, width = input_ids.shape
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = causal.repeat(batch, 1, 1)
+    positions = torch.arange(width).repeat(batch, 1)
+    changed = False
+    for b in range(batch):
+        n = int(attention_mask[b].sum())
+        ids, labs = input_ids[b, :n].tolist(), labels[b, :n].tolist()
+        images = [t for t, i in enumerate(ids) if i == image_token_id]
+        ends = [t for t, (i, lab) in enumerate(zip(ids, labs, strict=True)) if i == end_token_id and lab == i]
+        if not images or not ends or images[-1] > ends[0]:
+            continue
+        prefix, lead = images[-1] + 1, ids[: images[0]]  # the image prefix; the first turn's tokens before it
+        starts = [e + 1 for e in ends if e + 1 < n]
+        changed |= bool(starts)
+        for s, e in zip(starts, [*ends[1:], n - 1], strict=False):
+            # its opening tokens in common with `lead` (`Q:`) are hidden: a single question has them before
+            # the image
+            hidden = next((j for j in range(len(lead)) if s + j > e or ids[s + j] != lead[j]), len(lead))
+            block = slice(s, e + 1)
+            allowed[b, block, prefix:s] = False  # earlier exchanges
+            allowed[b, block, s : s + hidden] = False
+            positions[b, block] = torch.arange(prefix - hidden, prefix - hidden + e + 1 - s)
+        allowed[b, :, n:] = False  # padding, seen by nothing but itself
+    if not changed:
+        return None
+    allowed |= torch.eye(width, dtype=torch.bool)
+    return allowed.unsqueeze(1), positions.masked_fill(attention_mask == 0, 0)
+
+
 class Collator:
     """Pads a list of examples to the batch's longest (right padding for training), stacks the images (each
-    example's in order, the examples in order: the order of the `<image>` runs in the batch)."""
+    example's in order, the examples in order: the order of the `<image>` runs in the batch). With
+    `independent_turns` (the `<image>` and end-of-text token ids), each exchange of an example is attended
+    to as if asked alone (`independent_turns`): the batch then holds a (B, 1, T, T) mask and position ids."""
 
     def __init__(
         self,
         pad_token_id: int,
         pixel_source: Callable[[str], torch.Tensor] | None = None,
         image_key: str = "pixel_values",
+        independent_turns: tuple[int, int] | None = None,
     ):
         self.pad_token_id = pad_token_id
         self.pixel_source = pixel_source  # image path -> (3, H, W) pixel values, or cached vision states
         self.image_key = image_key  # "vision_hidden_states" when pixel_source is a FeatureCache
+        self.independent_turns = independent_turns
 
     def __call__(self, examples: Sequence[Encoded]) -> dict[str, torch.Tensor]:
         width = max(len(e.input_ids) for e in examples)
@@ -98,6 +154,10 @@ class Collator:
             labels[i, :n] = torch.tensor(e.labels)
             mask[i, :n] = 1
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if self.independent_turns is not None:
+            turns = independent_turns(ids, labels, mask, *self.independent_turns)
+            if turns is not None:
+                batch["attention_mask"], batch["position_ids"] = turns
         images = [path for e in examples for path in e.images]
         if images:
             if self.pixel_source is None:

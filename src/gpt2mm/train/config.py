@@ -227,6 +227,13 @@ class DataConfig(QuestionDataConfig):
     pack_questions: int = field(
         default=1, metadata={"help": "train on up to N questions about one image as one multi-turn sample"}
     )
+    independent_turns: bool = field(
+        default=False,
+        metadata={
+            "help": "each exchange of a training sample sees only the image and itself, at the positions it "
+            "would have alone (for packed questions and other turns that do not depend on each other)"
+        },
+    )
     difficulty: str | None = field(
         default=None,
         metadata={

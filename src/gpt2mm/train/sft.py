@@ -142,7 +142,12 @@ class SFTTrainer(Trainer):
             self._use_feature_cache()
         if d.skip_bad:
             self._drop_unreadable_images()
-        self.collate = Collator(self.processor.tokenizer.pad_token_id, self.pixels, self.image_key)
+        turns = (
+            (self.processor.image_token_id, self.processor.tokenizer.eos_token_id)
+            if d.independent_turns
+            else None
+        )
+        self.collate = Collator(self.processor.tokenizer.pad_token_id, self.pixels, self.image_key, turns)
 
     @property
     def image_key(self) -> str:
