@@ -79,7 +79,7 @@ def independent_turns(
     attention_mask: torch.Tensor,
     image_token_id: int,
     end_token_id: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Attention and positions under which each exchange of a sample is learned as if it were asked alone.
 
     A pack of questions about one image (`data.pack_questions`) is one sequence, `Q: <image> q1 A: a1<end>Q: q2
@@ -129,7 +129,8 @@ class Collator:
     """Pads a list of examples to the batch's longest (right padding for training), stacks the images (each
     example's in order, the examples in order: the order of the `<image>` runs in the batch). With
     `independent_turns` (the `<image>` and end-of-text token ids), each exchange of an example is attended
-    to as if asked alone (`independent_turns`): the batch then holds a (B, 1, T, T) mask and position ids."""
+    to as if asked alone (the function `independent_turns`): where an example has several, the batch holds a
+    (B, 1, T, T) mask and position ids."""
 
     def __init__(
         self,
