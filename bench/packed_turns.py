@@ -65,13 +65,11 @@ def main() -> None:
                 for batch in batches[2:]:
                     t._optimizer_step(t._micro_batches(batch))
                 times[name].append((time.perf_counter() - start) / args.steps)
-        shapes = [
-            tuple(trainers["independent"]._micro_batches(b)[0]["attention_mask"].shape) for b in batches[2:3]
-        ]
+        mask = tuple(trainers["independent"]._micro_batches(batches[2])[0]["attention_mask"].shape)
     base = statistics.median(times["causal"])
     print(
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads; "
-        f"{precision} + {attn}; the independent arm's mask {shapes[0]}"
+        f"{precision} + {attn}; the independent arm's mask {mask}"
     )
     rows = []
     for name in ARMS:

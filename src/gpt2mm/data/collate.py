@@ -96,8 +96,7 @@ def independent_turns(
     causal attention is then the same, and keeps SDPA's fused causal kernel).
     """
     batch, width = input_ids.shape
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    allowed = causal.repeat(batch, 1, 1)
+    allowed = torch.ones(width, width, dtype=torch.bool).tril().repeat(batch, 1, 1)  # causal to start with
     positions = torch.arange(width).repeat(batch, 1)
     changed = False
     for b in range(batch):
