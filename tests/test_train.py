@@ -293,7 +293,10 @@ def test_stage3_vqa_mix_adds_the_first_vqa_questions_to_the_conversations(world)
         build(SFTConfig, {"data": data | {"vqa_mix": -2}})
 
 
-def test_conversation_mix_adds_each_conversation_with_its_description_last(world, tmp_path):
+@pytest.mark.parametrize("independent", [False, True], ids=["causal", "independent_turns"])
+def test_conversation_mix_adds_each_conversation_with_its_description_last_unless_turns_are_independent(
+    world, tmp_path, independent
+):
     from gpt2mm.data.llava import load_llava
     from gpt2mm.train.args import load_config
     from gpt2mm.train.config import SFTConfig
@@ -302,6 +305,7 @@ def test_conversation_mix_adds_each_conversation_with_its_description_last(world
     conversations, _ = load_llava(world / "train_llava.json", world / "images")
     scenes = {sc["file_name"]: sc for sc in json.loads((world / "scenes" / "train_scenes.json").read_text())}
     args = train_args(world, tmp_path / "run", *CURRICULUM, "--data.pack_questions", "8")[2:]
+    args += ["--data.independent_turns", str(independent).lower()]
     plain = SFTTrainer(load_config(SFTConfig, RECIPE, args), log=lambda m: None)
     mixed = SFTTrainer(
         load_config(SFTConfig, RECIPE, [*args, "--data.conversation_mix", "true"]), log=lambda m: None
@@ -309,8 +313,12 @@ def test_conversation_mix_adds_each_conversation_with_its_description_last(world
     n = len(plain.train_samples)
     assert [x.turns for x in mixed.train_samples[:n]] == [x.turns for x in plain.train_samples]  # packed VQA
     added = mixed.train_samples[n:]
-    assert [x.turns for x in added] == [c.turns[2:] + c.turns[:2] for c in conversations]
-    assert all(x.turns[-2].text == DESCRIBE_PROMPT for x in added)  # the description after the questions
+    if independent:  # no question sees the description: it stays first, as the file has it, and whole
+        assert [x.turns for x in added] == [c.turns for c in conversations]
+        assert all(x.turns[0].text == DESCRIBE_PROMPT for x in added)
+    else:  # after the questions, so that none reads its answer there
+        assert [x.turns for x in added] == [c.turns[2:] + c.turns[:2] for c in conversations]
+        assert all(x.turns[-2].text == DESCRIBE_PROMPT for x in added)
     # the curriculum's difficulty of a conversation (no image id in LLaVA records) comes by its file name
     assert [x.difficulty for x in added] == [len(scenes[Path(x.image).name]["objects"]) for x in added]
     with pytest.raises(ValueError, match="conversation_mix.*format: vqa"):

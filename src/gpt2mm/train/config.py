@@ -212,7 +212,8 @@ class DataConfig(QuestionDataConfig):
         default=False,
         metadata={
             "help": "format vqa: also train on the LLaVA conversations of llava_train (after packing), each with "
-            "its first exchange moved to its end: the synthetic world's detailed description after its questions"
+            "its first exchange (the synthetic world's detailed description) moved after its questions, or, with "
+            "independent_turns, left first"
         },
     )
     vqa_mix: int = field(

@@ -124,7 +124,9 @@ class SFTTrainer(Trainer):
         if d.pack_questions > 1:
             self.train_samples = pack_by_image(self.train_samples, d.pack_questions, t.seed)
         if d.conversation_mix:  # not packed: a conversation is already one image's questions
-            conversations, summary = load_conversations(d, first_exchange_last=True)
+            # its first exchange (the synthetic world's description) goes last, so that no question reads its
+            # answer there; with independent turns no question sees it, and it stays first, whole
+            conversations, summary = load_conversations(d, first_exchange_last=not d.independent_turns)
             if d.difficulty:
                 set_difficulty(conversations, d, "train")
             self.train_samples += conversations
