@@ -140,7 +140,7 @@ def test_model_overrides_from_the_command_line_are_typed_as_the_recipe_file_type
         "base: " + str(CONFIGS / "tiny-vqa.yaml") + "\nmodel:\n  overrides:\n    vision_stem: cnn\n"
         "    vision_config: {patch_size: 16}\n    vision_feature_layer: 0\n    text_init: pytorch\n"
         "    text_final_norm: false\n    text_embedding_std: 0.1\n    projector_num_layers: 2\n"
-        "    projector_norm_first: true\n    projector_coordinates: true\n"
+        "    projector_norm_first: true\n    projector_coordinates: true\n    text_config: {n_layer: 6}\n"
     )
     from_file = load_config(SFTConfig, recipe, []).model.overrides
     assert from_cli == from_file
