@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import sys
 from pathlib import Path
 
@@ -29,18 +28,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from gpt2mm.data.images import load_image  # noqa: E402
-from gpt2mm.data.synthetic import RELATIONS  # noqa: E402
 from gpt2mm.loading import load_model  # noqa: E402
+from position_errors import RELATION, find  # noqa: E402  (this folder's: the relation questions, their objects)
 
-RELATION = re.compile(rf"Is the (.+?) ({'|'.join(RELATIONS)}) the (.+?)\?$")
 PLACES = ("A at A's word", "B at B's word", "A - B at the last token")
-
-
-def find(scene: dict, description: str) -> dict | None:
-    """The one object of the scene that every word of the description names, else None."""
-    words = [w for w in description.split() if w != "object"]
-    found = [o for o in scene["objects"] if all(w in (o["shape"], o["color"], o["size"]) for w in words)]
-    return found[0] if len(found) == 1 else None
 
 
 def position(obj: dict, scene: dict) -> tuple[float, float]:
