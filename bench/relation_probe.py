@@ -52,6 +52,10 @@ def collect(model, processor, world: Path, split: str, limit: int | None, seed: 
                 items.append((scene, q["question"], m, a, b))
     random.Random(seed).shuffle(items)
     items = items[:limit]
+    if len(items) < 2:
+        raise SystemExit(
+            f"{world}: {len(items)} relation questions in the {split} split, too few for a probe"
+        )
     states, targets = [], []
     for scene, question, m, a, b in items:
         ids = processor.encode_turns([("user", question, 1)])["input_ids"]
@@ -102,8 +106,6 @@ def main() -> None:
     model.eval()
     x_fit, y_fit = collect(model, processor, args.world, "train", args.train_questions)
     x_test, y_test = collect(model, processor, args.world, "test", None)
-    if len(x_fit) < 2 or len(x_test) < 2:
-        ap.error(f"{args.world}: too few relation questions to fit and score a probe")
     rows = []
     print(f"R^2 on {len(x_test)} test questions (probes fitted on {len(x_fit)} train questions)")
     print("layer  " + "  ".join(f"{p} x / y" for p in PLACES))
