@@ -5,12 +5,13 @@
 
 WORLD is a folder the recipe reads, e.g. the demo's: `gpt2mm synth WORLD --train 10000 --val 100 --test 500
 --seed 0 --questions-per-image 8 --layout free`. For each precision this CPU runs (fp32 always, bf16 where it is
-native: AVX512-BF16 or AMX) and each attention implementation (transformers' eager, SDPA), the recipe's stage-1
+native: AVX512-BF16 or AMX) and each attention implementation (transformers' eager and SDPA, and gpt2mm's eager
+attention in the inputs' dtype, `gpt2mm_eager`: `gpt2mm.layers.eager_attention`), the recipe's stage-1
 trainer is built with the same seed (so the same initial weights) and times `--steps` optimizer steps on the same
 batches, drawn after the curriculum (full-length scenes), after two untimed steps. The arms take turns for
 `--rounds` rounds, so a machine that slows down or speeds up during the run affects them alike; each arm's figure
-is its median round. After the two untimed steps, the two attention implementations' losses on the next batch are
-compared at each precision (the same function: they differ by rounding only). Prints a table and, last, one JSON line.
+is its median round. After the two untimed steps, each implementation's loss on the next batch is compared with
+transformers' eager attention's at each precision (the same function: they differ by rounding only). Prints a table and, last, one JSON line.
 What `attn_implementation: auto` picks on this machine is printed beside it (`gpt2mm.train.fast`).
 """
 
@@ -36,7 +37,7 @@ from gpt2mm.train.config import SFTConfig  # noqa: E402
 from gpt2mm.train.fast import fast_attn_implementation, fast_precision  # noqa: E402
 from gpt2mm.train.sft import SFTTrainer  # noqa: E402
 
-ATTENTION = ("eager", "sdpa")
+ATTENTION = ("eager", "sdpa", "gpt2mm_eager")  # transformers' two, then gpt2mm.layers.eager_attention
 
 
 def build(recipe: str, world: str, out: Path, precision: str, attn: str, extra: list[str]) -> SFTTrainer:
@@ -150,13 +151,13 @@ def main() -> None:
     rows = []
     for precision in precisions:
         base = statistics.median(times[(precision, "eager")])
-        gap = abs(losses[(precision, "eager")] - losses[(precision, "sdpa")])
         for attn in ATTENTION:
             row = {"precision": precision, "attn": attn, **timing_row((precision, attn), times, losses, base)}
+            gap = abs(losses[(precision, "eager")] - losses[(precision, attn)])
             rows.append(row)
             print(
-                f"{precision:5} {attn:6} {row['step_ms']:8.1f} ms a step  x{row['speedup']:.2f}  "
-                f"(loss {row['loss_after_2_steps']:.6f}, gap {gap:.1e})"
+                f"{precision:5} {attn:12} {row['step_ms']:8.1f} ms a step  x{row['speedup']:.2f}  "
+                f"(loss {row['loss_after_2_steps']:.6f}, gap to eager {gap:.1e})"
             )
     print(
         json.dumps({**run_info("cpu_attention", args, extra), "auto": [fast_precision(), auto], "rows": rows})

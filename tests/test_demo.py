@@ -89,8 +89,8 @@ def test_auto_settings_use_bf16_only_where_the_cpu_has_it(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     recipe = load_config(SFTConfig, CONFIGS / "demo-sft.yaml", [])
     assert (recipe.train.precision, recipe.model.attn_implementation) == ("auto", "auto")
-    # eager attention with bf16 on a CPU; SDPA in fp32
-    for native, precision, attn in ((True, "bf16", "eager"), (False, "fp32", "sdpa")):
+    # gpt2mm's eager attention with bf16 on a CPU; SDPA in fp32
+    for native, precision, attn in ((True, "bf16", "gpt2mm_eager"), (False, "fp32", "sdpa")):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
         assert (fast_precision(), fast_attn_implementation(precision)) == (precision, attn)
         resolved = resolve_auto(recipe)

@@ -785,3 +785,72 @@ def test_text_options_drop_ln_f_init_like_nn_linear_and_scale_the_embeddings(tmp
         from_backbones("unused-clip", "unused-gpt2", text_final_norm=False)  # checked before anything loads
     with pytest.raises(ValueError, match="text_embedding_std must be positive"):
         MultimodalGPT2Config.from_preset("tiny", text_embedding_std=0)
+
+
+def test_gpt2mm_eager_attention_is_transformers_eager_attention_in_the_inputs_dtype():
+    """`gpt2mm.layers.eager_attention` (`attn_implementation: gpt2mm_eager`, what `auto` picks on a CPU in bf16)
+    against transformers' eager attention, the function it replaces: in fp32 the same outputs and gradients; under
+    bf16 autocast as close to the fp32 reference as transformers' is (it skips transformers' fp32 softmax, not
+    precision: the scores are bf16 either way); boolean and additive masks alike; a row that may attend to nothing
+    gets uniform weights, not NaN."""
+    from transformers.models.gpt2.modeling_gpt2 import eager_attention_forward
+
+    from gpt2mm.layers import eager_attention
+
+    torch.manual_seed(0)
+    b, h, t, d = 3, 2, 20, 16
+    q, k, v = (torch.randn(b, t, h, d).transpose(1, 2) for _ in range(3))  # (B, H, T, D) views, as GPT-2's
+    allow = (torch.rand(b, 1, t, t) < 0.5) | torch.eye(t, dtype=torch.bool)
+    allow[0, 0, 3] = False  # nothing to attend to
+    additive = torch.zeros(b, 1, t, t).masked_fill(~allow, torch.finfo(torch.float32).min)
+    module = torch.nn.Module().train()  # what an attention function reads from its layer: `training`
+
+    def run(fn, mask, dtype):
+        leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out, weights = fn(module, *leaves, mask, scaling=d**-0.5)
+        (out.float() * torch.linspace(-1, 1, d)).sum().backward()
+        return [out.float()] + [x.grad.float() for x in leaves], weights
+
+    ref, ref_weights = run(eager_attention_forward, additive, torch.float32)
+    assert torch.allclose(ref_weights[0, :, 3], torch.full((h, t), 1 / t))  # transformers': uniform
+    for mask in (additive, allow):
+        ours, weights = run(eager_attention, mask, torch.float32)
+        assert torch.equal(weights[0, :, 3], ref_weights[0, :, 3])
+        for a, r in zip(ours[:1] + ours[2:], ref[:1] + ref[2:]):  # output, key and value gradients
+            torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+        # the query's gradient: equal except on the row with nothing to attend to, whose uniform weights carry a
+        # gradient through transformers' additive mask (a row no loss can depend on)
+        rows = torch.ones(b, t, h, d, dtype=torch.bool)
+        rows[0, 3] = False
+        torch.testing.assert_close(
+            ours[1].transpose(1, 2)[rows], ref[1].transpose(1, 2)[rows], rtol=1e-5, atol=1e-5
+        )
+        theirs_bf16, _ = run(eager_attention_forward, additive, torch.bfloat16)
+        ours_bf16, weights = run(eager_attention, mask, torch.bfloat16)
+        assert weights.dtype == torch.bfloat16 and not torch.isnan(weights).any()
+        for name, a, x, r in zip(("output", "query", "key", "value"), ours_bf16, theirs_bf16, ref):
+            mine, theirs = (a - r).abs().mean(), (x - r).abs().mean()
+            assert mine <= 1.25 * theirs, (name, mine, theirs)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "gpt2mm_eager"])
+def test_eager_attentions_give_sdpas_logits_and_generations(tiny_pair, implementation):
+    """The whole model with either eager attention, against SDPA (the model's default): the same logits on a
+    left-padded batch and the same generated tokens (KV cache, padding masks built by transformers)."""
+    model, processor = tiny_pair
+    questions = ["What color is the big circle on the left?", "How many?"]
+    enc = batch(processor, questions, [make_image(30), make_image(31)], padding_side="left")
+    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    out, before = {}, model.config._attn_implementation
+    try:
+        for name in ("sdpa", implementation):
+            model.set_attn_implementation(name)
+            with torch.no_grad():
+                logits = model(**enc).logits
+                out[name] = logits, model.generate(**enc, **kw)
+    finally:
+        model.set_attn_implementation(before)
+    real = enc["attention_mask"].bool()
+    torch.testing.assert_close(out[implementation][0][real], out["sdpa"][0][real], rtol=1e-4, atol=1e-4)
+    assert torch.equal(out[implementation][1], out["sdpa"][1])

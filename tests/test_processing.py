@@ -268,7 +268,7 @@ def test_collator_stacks_every_image_in_order(tiny_pair):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("implementation", ["eager", "sdpa", "gpt2mm_eager"])
 def test_independent_turns_answer_each_packed_question_as_if_asked_alone(tiny_pair, implementation):
     """`data.independent_turns`: in a pack of questions about one image, every answer gets the logits that the
     question encoded as a sample of its own gives (the reference: plain causal attention on that sample);

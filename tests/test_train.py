@@ -693,16 +693,17 @@ def test_gradient_checkpointing_turns_off_the_autocast_weight_cache(world, tmp_p
 
 
 def test_attention_implementation_option_trains_the_same_model(world, tmp_path, capsys):
-    """`model.attn_implementation eager` (the demo's choice on a CPU) follows SDPA's losses step by step;
-    a name transformers does not know is refused, naming the option."""
+    """`model.attn_implementation eager` and `gpt2mm_eager` (the demo's choice on a CPU in bf16) follow SDPA's
+    losses step by step; a name transformers does not know is refused, naming the option."""
     runs = {}
-    for name in ("sdpa", "eager"):
+    for name in ("sdpa", "eager", "gpt2mm_eager"):
         out = tmp_path / name
         extra = ["--train.eval_every", "0", "--train.save_every", "0", "--model.attn_implementation", name]
         assert main(train_args(world, out, *extra)) == 0
         runs[name] = losses(out)
     assert len(runs["eager"]) == 6
     assert runs["eager"] == pytest.approx(runs["sdpa"], rel=1e-4)
+    assert runs["gpt2mm_eager"] == pytest.approx(runs["sdpa"], rel=1e-4)
     with pytest.raises(SystemExit):
         main(train_args(world, tmp_path / "bad", "--model.attn_implementation", "fastest"))
     assert "model.attn_implementation 'fastest'" in capsys.readouterr().err

@@ -31,7 +31,7 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, eager_attentio
 from transformers.pytorch_utils import Conv1D
 
 from gpt2mm.config import IGNORE_INDEX, MultimodalGPT2Config
-from gpt2mm.layers import STEMS, CNNStem, ConvStem, MultimodalProjector
+from gpt2mm.layers import EAGER, STEMS, CNNStem, ConvStem, MultimodalProjector
 
 
 def init_like_linear(gpt2: nn.Module) -> None:
@@ -558,10 +558,10 @@ def right_padded(attention_mask: torch.Tensor, labels: torch.Tensor) -> bool:
 
 
 def attention_bias(mask: torch.Tensor, dtype: torch.dtype, implementation: str) -> torch.Tensor:
-    """A (B, 1, T, T) boolean mask (True: may attend) as the attention function takes it: eager attention adds
-    its mask to the scores, so for it 0 where True and the dtype's lowest value elsewhere; SDPA takes the
-    booleans as they are."""
-    if implementation != "eager":
+    """A (B, 1, T, T) boolean mask (True: may attend) as the attention function takes it: eager attention
+    (transformers' and `gpt2mm.layers.eager_attention`) adds its mask to the scores, so for it 0 where True and the
+    dtype's lowest value elsewhere; SDPA takes the booleans as they are."""
+    if implementation not in ("eager", EAGER):
         return mask
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 

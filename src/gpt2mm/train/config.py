@@ -118,8 +118,9 @@ class ModelConfig:
     attn_implementation: str | None = field(
         default=None,
         metadata={
-            "help": "eager | sdpa | flash_attention_2 ... (transformers'; default: the model's, sdpa); "
-            "auto: eager on a CPU, the default on a GPU"
+            "help": "eager | sdpa | flash_attention_2 ... (transformers'; default: the model's, sdpa) | "
+            "gpt2mm_eager (eager attention in the inputs' dtype); auto: gpt2mm_eager on a CPU in bf16, sdpa "
+            "on a CPU in fp32, the default on a GPU"
         },
     )
     gradient_checkpointing: bool = False

@@ -4,10 +4,11 @@ set-up, so that a recipe file (the demo's among them) runs well on a CPU and on 
 - precision `auto`: bf16 autocast where the hardware multiplies bf16 natively (a GPU that supports it; a CPU with
   AVX512-BF16 or AMX, elsewhere bf16 would be emulated and slower), else fp32. bf16 reached fp32's test accuracy
   on the demo's recipe.
-- attn_implementation `auto`: transformers' eager attention where a CPU trains in bf16, since at the demo's lengths
-  (~150 tokens) the CPU flash-attention kernel's bf16 backward takes much of a step; SDPA where a CPU trains in
-  fp32, the faster of the two there (the demo's batches on an AVX2 CPU: `bench/cpu_attention.py`); on a GPU the
-  model's default (SDPA).
+- attn_implementation `auto`: eager attention in bf16 (`gpt2mm_eager`, `gpt2mm.layers.eager_attention`) where a
+  CPU trains in bf16: at the demo's lengths (~150 tokens) the CPU flash-attention kernel's bf16 backward takes much
+  of a step, and transformers' eager attention converts the scores to fp32 and back around its softmax (the demo's
+  batches on an Intel Xeon with AMX: 269 ms a step against 311 and, SDPA, 477); SDPA where a CPU trains in fp32,
+  the faster there (`bench/cpu_attention.py`); on a GPU the model's default (SDPA).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+
+from gpt2mm.layers import EAGER
 
 AUTO = "auto"
 
@@ -30,10 +33,11 @@ def fast_precision() -> str:
 
 
 def fast_attn_implementation(precision: str) -> str | None:
-    """On a CPU: eager where it trains in bf16, else SDPA; None (the model's default, SDPA) on a GPU."""
+    """On a CPU: gpt2mm's eager attention where it trains in bf16, else SDPA; None (the model's default, SDPA)
+    on a GPU."""
     if torch.cuda.is_available():
         return None
-    return "eager" if precision == "bf16" else "sdpa"
+    return EAGER if precision == "bf16" else "sdpa"
 
 
 def resolve_auto(cfg):
