@@ -142,7 +142,7 @@ def main() -> None:
 
     losses, times, batches = time_arms(ap, args, make, arms)
     lengths = [int(m[0]["input_ids"].shape[1]) for m in batches]
-    auto = fast_attn_implementation(fast_precision())  # on a CPU: eager or sdpa
+    auto = fast_attn_implementation(fast_precision())  # on a CPU: gpt2mm_eager or sdpa
     print(
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads; "
         f"batch {sum(int(m['input_ids'].shape[0]) for m in batches[0])}, lengths {min(lengths)}-{max(lengths)}; "

@@ -1,10 +1,11 @@
 """The building blocks the model adds to CLIP and GPT-2: the projector from vision to text width, the two
 convolutional stems that can replace CLIP's patch embedding (`vision_stem`: `conv` or `cnn`), and an attention
-function for GPT-2 on a CPU in bf16 (`attn_implementation: gpt2mm_eager`)."""
+function for a CPU in bf16 (`attn_implementation: gpt2mm_eager`)."""
 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -155,22 +156,28 @@ def cpu_layout(x: torch.Tensor) -> bool:
 def eager_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' eager attention (scaled scores, mask, softmax, weighted sum of the values) in the dtype of
     `query`, `key` and `value`, under autocast too: the `attn_implementation` that `auto` picks where a CPU trains
-    in bf16 (`gpt2mm.train.fast`).
+    in bf16 (`gpt2mm.train.fast`). `set_attn_implementation` gives it to every attention of the model: GPT-2's and,
+    where the tower runs, CLIP's.
 
     Under bf16 autocast transformers' eager attention scales the bf16 scores, adds an fp32 mask (the sum comes out
     in fp32), takes the softmax in fp32 and casts the weights back to bf16: four passes over the (B, H, T, T) scores,
     two of them conversions. Here the scale goes into the matrix product, the mask is added in the scores' dtype,
     and the softmax reads and writes bf16 (PyTorch's CPU kernel accumulates in fp32 either way), so the weights
-    differ from transformers' by rounding only (tests/test_model.py). In fp32 it gives transformers' values.
+    differ from transformers' by rounding only (tests/test_model.py). In fp32 the same values as transformers' up
+    to rounding.
 
     `attention_mask` is additive (0, or a large negative value where a query may not attend; transformers'
-    `eager_mask` and `attention_bias` make it in fp32) or boolean (True: may attend). Masked scores get the
-    dtype's lowest finite value, not -inf, so a row that may attend to nothing (a query on left padding) gets
-    uniform weights as in transformers' eager attention, not NaN.
+    `eager_mask` and `attention_bias` make it in fp32) or boolean (True: may attend); masked scores get the
+    dtype's lowest value, so a row that may attend to nothing (a query on left padding) gets uniform weights, as
+    in transformers' eager attention. In fp16, whose range is too small for that (its lowest value plus -20 is
+    -inf, and such a row's weights NaN), the scores are brought to fp32 for the mask and the softmax, as in
+    transformers'.
     Returns ((B, T, H, D) output, (B, H, T, S) weights), as transformers' attention functions do."""
     if scaling is None:
         scaling = query.size(-1) ** -0.5
-    with torch.autocast(query.device.type, enabled=False):
+    device = query.device.type  # (autocast refuses some device types, e.g. "meta")
+    off = torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext()
+    with off:
         batch, heads, t, d = query.shape
         s = key.shape[-2]
         scores = torch.baddbmm(  # (B*H, T, S): alpha scales inside the product, before it is rounded
@@ -181,22 +188,22 @@ def eager_attention(module, query, key, value, attention_mask, scaling=None, dro
             alpha=scaling,
         ).view(batch, heads, t, s)
         if attention_mask is not None:
+            if scores.dtype == torch.float16:
+                scores = scores.float()
             lowest = torch.finfo(scores.dtype).min
             if attention_mask.dtype == torch.bool:
                 zero = scores.new_zeros(())
                 attention_mask = torch.where(attention_mask, zero, zero + lowest)
             elif attention_mask.dtype != scores.dtype:
                 attention_mask = attention_mask.clamp(min=lowest).to(scores.dtype)
-            scores = (
-                scores + attention_mask
-            )  # (an additive mask: on a CPU several times faster than masked_fill)
-        weights = torch.softmax(scores, dim=-1)
+            # an additive mask: on a CPU several times faster than masked_fill
+            scores = scores + attention_mask
+        weights = torch.softmax(scores, dim=-1).to(value.dtype)
         if dropout > 0:
             weights = nn.functional.dropout(weights, p=dropout, training=module.training)
         return torch.matmul(weights, value).transpose(1, 2), weights
 
 
 AttentionInterface.register(EAGER, eager_attention)
-AttentionMaskInterface.register(
-    EAGER, eager_mask
-)  # GPT-2's masks as transformers makes them for eager attention
+# the masks transformers builds (padding, a KV cache) as it builds them for its eager attention
+AttentionMaskInterface.register(EAGER, eager_mask)
