@@ -7,8 +7,9 @@ set-up, so that a recipe file (the demo's among them) runs well on a CPU and on 
 - attn_implementation `auto`: eager attention in bf16 (`gpt2mm_eager`, `gpt2mm.layers.eager_attention`) where a
   CPU trains in bf16: at the demo's lengths (~150 tokens) the CPU flash-attention kernel's bf16 backward takes much
   of a step, and transformers' eager attention converts the scores to fp32 and back around its softmax (the demo's
-  batches on an Intel Xeon with AMX: 269 ms a step against 311 and, SDPA, 477); SDPA where a CPU trains in fp32,
-  the faster there (`bench/cpu_attention.py`); on a GPU the model's default (SDPA).
+  batches on an Intel Xeon with AMX: 269 ms a step against 311 and, SDPA, 477; not measured on a CPU without
+  AMX); SDPA where a CPU trains in fp32, the faster there (`bench/cpu_attention.py`); on a GPU the model's
+  default (SDPA).
 """
 
 from __future__ import annotations
