@@ -11,8 +11,9 @@ trainer is built with the same seed (so the same initial weights) and times `--s
 batches, drawn after the curriculum (full-length scenes), after two untimed steps. The arms take turns for
 `--rounds` rounds, so a machine that slows down or speeds up during the run affects them alike; each arm's figure
 is its median round. After the two untimed steps, each implementation's loss on the next batch is compared with
-transformers' eager attention's at each precision (the same function: they differ by rounding only). Prints a table and, last, one JSON line.
-What `attn_implementation: auto` picks on this machine is printed beside it (`gpt2mm.train.fast`).
+transformers' eager attention's at each precision (the same function: they differ by rounding only). Prints a
+table and, last, one JSON line. What `attn_implementation: auto` picks on this machine is printed beside it
+(`gpt2mm.train.fast`).
 """
 
 from __future__ import annotations
