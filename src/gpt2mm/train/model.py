@@ -15,6 +15,7 @@ def build_model_for_training(cfg: ModelConfig):
     from huggingface_hub.errors import StrictDataclassError
 
     from gpt2mm.config import MultimodalGPT2Config
+    from gpt2mm.layers import EAGER
     from gpt2mm.loading import build_model, load_model
 
     check_overrides(cfg.overrides)
@@ -32,7 +33,9 @@ def build_model_for_training(cfg: ModelConfig):
         try:
             model.set_attn_implementation(cfg.attn_implementation)
         except (ValueError, ImportError) as e:
-            raise UsageError(f"model.attn_implementation {cfg.attn_implementation!r}: {e}") from None
+            raise UsageError(
+                f"model.attn_implementation {cfg.attn_implementation!r}: {e} (gpt2mm adds {EAGER!r} and 'auto')"
+            ) from None
     if cfg.freeze_lm:
         model.language_model.requires_grad_(False)
         model.lm_head.requires_grad_(False)
