@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -833,6 +834,17 @@ def test_gpt2mm_eager_attention_is_transformers_eager_attention_in_the_inputs_dt
             torch.testing.assert_close(a, r, rtol=0.02, atol=0.02)
 
 
+@contextlib.contextmanager
+def attention_implementation(model, name: str):
+    """The (shared) model with `name` as its attention implementation, then the one it had."""
+    before = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(before)
+
+
 @pytest.mark.parametrize("implementation", ["eager", "gpt2mm_eager"])
 def test_eager_attentions_give_sdpas_logits_and_generations(tiny_pair, implementation):
     """The whole model with either eager attention, against SDPA (the model's default): the same logits on a
@@ -841,15 +853,10 @@ def test_eager_attentions_give_sdpas_logits_and_generations(tiny_pair, implement
     questions = ["What color is the big circle on the left?", "How many?"]
     enc = batch(processor, questions, [make_image(30), make_image(31)], padding_side="left")
     kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
-    out, before = {}, model.config._attn_implementation
-    try:
-        for name in ("sdpa", implementation):
-            model.set_attn_implementation(name)
-            with torch.no_grad():
-                logits = model(**enc).logits
-                out[name] = logits, model.generate(**enc, **kw)
-    finally:
-        model.set_attn_implementation(before)
+    out = {}
+    for name in ("sdpa", implementation):
+        with attention_implementation(model, name), torch.no_grad():
+            out[name] = model(**enc).logits, model.generate(**enc, **kw)
     real = enc["attention_mask"].bool()
     torch.testing.assert_close(out[implementation][0][real], out["sdpa"][0][real], rtol=1e-4, atol=1e-4)
     assert torch.equal(out[implementation][1], out["sdpa"][1])
@@ -863,13 +870,10 @@ def test_gpt2mm_eager_under_bf16_autocast_is_as_close_to_fp32_as_transformers_ea
     questions = ["What color is the big circle on the left?", "How many?"]
     enc = batch(processor, questions, [make_image(32), make_image(33)], padding_side="left")
     real = enc["attention_mask"].bool()
-    logits, before = {}, model.config._attn_implementation
-    try:
-        for name, bf16 in (("sdpa", False), ("eager", True), ("gpt2mm_eager", True)):
-            model.set_attn_implementation(name)
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    logits = {}
+    for name, bf16 in (("sdpa", False), ("eager", True), ("gpt2mm_eager", True)):
+        with attention_implementation(model, name), torch.no_grad():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 logits[name] = model(**enc).logits.float()[real]
-    finally:
-        model.set_attn_implementation(before)
     mine, theirs = ((logits[n] - logits["sdpa"]).abs().mean() for n in ("gpt2mm_eager", "eager"))
     assert 0 < mine <= 1.5 * theirs, (mine, theirs)

@@ -1,6 +1,8 @@
 """The building blocks the model adds to CLIP and GPT-2: the projector from vision to text width, the two
-convolutional stems that can replace CLIP's patch embedding (`vision_stem`: `conv` or `cnn`), and an attention
-function for a CPU in bf16 (`attn_implementation: gpt2mm_eager`)."""
+convolutional stems that can replace CLIP's patch embedding (`vision_stem`: `conv` or `cnn`), and attention: the
+masks the model hands GPT-2 (`attention_bias`), an attention function for a CPU in bf16 (`attn_implementation:
+gpt2mm_eager`) and GPT-2's attention layer for functions that return another layout (`GPT2AttentionAnyLayout`,
+vLLM's)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import torch
 from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, eager_attention_forward
 
 from gpt2mm.config import MultimodalGPT2Config
 
@@ -153,6 +157,15 @@ def cpu_layout(x: torch.Tensor) -> bool:
     return x.device.type == "cpu"
 
 
+def attention_bias(mask: torch.Tensor, dtype: torch.dtype, implementation: str) -> torch.Tensor:
+    """A (B, 1, T, T) boolean mask (True: may attend) as the attention function takes it: eager attention
+    (transformers' and `eager_attention`) adds its mask to the scores, so for it 0 where True and the
+    dtype's lowest value elsewhere; SDPA takes the booleans as they are."""
+    if implementation not in ("eager", EAGER):
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
 def eager_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' eager attention (scaled scores, mask, softmax, weighted sum of the values) in the dtype of
     `query`, `key` and `value`, under autocast too: the `attn_implementation` that `auto` picks where a CPU trains
@@ -207,3 +220,48 @@ def eager_attention(module, query, key, value, attention_mask, scaling=None, dro
 AttentionInterface.register(EAGER, eager_attention)
 # the masks transformers builds (padding, a KV cache) as it builds them for its eager attention
 AttentionMaskInterface.register(EAGER, eager_mask)
+
+
+class GPT2AttentionAnyLayout(GPT2Attention):
+    """GPT-2's attention, also for attention functions registered from outside transformers that return
+    (tokens, heads * head_dim) where transformers' return (batch, tokens, heads, head_dim): vLLM's. GPT-2 merges
+    the last two dimensions of the output, which would fold vLLM's tokens in too; this layer shapes the output
+    by the input's (batch, tokens) instead. Self-attention without a KV cache takes this path (vLLM keeps
+    its own cache); a cache, cross-attention or eager attention with `reorder_and_upcast_attn` take GPT-2's."""
+
+    def forward(self, hidden_states, cache=None, attention_mask=None, encoder_hidden_states=None, **kwargs):
+        upcast = self.config._attn_implementation == "eager" and self.reorder_and_upcast_attn
+        if (
+            cache is not None
+            or encoder_hidden_states is not None
+            or upcast
+            or kwargs.get("past_key_values") is not None
+        ):
+            return super().forward(
+                hidden_states,
+                cache=cache,
+                attention_mask=attention_mask,
+                encoder_hidden_states=encoder_hidden_states,
+                **kwargs,
+            )
+        kwargs.pop("output_attentions", None)
+        kwargs.pop("use_cache", None)
+        kwargs.pop("past_key_values", None)
+        query, key, value = self.c_attn(hidden_states).split(self.split_size, dim=2)
+        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        query, key, value = (t.view(shape).transpose(1, 2) for t in (query, key, value))
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        out, weights = attention(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attn_dropout.p if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        out = out.reshape(*hidden_states.shape[:-1], -1).contiguous()  # (B, T, C), whatever layout came back
+        return self.resid_dropout(self.c_proj(out)), weights

@@ -26,12 +26,17 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, eager_attention_forward
 from transformers.pytorch_utils import Conv1D
 
 from gpt2mm.config import IGNORE_INDEX, MultimodalGPT2Config
-from gpt2mm.layers import EAGER, STEMS, CNNStem, ConvStem, MultimodalProjector
+from gpt2mm.layers import (
+    STEMS,
+    CNNStem,
+    ConvStem,
+    GPT2AttentionAnyLayout,
+    MultimodalProjector,
+    attention_bias,
+)
 
 
 def init_like_linear(gpt2: nn.Module) -> None:
@@ -426,51 +431,6 @@ class MultimodalGPT2ForConditionalGeneration(MultimodalGPT2PreTrainedModel, Gene
         return input_ids, kw
 
 
-class GPT2AttentionAnyLayout(GPT2Attention):
-    """GPT-2's attention, also for attention functions registered from outside transformers that return
-    (tokens, heads * head_dim) where transformers' return (batch, tokens, heads, head_dim): vLLM's. GPT-2 merges
-    the last two dimensions of the output, which would fold vLLM's tokens in too; this layer shapes the output
-    by the input's (batch, tokens) instead. Self-attention without a KV cache takes this path (vLLM keeps
-    its own cache); a cache, cross-attention or eager attention with `reorder_and_upcast_attn` take GPT-2's."""
-
-    def forward(self, hidden_states, cache=None, attention_mask=None, encoder_hidden_states=None, **kwargs):
-        upcast = self.config._attn_implementation == "eager" and self.reorder_and_upcast_attn
-        if (
-            cache is not None
-            or encoder_hidden_states is not None
-            or upcast
-            or kwargs.get("past_key_values") is not None
-        ):
-            return super().forward(
-                hidden_states,
-                cache=cache,
-                attention_mask=attention_mask,
-                encoder_hidden_states=encoder_hidden_states,
-                **kwargs,
-            )
-        kwargs.pop("output_attentions", None)
-        kwargs.pop("use_cache", None)
-        kwargs.pop("past_key_values", None)
-        query, key, value = self.c_attn(hidden_states).split(self.split_size, dim=2)
-        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-        query, key, value = (t.view(shape).transpose(1, 2) for t in (query, key, value))
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        out, weights = attention(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=self.attn_dropout.p if self.training else 0.0,
-            scaling=self.scaling,
-            **kwargs,
-        )
-        out = out.reshape(*hidden_states.shape[:-1], -1).contiguous()  # (B, T, C), whatever layout came back
-        return self.resid_dropout(self.c_proj(out)), weights
-
-
 class MultimodalGPT2Model(MultimodalGPT2PreTrainedModel):
     """The model without its LM head: what `AutoModel` loads, and what vLLM's Transformers backend builds.
 
@@ -555,15 +515,6 @@ def right_padded(attention_mask: torch.Tensor, labels: torch.Tensor) -> bool:
     no_token_after_pad = (real[:, 1:] <= real[:, :-1]).all()
     no_label_on_pad = (labels.masked_fill(real, IGNORE_INDEX) == IGNORE_INDEX).all()
     return bool(no_token_after_pad & no_label_on_pad)
-
-
-def attention_bias(mask: torch.Tensor, dtype: torch.dtype, implementation: str) -> torch.Tensor:
-    """A (B, 1, T, T) boolean mask (True: may attend) as the attention function takes it: eager attention
-    (transformers' and `gpt2mm.layers.eager_attention`) adds its mask to the scores, so for it 0 where True and the
-    dtype's lowest value elsewhere; SDPA takes the booleans as they are."""
-    if implementation not in ("eager", EAGER):
-        return mask
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

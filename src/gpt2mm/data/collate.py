@@ -92,7 +92,7 @@ def independent_turns(
     token. Rows without an image, or with an `<image>` token after the first exchange, keep causal attention.
 
     Returns a (B, 1, T, T) boolean mask (True: may attend; the model's forward takes it, see
-    `modeling.attention_bias`) and (B, T) position ids, or None where no row has a second exchange (plain
+    `layers.attention_bias`) and (B, T) position ids, or None where no row has a second exchange (plain
     causal attention is then the same, and keeps SDPA's fused causal kernel).
     """
     batch, width = input_ids.shape
