@@ -512,6 +512,64 @@ def test_curriculum_starts_with_the_easiest_samples(world, tmp_path):
     assert run._curriculum_batch() == first  # a function of (seed, step)
 
 
+def test_curriculum_blocks_group_their_batches_by_length(world, tmp_path):
+    """A curriculum of 40 steps draws two steps' batches at a time (`curriculum_block`), from the samples its first
+    step allows, and groups them by length: together they hold no more padding than any split of the same samples,
+    and a resumed run (a new trainer) draws the same batch for a step."""
+    from gpt2mm.train.args import load_config
+    from gpt2mm.train.config import SFTConfig
+    from gpt2mm.train.sft import SFTTrainer, curriculum_block
+
+    assert (curriculum_block(40), curriculum_block(1000), curriculum_block(5000), curriculum_block(19)) == (
+        2,
+        50,
+        50,
+        1,
+    )
+    args = train_args(world, tmp_path / "run", *CURRICULUM, "--train.curriculum_steps", "40")[2:]
+
+    def trainer(*extra):
+        return SFTTrainer(load_config(SFTConfig, RECIPE, [*args, *extra]), log=lambda m: None)
+
+    run = trainer()
+    length = {i: len(e.input_ids) for i, e in enumerate(run.examples)}
+    assert len(set(length.values())) > 1
+    levels = sorted(e.difficulty for e in run.examples)
+    blocks = []
+    for first in range(0, 40, 2):
+        run.step = first
+        a = run._curriculum_batch()
+        run.step = first + 1
+        b = run._curriculum_batch()
+        assert len(a) == len(b) == 8
+        limit = levels[0] + (levels[-1] - levels[0]) * first / 40  # the block's first step's
+        assert all(run.examples[i].difficulty <= limit for i in a + b)
+        short, long = sorted([a, b], key=lambda batch: max(length[i] for i in batch))
+        assert max(length[i] for i in short) <= min(
+            length[i] for i in long
+        )  # the shorter half, the longer half
+        blocks.append((a, b))
+    assert any(run.examples[i].difficulty > levels[0] for a, b in blocks for i in a + b)
+    # the same batches from a new trainer, asked for in another order (a resumed run)
+    again = trainer()
+    for first in reversed(range(0, 40, 2)):
+        for k in (1, 0):
+            again.step = first + k
+            assert again._curriculum_batch() == blocks[first // 2][k]
+    # without length grouping each step draws its own batch from the samples it allows, as before blocks
+    plain = trainer("--train.length_grouping", "false")
+    seed = plain.cfg.train.seed
+    for step in (1, 21, 39):
+        plain.step = step
+        limit = levels[0] + (levels[-1] - levels[0]) * step / 40
+        pool = sorted(range(len(plain.examples)), key=lambda i: plain.examples[i].difficulty)
+        pool = pool[: sum(d <= limit for d in levels)]
+        g = torch.Generator().manual_seed(seed * 1000003 + 7919 * (step + 1))
+        assert plain._curriculum_batch() == [
+            pool[i] for i in torch.randint(len(pool), (8,), generator=g).tolist()
+        ]
+
+
 def test_defaults_run_without_a_recipe(world, tmp_path):
     args = train_args(world, tmp_path / "run", "--train.max_steps", "2", "--train.eval_every", "0")
     assert args[1] == str(RECIPE)
