@@ -338,6 +338,88 @@ def test_independent_turns_answer_each_packed_question_as_if_asked_alone(tiny_pa
     model.set_attn_implementation("sdpa")
 
 
+def naive_independent_turns(input_ids, labels, attention_mask, image_token_id, end_token_id):
+    """`gpt2mm.data.collate.independent_turns` row by row and exchange by exchange, as its docstring says."""
+    batch, width = input_ids.shape
+    allowed = torch.ones(width, width, dtype=torch.bool).tril().repeat(batch, 1, 1)  # causal to start with
+    positions = torch.arange(width).repeat(batch, 1)
+    changed = False
+    for b in range(batch):
+        n = int(attention_mask[b].sum())
+        ids, labs = input_ids[b, :n].tolist(), labels[b, :n].tolist()
+        images = [t for t, i in enumerate(ids) if i == image_token_id]
+        ends = [t for t, (i, lab) in enumerate(zip(ids, labs, strict=True)) if i == end_token_id and lab == i]
+        if not images or not ends or images[-1] > ends[0]:
+            continue
+        prefix, lead = images[-1] + 1, ids[: images[0]]  # the image prefix; the first turn's tokens before it
+        starts = [e + 1 for e in ends if e + 1 < n]
+        changed |= bool(starts)
+        for s, e in zip(starts, [*ends[1:], n - 1], strict=False):
+            # its opening tokens in common with `lead` (`Q:`) are hidden: a single question has them before
+            # the image
+            hidden = next((j for j in range(len(lead)) if s + j > e or ids[s + j] != lead[j]), len(lead))
+            block = slice(s, e + 1)
+            allowed[b, block, prefix:s] = False  # earlier exchanges
+            allowed[b, block, s : s + hidden] = False
+            positions[b, block] = torch.arange(prefix - hidden, prefix - hidden + e + 1 - s)
+        allowed[b, :, n:] = False  # padding, seen by nothing but itself
+    if not changed:
+        return None
+    allowed |= torch.eye(width, dtype=torch.bool)
+    return allowed.unsqueeze(1), positions.masked_fill(attention_mask == 0, 0)
+
+
+def test_independent_turns_mask_and_positions_equal_a_row_by_row_reference():
+    """The batched `independent_turns` gives the reference's mask and positions exactly, on random rows: packs of
+    exchanges that open with all, part or none of the tokens before the image, unlabelled end tokens, a pack cut
+    mid-exchange, an image in a later exchange, no image, no end, padding; and None where no row changes."""
+    from gpt2mm.data.collate import independent_turns
+
+    image, end, q, colon = 9, 0, 5, 6
+    g = torch.Generator().manual_seed(0)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    def row():
+        ids = [q, colon][: pick([0, 1, 2, 2])]
+        if pick([True, True, True, False]):
+            ids += [image] * pick([1, 3])
+        labels = [-100] * len(ids)
+        for k in range(pick([0, 1, 2, 4])):
+            opening = pick([[q, colon], [q, colon], [q], [colon], [q, 7], [7], []]) if k else []
+            question = torch.randint(5, 9, (pick([1, 3]),), generator=g).tolist() + [image] * pick(
+                [0] * 9 + [1]
+            )
+            answer = torch.randint(1, 9, (pick([1, 2]),), generator=g).tolist()
+            ids += opening + question + answer + [end]
+            labels += [-100] * (len(opening) + len(question)) + answer + [pick([end, end, end, -100])]
+        cut = pick([len(ids), len(ids), max(1, len(ids) - pick([1, 2, 4]))])
+        return (ids[:cut], labels[:cut]) if ids else ([7], [-100])  # (no row is empty)
+
+    changed = 0
+    for _ in range(300):
+        rows = [row() for _ in range(pick([1, 2, 4]))]
+        width = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((len(rows), width), 3, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, (ids, labs) in enumerate(rows):
+            input_ids[r, : len(ids)], labels[r, : len(ids)], mask[r, : len(ids)] = (
+                torch.tensor(ids),
+                torch.tensor(labs),
+                1,
+            )
+        expected = naive_independent_turns(input_ids, labels, mask, image, end)
+        got = independent_turns(input_ids, labels, mask, image, end)
+        if expected is None:
+            assert got is None
+            continue
+        changed += 1
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert 50 < changed < 300  # both outcomes were tested
+
+
 def _manual_logits(model, ids: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
     """The model's logits for one row, its image features put in by hand, run by run."""
     cfg = model.config

@@ -96,30 +96,37 @@ def independent_turns(
     causal attention is then the same, and keeps SDPA's fused causal kernel).
     """
     batch, width = input_ids.shape
-    allowed = torch.ones(width, width, dtype=torch.bool).tril().repeat(batch, 1, 1)  # causal to start with
-    positions = torch.arange(width).repeat(batch, 1)
-    changed = False
-    for b in range(batch):
-        n = int(attention_mask[b].sum())
-        ids, labs = input_ids[b, :n].tolist(), labels[b, :n].tolist()
-        images = [t for t, i in enumerate(ids) if i == image_token_id]
-        ends = [t for t, (i, lab) in enumerate(zip(ids, labs, strict=True)) if i == end_token_id and lab == i]
-        if not images or not ends or images[-1] > ends[0]:
-            continue
-        prefix, lead = images[-1] + 1, ids[: images[0]]  # the image prefix; the first turn's tokens before it
-        starts = [e + 1 for e in ends if e + 1 < n]
-        changed |= bool(starts)
-        for s, e in zip(starts, [*ends[1:], n - 1], strict=False):
-            # its opening tokens in common with `lead` (`Q:`) are hidden: a single question has them before
-            # the image
-            hidden = next((j for j in range(len(lead)) if s + j > e or ids[s + j] != lead[j]), len(lead))
-            block = slice(s, e + 1)
-            allowed[b, block, prefix:s] = False  # earlier exchanges
-            allowed[b, block, s : s + hidden] = False
-            positions[b, block] = torch.arange(prefix - hidden, prefix - hidden + e + 1 - s)
-        allowed[b, :, n:] = False  # padding, seen by nothing but itself
-    if not changed:
+    t = torch.arange(width)
+    real = attention_mask.bool()
+    is_end = real & (input_ids == end_token_id) & (labels == input_ids)  # labelled end tokens
+    is_image = real & (input_ids == image_token_id)
+    first_image = torch.where(is_image, t, width).amin(
+        1, keepdim=True
+    )  # (B, 1); `lead` is the tokens before it
+    prefix = torch.where(is_image, t, -1).amax(1, keepdim=True) + 1  # the image prefix's end
+    first_end = torch.where(is_end, t, width).amin(1, keepdim=True)
+    applies = is_image.any(1, keepdim=True) & is_end.any(1, keepdim=True) & (prefix <= first_end)
+    exchange = torch.cumsum(is_end, 1) - is_end.long()  # a token's exchange: the labelled ends before it
+    later = applies & real & (exchange > 0)  # the tokens of every exchange after the first
+    if not bool(later.any()):
         return None
+    # each token's exchange starts after the last labelled end before it
+    last_end = torch.cummax(torch.where(is_end, t, -1), 1).values
+    start = torch.cat([torch.zeros(batch, 1, dtype=torch.long), last_end[:, :-1] + 1], 1)
+    offset = t - start  # the token's place in its exchange
+    # hidden: the exchange's opening tokens as long as they repeat `lead` (`Q:`), which a single question has
+    # before the image
+    leading = input_ids.gather(1, offset.clamp(max=width - 1))  # lead[offset]
+    differs = ~(later & (offset < first_image) & (input_ids == leading))
+    before = torch.cumsum(differs, 1) - differs.long()  # differences before each token
+    hidden = ~differs & (before == before.gather(1, start.clamp(max=width - 1)))  # none from its start on
+    hidden_count = torch.zeros(batch, width + 1, dtype=torch.long).scatter_add_(1, exchange, hidden.long())
+    positions = torch.where(later, prefix - hidden_count.gather(1, exchange) + offset, t)
+    # a later exchange's token sees the image prefix and its own exchange's tokens that are not hidden
+    own = (exchange.unsqueeze(2) == exchange.unsqueeze(1)) & ~hidden.unsqueeze(1)
+    sees = (t < prefix).unsqueeze(1) | own  # (B, T, T)
+    allowed = torch.ones(width, width, dtype=torch.bool).tril() & (sees | ~later.unsqueeze(2))
+    allowed &= ~(applies & ~real).unsqueeze(1)  # padding, seen by nothing but itself
     allowed |= torch.eye(width, dtype=torch.bool)
     return allowed.unsqueeze(1), positions.masked_fill(attention_mask == 0, 0)
 

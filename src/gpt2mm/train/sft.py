@@ -43,7 +43,6 @@ from gpt2mm.train.checkpoints import (
 from gpt2mm.train.config import SFTConfig
 from gpt2mm.train.trainer import Trainer
 
-
 CURRICULUM_BLOCK = 50  # steps whose curriculum batches are drawn together and grouped by length, at most
 
 
