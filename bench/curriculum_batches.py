@@ -8,7 +8,8 @@ WORLD is a folder the recipe reads, e.g. the demo's: `gpt2mm synth WORLD --train
 (`--train.length_grouping false`); `blocks`, the batches of up to 50 steps drawn together and grouped by length
 (`gpt2mm.train.sft.curriculum_block`). For each arm the recipe's stage-1 trainer is built with the same seed (the
 same initial weights), at the precision and attention `auto` picks on this machine. Printed per arm:
-- the share of the batches' tokens that are not padding, over every step of the curriculum (no model run);
+- the share of the batches' tokens that are not padding, and the samples a batch holds twice, over every step of
+  the curriculum (no model run);
 - seconds an optimizer step on `--steps` of its batches spread over the curriculum, after two untimed steps; the
   arms take turns for `--rounds` rounds and each arm's figure is its median round;
 - the collator's milliseconds a batch on those batches, with `independent_turns` and with the row-by-row
@@ -31,6 +32,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from cpu_attention import arguments, build, run_info  # noqa: E402  (bench/, this script's folder)
 from gpt2mm.data import collate  # noqa: E402
+from gpt2mm.errors import DataError, UsageError  # noqa: E402
 from gpt2mm.train.fast import fast_attn_implementation, fast_precision  # noqa: E402
 from test_processing import naive_independent_turns  # noqa: E402
 
@@ -53,6 +55,11 @@ def filled(trainer, batches: list[list[int]]) -> float:
     return sum(map(sum, lengths)) / sum(len(b) * max(b) for b in lengths)
 
 
+def repeats(batches: list[list[int]]) -> float:
+    """Samples a batch holds more than once, on average (a sample drawn twice counts once)."""
+    return sum(len(b) - len(set(b)) for b in batches) / len(batches)
+
+
 def collate_ms(trainer, batches: list[list[int]], rounds: int) -> float:
     """The collator's median milliseconds a batch over the rounds."""
     times = []
@@ -72,13 +79,16 @@ def main() -> None:
     if not total:
         ap.error(f"{args.recipe} has no curriculum (train.curriculum_steps)")
     with tempfile.TemporaryDirectory() as tmp:
-        trainers = {  # build() turns the curriculum off; the recipe's back on, with the arm's flags
-            arm: build(
-                args.recipe, args.world, Path(tmp) / arm, precision, attn,
-                [*extra, *flags, "--train.curriculum_steps", str(total)],
-            )
-            for arm, flags in ARMS.items()
-        }  # fmt: skip
+        try:  # build() turns the curriculum off; the recipe's back on, with the arm's flags
+            trainers = {
+                arm: build(
+                    args.recipe, args.world, Path(tmp) / arm, precision, attn,
+                    [*extra, *flags, "--train.curriculum_steps", str(total)],
+                )
+                for arm, flags in ARMS.items()
+            }  # fmt: skip
+        except (UsageError, DataError, OSError) as e:  # a world or recipe that is not there
+            ap.error(str(e))
         every = {arm: curriculum(t) for arm, t in trainers.items()}
         picks = [i * total // args.steps for i in range(args.steps)]
         micro = {
@@ -107,13 +117,15 @@ def main() -> None:
             {
                 "arm": arm,
                 "not_padding": round(filled(trainers[arm], every[arm]), 4),
+                "repeats_per_batch": round(repeats(every[arm]), 3),
                 "step_ms": round(ms, 1),
                 "speedup": round(1000 * base / ms, 3),
                 "rounds_ms": [round(1000 * s, 1) for s in times[arm]],
             }
         )
         print(
-            f"{arm:9} {100 * rows[-1]['not_padding']:5.1f}% of the tokens not padding, {ms:7.1f} ms a step "
+            f"{arm:9} {100 * rows[-1]['not_padding']:5.1f}% of the tokens not padding, "
+            f"{rows[-1]['repeats_per_batch']:.2f} repeated samples a batch, {ms:7.1f} ms a step "
             f"x{rows[-1]['speedup']:.2f} ({precision}, {attn}; steps {picks[0]}-{picks[-1]} of {total})"
         )
     print(f"collate: {collate_before:.1f} ms a batch row by row, {collate_now:.1f} ms with independent_turns")

@@ -372,7 +372,8 @@ def naive_independent_turns(input_ids, labels, attention_mask, image_token_id, e
 def test_independent_turns_mask_and_positions_equal_a_row_by_row_reference():
     """The batched `independent_turns` gives the reference's mask and positions exactly, on random rows: packs of
     exchanges that open with all, part or none of the tokens before the image, unlabelled end tokens, a pack cut
-    mid-exchange, an image in a later exchange, no image, no end, padding; and None where no row changes."""
+    mid-exchange, an image in a later exchange, no image, no end, empty rows, padding with the end token as the
+    collator pads; and None where no row changes."""
     from gpt2mm.data.collate import independent_turns
 
     image, end, q, colon = 9, 0, 5, 6
@@ -395,13 +396,13 @@ def test_independent_turns_mask_and_positions_equal_a_row_by_row_reference():
             ids += opening + question + answer + [end]
             labels += [-100] * (len(opening) + len(question)) + answer + [pick([end, end, end, -100])]
         cut = pick([len(ids), len(ids), max(1, len(ids) - pick([1, 2, 4]))])
-        return (ids[:cut], labels[:cut]) if ids else ([7], [-100])  # (no row is empty)
+        return ids[:cut], labels[:cut]
 
     changed = 0
     for _ in range(300):
         rows = [row() for _ in range(pick([1, 2, 4]))]
         width = max(len(ids) for ids, _ in rows)
-        input_ids = torch.full((len(rows), width), 3, dtype=torch.long)
+        input_ids = torch.full((len(rows), width), end, dtype=torch.long)  # padded as the collator pads
         labels = torch.full((len(rows), width), -100, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for r, (ids, labs) in enumerate(rows):

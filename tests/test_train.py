@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -513,20 +514,16 @@ def test_curriculum_starts_with_the_easiest_samples(world, tmp_path):
 
 
 def test_curriculum_blocks_group_their_batches_by_length(world, tmp_path):
-    """A curriculum of 40 steps draws two steps' batches at a time (`curriculum_block`), from the samples its first
-    step allows, and groups them by length: together they hold no more padding than any split of the same samples,
-    and a resumed run (a new trainer) draws the same batch for a step."""
+    """A curriculum of 45 steps draws two steps' batches at a time (`curriculum_block`), without replacement, from
+    the samples its first step allows, and groups them by length: the shorter batch's longest sample is no longer
+    than the other's shortest. A resumed run (a new trainer) draws the same batch for a step; the last step, alone
+    in its block, and steps past the end draw a batch of their own."""
     from gpt2mm.train.args import load_config
     from gpt2mm.train.config import SFTConfig
     from gpt2mm.train.sft import SFTTrainer, curriculum_block
 
-    assert (curriculum_block(40), curriculum_block(1000), curriculum_block(5000), curriculum_block(19)) == (
-        2,
-        50,
-        50,
-        1,
-    )
-    args = train_args(world, tmp_path / "run", *CURRICULUM, "--train.curriculum_steps", "40")[2:]
+    assert [curriculum_block(n) for n in (19, 39, 40, 45, 1000, 5000)] == [1, 1, 2, 2, 50, 50]
+    args = train_args(world, tmp_path / "run", *CURRICULUM, "--train.curriculum_steps", "45")[2:]
 
     def trainer(*extra):
         return SFTTrainer(load_config(SFTConfig, RECIPE, [*args, *extra]), log=lambda m: None)
@@ -536,23 +533,30 @@ def test_curriculum_blocks_group_their_batches_by_length(world, tmp_path):
     assert len(set(length.values())) > 1
     levels = sorted(e.difficulty for e in run.examples)
     blocks = []
-    for first in range(0, 40, 2):
+    for first in range(0, 44, 2):
         run.step = first
         a = run._curriculum_batch()
         run.step = first + 1
         b = run._curriculum_batch()
         assert len(a) == len(b) == 8
-        limit = levels[0] + (levels[-1] - levels[0]) * first / 40  # the block's first step's
+        limit = levels[0] + (levels[-1] - levels[0]) * first / 45  # the block's first step's
+        allowed = sum(d <= limit for d in levels)
         assert all(run.examples[i].difficulty <= limit for i in a + b)
+        assert max(Counter(a + b).values()) == -(
+            -16 // allowed
+        )  # each sample once, unless too few are allowed
         short, long = sorted([a, b], key=lambda batch: max(length[i] for i in batch))
         assert max(length[i] for i in short) <= min(
             length[i] for i in long
         )  # the shorter half, the longer half
         blocks.append((a, b))
     assert any(run.examples[i].difficulty > levels[0] for a, b in blocks for i in a + b)
+    for step in (44, 45, 47):  # the last block holds one step; past the end too
+        run.step = step
+        assert len(run._curriculum_batch()) == 8
     # the same batches from a new trainer, asked for in another order (a resumed run)
     again = trainer()
-    for first in reversed(range(0, 40, 2)):
+    for first in reversed(range(0, 44, 2)):
         for k in (1, 0):
             again.step = first + k
             assert again._curriculum_batch() == blocks[first // 2][k]
@@ -561,7 +565,7 @@ def test_curriculum_blocks_group_their_batches_by_length(world, tmp_path):
     seed = plain.cfg.train.seed
     for step in (1, 21, 39):
         plain.step = step
-        limit = levels[0] + (levels[-1] - levels[0]) * step / 40
+        limit = levels[0] + (levels[-1] - levels[0]) * step / 45
         pool = sorted(range(len(plain.examples)), key=lambda i: plain.examples[i].difficulty)
         pool = pool[: sum(d <= limit for d in levels)]
         g = torch.Generator().manual_seed(seed * 1000003 + 7919 * (step + 1))

@@ -89,21 +89,25 @@ def independent_turns(
     with what the first exchange has before the image (`Q:`) are hidden, and its positions go on from the
     image as the first question's do. So every answer gets the logits it would get as a sample of its own:
     packing saves encoding the image again, and changes nothing else. An exchange ends at a labelled end
-    token. Rows without an image, or with an `<image>` token after the first exchange, keep causal attention.
+    token. Rows without an image or a labelled end token, or with an `<image>` token after the first exchange,
+    keep causal attention. Rows are right-padded (`attention_mask`), as the collator pads them for training.
 
     Returns a (B, 1, T, T) boolean mask (True: may attend; the model's forward takes it, see
-    `layers.attention_bias`) and (B, T) position ids, or None where no row has a second exchange (plain
-    causal attention is then the same, and keeps SDPA's fused causal kernel).
+    `layers.attention_bias`) and (B, T) position ids, or None where no row it applies to has a second exchange
+    (plain causal attention is then the same, and keeps SDPA's fused causal kernel).
+
+    Computed for the whole batch at once (tests/test_processing.py holds the row-by-row reference it equals).
     """
     batch, width = input_ids.shape
+    if width == 0:
+        return None
     t = torch.arange(width)
     real = attention_mask.bool()
     is_end = real & (input_ids == end_token_id) & (labels == input_ids)  # labelled end tokens
     is_image = real & (input_ids == image_token_id)
-    first_image = torch.where(is_image, t, width).amin(
-        1, keepdim=True
-    )  # (B, 1); `lead` is the tokens before it
-    prefix = torch.where(is_image, t, -1).amax(1, keepdim=True) + 1  # the image prefix's end
+    # (B, 1): where the first image starts (`lead` is the tokens before it) and where the image prefix ends
+    first_image = torch.where(is_image, t, width).amin(1, keepdim=True)
+    prefix = torch.where(is_image, t, -1).amax(1, keepdim=True) + 1
     first_end = torch.where(is_end, t, width).amin(1, keepdim=True)
     applies = is_image.any(1, keepdim=True) & is_end.any(1, keepdim=True) & (prefix <= first_end)
     exchange = torch.cumsum(is_end, 1) - is_end.long()  # a token's exchange: the labelled ends before it
@@ -116,10 +120,10 @@ def independent_turns(
     offset = t - start  # the token's place in its exchange
     # hidden: the exchange's opening tokens as long as they repeat `lead` (`Q:`), which a single question has
     # before the image
-    leading = input_ids.gather(1, offset.clamp(max=width - 1))  # lead[offset]
+    leading = input_ids.gather(1, offset)  # lead[offset] (0 <= offset <= t)
     differs = ~(later & (offset < first_image) & (input_ids == leading))
     before = torch.cumsum(differs, 1) - differs.long()  # differences before each token
-    hidden = ~differs & (before == before.gather(1, start.clamp(max=width - 1)))  # none from its start on
+    hidden = ~differs & (before == before.gather(1, start))  # and none from its exchange's start up to it
     hidden_count = torch.zeros(batch, width + 1, dtype=torch.long).scatter_add_(1, exchange, hidden.long())
     positions = torch.where(later, prefix - hidden_count.gather(1, exchange) + offset, t)
     # a later exchange's token sees the image prefix and its own exchange's tokens that are not hidden

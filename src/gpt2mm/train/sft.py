@@ -49,7 +49,7 @@ CURRICULUM_BLOCK = 50  # steps whose curriculum batches are drawn together and g
 def curriculum_block(curriculum_steps: int) -> int:
     """How many steps' curriculum batches are drawn together: 50 (`length_grouped_batches`' mega-batch), fewer for
     a short curriculum, so a block's samples (those allowed at its first step) lag the curriculum by at most a
-    20th of it; 1 (each step draws its own batch) under 20 steps."""
+    20th of it; 1 (each step draws its own batch) under 40 steps."""
     return max(1, min(CURRICULUM_BLOCK, curriculum_steps // 20))
 
 
@@ -249,9 +249,10 @@ class SFTTrainer(Trainer):
         (seed, step), so a resumed run draws the same batches.
 
         With `length_grouping`, the batches of a block of consecutive steps (`curriculum_block`) are drawn
-        together from the samples allowed at the block's first step and grouped by length as the epochs'
-        batches are: a batch of random samples is padded to its longest, and the demo's samples (packed questions, a
-        description) differ much in length: 84-88% of such a batch's tokens were not padding, 99% grouped."""
+        together, without replacement, from the samples allowed at the block's first step and grouped by length
+        as an epoch's batches are: a batch of random samples is padded to its longest, and the demo's samples
+        (packed questions, a description) differ much in length: 84-88% of such a batch's tokens were not
+        padding, over 99% of grouped ones'."""
         from gpt2mm.data.collate import length_grouped_batches
 
         t = self.cfg.train
@@ -264,17 +265,24 @@ class SFTTrainer(Trainer):
             self._by_difficulty = sorted(range(len(levels)), key=lambda i: levels[i])
             self._levels = sorted(levels)
             self._curriculum_block: tuple[int, list[list[int]]] | None = None  # (its first step, its batches)
-        size = curriculum_block(t.curriculum_steps) if t.length_grouping else 1
+        size = (
+            curriculum_block(t.curriculum_steps)
+            if t.length_grouping and self.step < t.curriculum_steps
+            else 1
+        )
         first = self.step - self.step % size
         if self._curriculum_block is None or self._curriculum_block[0] != first:
             lo, hi = self._levels[0], self._levels[-1]
             limit = lo + (hi - lo) * first / max(1, t.curriculum_steps)
             pool = self._by_difficulty[: bisect.bisect_right(self._levels, limit)]
-            steps = max(1, min(size, t.curriculum_steps - first))  # (1 at or past its end, as a test asks)
+            steps = min(size, t.curriculum_steps - first) if size > 1 else 1
             g = torch.Generator().manual_seed(t.seed * 1000003 + 7919 * (first + 1))
-            drawn = [pool[i] for i in torch.randint(len(pool), (steps * t.batch_size,), generator=g).tolist()]
-            batches = [drawn]
-            if steps > 1:
+            n = steps * t.batch_size
+            if steps == 1:  # a batch of its own: drawn with replacement
+                batches = [[pool[i] for i in torch.randint(len(pool), (n,), generator=g).tolist()]]
+            else:  # a block: without replacement (the pool shuffled, again where it is smaller than the block)
+                order = torch.cat([torch.randperm(len(pool), generator=g) for _ in range(-(-n // len(pool)))])
+                drawn = [pool[i] for i in order[:n].tolist()]
                 lengths = [len(self.examples[i].input_ids) for i in drawn]
                 grouped = length_grouped_batches(lengths, t.batch_size, g, mega_batch_factor=steps)
                 batches = [[drawn[j] for j in b] for b in grouped]
