@@ -419,6 +419,9 @@ def test_independent_turns_mask_and_positions_equal_a_row_by_row_reference():
         changed += 1
         assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
     assert 50 < changed < 300  # both outcomes were tested
+    empty = torch.zeros(2, 0, dtype=torch.long)  # a batch of empty rows: nothing to change
+    assert independent_turns(empty, empty, empty, image, end) is None
+    assert naive_independent_turns(empty, empty, empty, image, end) is None
 
 
 def _manual_logits(model, ids: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:

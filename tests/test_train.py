@@ -516,8 +516,9 @@ def test_curriculum_starts_with_the_easiest_samples(world, tmp_path):
 def test_curriculum_blocks_group_their_batches_by_length(world, tmp_path):
     """A curriculum of 45 steps draws two steps' batches at a time (`curriculum_block`), without replacement, from
     the samples its first step allows, and groups them by length: the shorter batch's longest sample is no longer
-    than the other's shortest. A resumed run (a new trainer) draws the same batch for a step; the last step, alone
-    in its block, and steps past the end draw a batch of their own."""
+    than the other's shortest. Where fewer samples are allowed than a block takes, the last step (alone in its
+    block), steps past the end and runs without `length_grouping`, each step draws its own batch, as before blocks.
+    A resumed run (a new trainer) draws the same batch for a step, in any order."""
     from gpt2mm.train.args import load_config
     from gpt2mm.train.config import SFTConfig
     from gpt2mm.train.sft import SFTTrainer, curriculum_block
@@ -532,46 +533,47 @@ def test_curriculum_blocks_group_their_batches_by_length(world, tmp_path):
     length = {i: len(e.input_ids) for i, e in enumerate(run.examples)}
     assert len(set(length.values())) > 1
     levels = sorted(e.difficulty for e in run.examples)
-    blocks = []
+    by_level = sorted(range(len(run.examples)), key=lambda i: run.examples[i].difficulty)
+
+    def own_batch(step):  # the per-step draw, as before blocks
+        limit = levels[0] + (levels[-1] - levels[0]) * step / 45
+        pool = by_level[: sum(d <= limit for d in levels)]
+        g = torch.Generator().manual_seed(run.cfg.train.seed * 1000003 + 7919 * (step + 1))
+        return [pool[i] for i in torch.randint(len(pool), (8,), generator=g).tolist()]
+
+    batches, kinds = {}, Counter()
     for first in range(0, 44, 2):
         run.step = first
         a = run._curriculum_batch()
         run.step = first + 1
         b = run._curriculum_batch()
-        assert len(a) == len(b) == 8
+        batches[first], batches[first + 1] = a, b
         limit = levels[0] + (levels[-1] - levels[0]) * first / 45  # the block's first step's
-        allowed = sum(d <= limit for d in levels)
+        if sum(d <= limit for d in levels) < 16:
+            assert (a, b) == (own_batch(first), own_batch(first + 1))
+            kinds["own"] += 1
+            continue
+        assert len(a) == len(b) == 8 and len(set(a + b)) == 16  # without replacement
         assert all(run.examples[i].difficulty <= limit for i in a + b)
-        assert max(Counter(a + b).values()) == -(
-            -16 // allowed
-        )  # each sample once, unless too few are allowed
         short, long = sorted([a, b], key=lambda batch: max(length[i] for i in batch))
         assert max(length[i] for i in short) <= min(
             length[i] for i in long
         )  # the shorter half, the longer half
-        blocks.append((a, b))
-    assert any(run.examples[i].difficulty > levels[0] for a, b in blocks for i in a + b)
+        kinds["block"] += 1
+    assert kinds["own"] and kinds["block"], kinds  # both ways were tested
     for step in (44, 45, 47):  # the last block holds one step; past the end too
         run.step = step
-        assert len(run._curriculum_batch()) == 8
+        assert run._curriculum_batch() == own_batch(step)
     # the same batches from a new trainer, asked for in another order (a resumed run)
     again = trainer()
-    for first in reversed(range(0, 44, 2)):
-        for k in (1, 0):
-            again.step = first + k
-            assert again._curriculum_batch() == blocks[first // 2][k]
-    # without length grouping each step draws its own batch from the samples it allows, as before blocks
+    for step in sorted(batches, reverse=True):
+        again.step = step
+        assert again._curriculum_batch() == batches[step]
+    # without length grouping every step draws its own batch
     plain = trainer("--train.length_grouping", "false")
-    seed = plain.cfg.train.seed
-    for step in (1, 21, 39):
+    for step in (0, 1, 21, 39):
         plain.step = step
-        limit = levels[0] + (levels[-1] - levels[0]) * step / 45
-        pool = sorted(range(len(plain.examples)), key=lambda i: plain.examples[i].difficulty)
-        pool = pool[: sum(d <= limit for d in levels)]
-        g = torch.Generator().manual_seed(seed * 1000003 + 7919 * (step + 1))
-        assert plain._curriculum_batch() == [
-            pool[i] for i in torch.randint(len(pool), (8,), generator=g).tolist()
-        ]
+        assert plain._curriculum_batch() == own_batch(step)
 
 
 def test_defaults_run_without_a_recipe(world, tmp_path):

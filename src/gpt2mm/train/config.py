@@ -258,7 +258,14 @@ class TrainConfig(RunConfig):
             "tokens share one weight: a one-word answer counts as much as a paragraph)"
         },
     )
-    length_grouping: bool = True
+    length_grouping: bool = field(
+        default=True,
+        metadata={
+            "help": "batches of samples of similar lengths (less padding); the curriculum's too, drawn up to 50 "
+            "steps (a 20th of it) at a time without replacement; false: shuffled batches, each curriculum step its "
+            "own draw"
+        },
+    )
     curriculum_steps: int = field(
         default=0,
         metadata={"help": "widen batches from the easiest samples to all over N steps (data.difficulty)"},

@@ -252,7 +252,8 @@ class SFTTrainer(Trainer):
         together, without replacement, from the samples allowed at the block's first step and grouped by length
         as an epoch's batches are: a batch of random samples is padded to its longest, and the demo's samples
         (packed questions, a description) differ much in length: 84-88% of such a batch's tokens were not
-        padding, over 99% of grouped ones'."""
+        padding, over 99% of grouped ones'. Where fewer samples are allowed than the block takes, each of its
+        steps draws its own batch (with replacement), as without `length_grouping`."""
         from gpt2mm.data.collate import length_grouped_batches
 
         t = self.cfg.train
@@ -272,22 +273,33 @@ class SFTTrainer(Trainer):
         )
         first = self.step - self.step % size
         if self._curriculum_block is None or self._curriculum_block[0] != first:
-            lo, hi = self._levels[0], self._levels[-1]
-            limit = lo + (hi - lo) * first / max(1, t.curriculum_steps)
-            pool = self._by_difficulty[: bisect.bisect_right(self._levels, limit)]
             steps = min(size, t.curriculum_steps - first) if size > 1 else 1
-            g = torch.Generator().manual_seed(t.seed * 1000003 + 7919 * (first + 1))
-            n = steps * t.batch_size
-            if steps == 1:  # a batch of its own: drawn with replacement
-                batches = [[pool[i] for i in torch.randint(len(pool), (n,), generator=g).tolist()]]
-            else:  # a block: without replacement (the pool shuffled, again where it is smaller than the block)
-                order = torch.cat([torch.randperm(len(pool), generator=g) for _ in range(-(-n // len(pool)))])
-                drawn = [pool[i] for i in order[:n].tolist()]
+            pool, n = self._curriculum_pool(first), steps * t.batch_size
+            if steps == 1 or len(pool) < n:
+                # each step its own draw (with replacement): a block would repeat samples, and grouping by length
+                # would put a sample's copies into one batch
+                batches = [self._curriculum_draw(s) for s in range(first, first + steps)]
+            else:
+                g = torch.Generator().manual_seed(t.seed * 1000003 + 7919 * (first + 1))
+                drawn = [pool[i] for i in torch.randperm(len(pool), generator=g)[:n].tolist()]
                 lengths = [len(self.examples[i].input_ids) for i in drawn]
                 grouped = length_grouped_batches(lengths, t.batch_size, g, mega_batch_factor=steps)
                 batches = [[drawn[j] for j in b] for b in grouped]
             self._curriculum_block = (first, batches)
         return self._curriculum_block[1][self.step - first]
+
+    def _curriculum_pool(self, step: int) -> list[int]:
+        """The samples no harder than the curriculum allows at `step`."""
+        lo, hi = self._levels[0], self._levels[-1]
+        limit = lo + (hi - lo) * step / max(1, self.cfg.train.curriculum_steps)
+        return self._by_difficulty[: bisect.bisect_right(self._levels, limit)]
+
+    def _curriculum_draw(self, step: int) -> list[int]:
+        """`step`'s own batch: `batch_size` samples drawn with replacement from its pool, a function of (seed, step)."""
+        t = self.cfg.train
+        pool = self._curriculum_pool(step)
+        g = torch.Generator().manual_seed(t.seed * 1000003 + 7919 * (step + 1))
+        return [pool[i] for i in torch.randint(len(pool), (t.batch_size,), generator=g).tolist()]
 
     def _next_batch(self) -> list[int]:
         """The curriculum's batch while it lasts, then the epoch's next batch (a new epoch when one is done)."""
