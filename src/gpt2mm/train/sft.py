@@ -84,6 +84,7 @@ class SFTTrainer(Trainer):
         self.epoch = 0
         self.batch_in_epoch = 0
         self._batches: tuple[int, list[list[int]]] | None = None  # (epoch, its batches)
+        self._curriculum_block: tuple[int, list[list[int]]] | None = None  # (its first step, its batches)
         from gpt2mm.train.logging import check_trackers
 
         check_trackers(t.log_with)
@@ -265,7 +266,6 @@ class SFTTrainer(Trainer):
                 )
             self._by_difficulty = sorted(range(len(levels)), key=lambda i: levels[i])
             self._levels = sorted(levels)
-            self._curriculum_block: tuple[int, list[list[int]]] | None = None  # (its first step, its batches)
         size = (
             curriculum_block(t.curriculum_steps)
             if t.length_grouping and self.step < t.curriculum_steps
@@ -280,7 +280,7 @@ class SFTTrainer(Trainer):
                 # would put a sample's copies into one batch
                 batches = [self._curriculum_draw(s) for s in range(first, first + steps)]
             else:
-                g = torch.Generator().manual_seed(t.seed * 1000003 + 7919 * (first + 1))
+                g = self._curriculum_generator(first)
                 drawn = [pool[i] for i in torch.randperm(len(pool), generator=g)[:n].tolist()]
                 lengths = [len(self.examples[i].input_ids) for i in drawn]
                 grouped = length_grouped_batches(lengths, t.batch_size, g, mega_batch_factor=steps)
@@ -298,8 +298,12 @@ class SFTTrainer(Trainer):
         """`step`'s own batch: `batch_size` samples drawn with replacement from its pool, a function of (seed, step)."""
         t = self.cfg.train
         pool = self._curriculum_pool(step)
-        g = torch.Generator().manual_seed(t.seed * 1000003 + 7919 * (step + 1))
+        g = self._curriculum_generator(step)
         return [pool[i] for i in torch.randint(len(pool), (t.batch_size,), generator=g).tolist()]
+
+    def _curriculum_generator(self, step: int) -> torch.Generator:
+        """The random numbers of the curriculum's draw at `step` (a block's: at its first step)."""
+        return torch.Generator().manual_seed(self.cfg.train.seed * 1000003 + 7919 * (step + 1))
 
     def _next_batch(self) -> list[int]:
         """The curriculum's batch while it lasts, then the epoch's next batch (a new epoch when one is done)."""
