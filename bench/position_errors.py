@@ -25,18 +25,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from gpt2mm.data.synthetic import COLUMNS, RELATIONS, ROWS, position_name  # noqa: E402
+from gpt2mm.data.synthetic import COLUMNS, RELATIONS, ROWS, find_object, position_name  # noqa: E402
 
 RELATION = re.compile(rf"Is the (.+?) ({'|'.join(RELATIONS)}) the (.+?)\?$")
 # "top left" -> ("top", "left"), ..., "centre" -> ("middle", "centre"): the world's own names of its regions
 WORDS = {position_name(r, c): (row, col) for r, row in enumerate(ROWS) for c, col in enumerate(COLUMNS)}
-
-
-def find(scene: dict, description: str) -> dict | None:
-    """The one object of the scene that every word of the description names, else None."""
-    words = [w for w in description.split() if w != "object"]
-    found = [o for o in scene["objects"] if all(w in (o["shape"], o["color"], o["size"]) for w in words)]
-    return found[0] if len(found) == 1 else None
 
 
 def row_and_column(answer: str) -> tuple[str | None, str | None]:
@@ -73,7 +66,7 @@ def tally(world: Path, answers: Path, split: str = "test") -> dict[str, dict[str
                 add(f"relation: {relation}", ok)
                 add(f"relation {axis}: all", ok)
                 add(f"relation {axis}: answer {q['answer']}", ok)
-                a, b = find(scene, m.group(1)), find(scene, m.group(3))
+                a, b = find_object(scene, m.group(1)), find_object(scene, m.group(3))
                 if a and b:
                     if grid:
                         d = abs(a["col"] - b["col"]) if axis == "x" else abs(a["row"] - b["row"])

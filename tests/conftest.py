@@ -174,7 +174,7 @@ def running(app, **config):
 # frozen), fp32, no time budget.
 SMALL = [
     "--model.overrides", "{}", "--model.attn_implementation", "none", "--data.pack_questions", "1",
-    "--data.conversation_mix", "false", "--data.difficulty", "none", "--data.max_length", "128",
+    "--data.conversation_mix", "false", "--data.difficulty", "none", "--data.grounding", "none", "--data.max_length", "128",
     "--train.max_minutes", "none", "--train.lr", "2e-3", "--train.min_lr_ratio", "0", "--train.precision", "fp32",
     "--train.curriculum_steps", "0", "--train.vision_lr", "0",
 ]  # fmt: skip

@@ -17,7 +17,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # What configs/demo-sft.yaml adds to configs/tiny-vqa.yaml: the shapes world, its conversations (with the loss
 # averaged over answers, which their long descriptions call for) and where the demo writes.
 WORLD_EXTRAS = {
-    "data.root", "data.synth", "data.synth_args", "data.conversation_mix", "data.difficulty",
+    "data.root", "data.synth", "data.synth_args", "data.conversation_mix", "data.difficulty", "data.grounding",
     "train.output_dir", "train.max_minutes", "train.curriculum_steps", "train.loss_average",
 }  # fmt: skip
 
@@ -31,7 +31,11 @@ def test_demo_stage1_is_the_general_recipe_plus_world_extras():
     demo = _flat(load_config(SFTConfig, CONFIGS / "demo-sft.yaml", []))
     differ = {k for k in general if general[k] != demo[k]}
     assert differ == WORLD_EXTRAS
-    assert general["data.synth"] is False and general["data.difficulty"] is None
+    assert (
+        general["data.synth"] is False
+        and general["data.difficulty"] is None
+        and general["data.grounding"] is None
+    )
 
 
 def test_base_merges_sections_key_by_key(tmp_path):

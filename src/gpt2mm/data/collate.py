@@ -28,6 +28,7 @@ class Encoded:
     images: list[str]
     index: int  # position of the sample in its source list
     difficulty: float | None = None
+    grounding: list[tuple[int, float, float]] | None = None  # (token index, x, y): `gpt2mm.train.grounding`
 
 
 @dataclass
@@ -174,6 +175,10 @@ class Collator:
             if self.pixel_source is None:
                 raise ValueError("examples have images but the collator has no pixel_source")
             batch[self.image_key] = torch.stack([self.pixel_source(p) for p in images])
+        if any(e.grounding is not None for e in examples):
+            from gpt2mm.train.grounding import collate_grounding
+
+            batch.update(collate_grounding(examples))
         return batch
 
 

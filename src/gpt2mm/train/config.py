@@ -243,6 +243,13 @@ class DataConfig(QuestionDataConfig):
             "(the synthetic world's object count)"
         },
     )
+    grounding: str | None = field(
+        default=None,
+        metadata={
+            "help": "objects: each question's phrases that name an object of the synthetic world's scene learn "
+            "its position (train.grounding_weight; gpt2mm.train.grounding)"
+        },
+    )
 
 
 @dataclass
@@ -270,6 +277,17 @@ class TrainConfig(RunConfig):
         default=0,
         metadata={"help": "widen batches from the easiest samples to all over N steps (data.difficulty)"},
     )
+    grounding_weight: float = field(
+        default=1.0, metadata={"help": "the weight of data.grounding's loss beside the answers' loss"}
+    )
+    grounding_layer: int = field(
+        default=3,
+        metadata={"help": "data.grounding reads the positions after this GPT-2 block (1 = the first)"},
+    )
+    grounding_lr: float = field(
+        default=2.5e-4,
+        metadata={"help": "the learning rate of data.grounding's linear head (train.schedule's)"},
+    )
     compile: bool = field(
         default=False,
         metadata={"help": "torch.compile each transformer block (pays on a GPU; compiling takes ~20 s)"},
@@ -286,6 +304,11 @@ class TrainConfig(RunConfig):
         super().check(precisions)
         if self.loss_average not in ("tokens", "answers"):
             raise ValueError(f"train.loss_average must be tokens or answers, got {self.loss_average!r}")
+        if not self.grounding_weight > 0 or not self.grounding_lr > 0 or self.grounding_layer < 1:
+            raise ValueError(
+                "train.grounding_weight and grounding_lr must be more than 0 and grounding_layer 1 or more, got "
+                f"{self.grounding_weight}, {self.grounding_lr}, {self.grounding_layer}"
+            )
         for name in ("projector_lr", "vision_lr"):  # none: train.lr; 0 keeps that part as it is
             rate = getattr(self, name)
             if rate is not None and not rate >= 0:
@@ -316,6 +339,12 @@ class SFTConfig:
             raise ValueError(
                 f"data.difficulty must be one of {', '.join(DIFFICULTIES)}, got {d.difficulty!r}"
             )
+        from gpt2mm.train.grounding import GROUNDINGS
+
+        if d.grounding is not None and d.grounding not in GROUNDINGS:
+            raise ValueError(f"data.grounding must be one of {', '.join(GROUNDINGS)}, got {d.grounding!r}")
+        if d.grounding is not None and t.precision == "fp16":  # its head steps outside the loss scaler
+            raise ValueError("data.grounding needs train.precision fp32, bf16 or auto, not fp16")
         if d.conversation_mix and d.format != "vqa":
             raise ValueError(
                 "data.conversation_mix adds conversations to VQA questions: it needs format: vqa"

@@ -41,6 +41,7 @@ from gpt2mm.train.checkpoints import (
     write_weights,
 )
 from gpt2mm.train.config import SFTConfig
+from gpt2mm.train.grounding import GROUNDING_KEYS, grounding_loss
 from gpt2mm.train.trainer import Trainer
 
 CURRICULUM_BLOCK = 50  # steps whose curriculum batches are drawn together and grouped by length, at most
@@ -145,6 +146,8 @@ class SFTTrainer(Trainer):
         if not self.examples:
             raise UsageError(f"no training examples: {enc_report.summary()}")
         self.log(f"train data: {train_report}; {enc_report.summary()}")
+        if d.grounding:
+            self._ground_phrases()
         self.val_samples = []
         if t.eval_every > 0 and has_split(d, "val"):
             self.val_samples, val_report = load_samples(d, "val")
@@ -160,6 +163,25 @@ class SFTTrainer(Trainer):
             else None
         )
         self.collate = Collator(self.processor.tokenizer.pad_token_id, self.pixels, self.image_key, turns)
+
+    def _ground_phrases(self) -> None:
+        """`data.grounding: objects`: each training example's phrase targets (`gpt2mm.train.grounding`)."""
+        from gpt2mm.data.splits import resolve
+        from gpt2mm.train.grounding import load_scene_objects, phrase_targets
+
+        d = self.cfg.data
+        layers = self.model.config.text_config.n_layer
+        if self.cfg.train.grounding_layer > layers:
+            raise UsageError(
+                f"train.grounding_layer {self.cfg.train.grounding_layer}: GPT-2 has {layers} blocks"
+            )
+        scenes = load_scene_objects(resolve(d.root, "scenes/train_scenes.json"))
+        placed, seen = phrase_targets(self.examples, self.train_samples, self.processor, scenes)
+        if not placed:
+            raise UsageError(
+                f"data.grounding: no question of {d.root}'s train split names an object of its scenes"
+            )
+        self.log(f"grounding: {placed} of {seen} object phrases placed")
 
     @property
     def image_key(self) -> str:
@@ -212,6 +234,15 @@ class SFTTrainer(Trainer):
         self._param_names, self._param_position = optimizer_param_names(self.model, self.optimizer)
         self._tied_copies = tied_copies(self.model)
         self.scheduler = make_scheduler(self.optimizer, t, lambda: self.train_seconds)
+        self.grounding_head = self.grounding_optimizer = None
+        if self.cfg.data.grounding:  # the run's own head, beside the model (gpt2mm.train.grounding)
+            width = self.model.config.text_config.n_embd
+            self.grounding_head = torch.nn.Linear(width, 2).to(self.acc.device)
+            self.grounding_optimizer = (
+                torch.optim.AdamW(  # torch's defaults otherwise (betas 0.9, 0.999), as measured
+                    self.grounding_head.parameters(), lr=t.grounding_lr, weight_decay=0.0
+                )
+            )
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         if t.compile:
             self.acc.unwrap_model(self.model).compile_blocks()
@@ -338,6 +369,8 @@ class SFTTrainer(Trainer):
         loss, grad_norm = self._optimizer_step(self._micro_batches(self._next_batch()))
         self.last_loss = loss
         row = {"loss": loss, "lr": self.scheduler.get_last_lr()[0]}
+        if self.grounding_head is not None:
+            row["grounding_loss"] = self.last_grounding_loss
         if grad_norm is not None:
             row["grad_norm"] = grad_norm
         return row, self.cfg.train.batch_size
@@ -359,24 +392,70 @@ class SFTTrainer(Trainer):
         total = self.acc.reduce(count, reduction="sum") if self.world > 1 else count
         # DDP averages gradients over processes; scale so the result is sum(losses) / all labelled tokens
         denom = total / self.world
-        loss_sum = 0.0
+        if (
+            self.grounding_head is not None
+        ):  # the grounded phrases' loss: its sum over all the batch's phrases
+            count = torch.tensor(sum(float(b["grounding_mask"].sum()) for b in micro), device=self.acc.device)
+            phrases = (self.acc.reduce(count, reduction="sum") if self.world > 1 else count).clamp(min=1)
+            phrases = phrases / self.world
+        loss_sum = grounding_sum = 0.0
         for i, batch in enumerate(micro):
             batch = {k: v.to(self.acc.device) for k, v in batch.items()}
+            grounded = {k: batch.pop(k) for k in GROUNDING_KEYS if k in batch}
             sync = i == len(micro) - 1
             ctx = self.acc.no_sync(self.model) if not sync and self.world > 1 else contextlib.nullcontext()
             with ctx, self.acc.autocast():
-                out = self.model(**batch, num_items_in_batch=denom)
-            self.acc.backward(out.loss)
+                if self.grounding_head is None:
+                    out = self.model(**batch, num_items_in_batch=denom)
+                    objective = out.loss
+                else:
+                    out = self.model(**batch, num_items_in_batch=denom, output_hidden_states=True)
+                    hidden = out.hidden_states[t.grounding_layer]
+                    grounding = grounding_loss(hidden, self.grounding_head, grounded, phrases)
+                    objective = out.loss + t.grounding_weight * grounding
+                    grounding_sum += float(grounding.detach())
+            self.acc.backward(objective)
             loss_sum += float(out.loss.detach())
         grad_norm = None
         if t.grad_clip:
             grad_norm = float(self.acc.clip_grad_norm_(self.model.parameters(), t.grad_clip))
         self.optimizer.step()
+        if self.grounding_head is not None:
+            self._grounding_step()
+            self.last_grounding_loss = (
+                float(self.acc.reduce(torch.tensor(grounding_sum, device=self.acc.device), reduction="mean"))
+                if self.world > 1
+                else grounding_sum
+            )
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         # the global mean loss over labelled tokens (or answers)
         loss = torch.tensor(loss_sum, device=self.acc.device)
         return (float(self.acc.reduce(loss, reduction="mean")) if self.world > 1 else loss_sum), grad_norm
+
+    def _grounding_step(self) -> None:
+        """The grounding head's step: its gradient averaged over processes, its rate `train.grounding_lr` under
+        the schedule's factor of this step (the main optimizer's current rate over its base)."""
+        if self.world > 1:
+            for p in self.grounding_head.parameters():
+                p.grad = self.acc.reduce(p.grad, reduction="mean")
+        base = max(
+            self.scheduler.base_lrs
+        )  # one schedule for every group: any group with a rate gives its factor
+        factor = self.scheduler.get_last_lr()[self.scheduler.base_lrs.index(base)] / base if base > 0 else 1.0
+        for group in self.grounding_optimizer.param_groups:
+            group["lr"] = self.cfg.train.grounding_lr * factor
+        self.grounding_optimizer.step()
+        self.grounding_optimizer.zero_grad(set_to_none=True)
+
+    def extra_state(self) -> dict[str, Any]:
+        """The grounding head and its optimizer (`data.grounding`), which the saved model does not hold."""
+        if self.grounding_head is None:
+            return {}
+        return {
+            "grounding_head": self.grounding_head.state_dict(),
+            "grounding_optimizer": self.grounding_optimizer.state_dict(),
+        }
 
     def has_validation(self) -> bool:
         return bool(self.val_samples)
@@ -506,4 +585,9 @@ class SFTTrainer(Trainer):
 
             scatter_optimizer_state(self.model, self.optimizer, state["optimizer"], self._param_names, path)
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.grounding_head is not None:
+            if "grounding_head" not in state:
+                raise UsageError(f"--resume: {path} was written by a run without data.grounding")
+            self.grounding_head.load_state_dict(state["grounding_head"])
+            self.grounding_optimizer.load_state_dict(state["grounding_optimizer"])
         self.restore_counters(path, state)

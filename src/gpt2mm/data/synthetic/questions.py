@@ -9,6 +9,7 @@ In the free layout a position or relation question is asked only when the pixels
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -141,6 +142,41 @@ def _candidates(scene: dict, template: str, banned: set[tuple[str, str]]) -> lis
     else:
         raise ValueError(f"unknown template {template!r}")
     return out
+
+
+# The object phrases of the templates that name objects, by the end of each phrase in the question (the
+# phrase's last word is where `object_phrases` places it); "the object in the <position>" names a region, and
+# "Is there a ...?" may match several objects: neither is listed.
+_RELATION_WORDS = "|".join(RELATIONS)
+_PHRASE_PATTERNS = (
+    re.compile(rf"^Is the (?P<a>.+?) (?:{_RELATION_WORDS}) the (?P<b>.+?)\?$"),  # rel_yesno
+    re.compile(rf"^What color is the object (?:{_RELATION_WORDS}) the (?P<b>.+?)\?$"),  # rel_color
+    re.compile(r"^Where is the (?P<a>.+?)\?$"),  # where
+    re.compile(r"^What (?:color|shape) is the (?P<a>(?!object in the ).+?)\?$"),  # color_of, shape_of
+)
+
+
+def object_phrases(question: str) -> list[tuple[int, str]]:
+    """(end of the phrase in `question`, phrase) for each object the question names by its words, in order:
+    "Is the red circle above the blue square?" -> [(17, "red circle"), (39, "blue square")]."""
+    for pattern in _PHRASE_PATTERNS:
+        if m := pattern.match(question):
+            return [(m.end(g), m.group(g)) for g in ("a", "b") if g in pattern.groupindex]
+    return []
+
+
+def find_object(scene: dict[str, Any], phrase: str) -> dict[str, Any] | None:
+    """The one object of the scene that every word of the phrase names (colour, shape, size; "object" names
+    none), else None."""
+    words = [w for w in phrase.split() if w != "object"]
+    found = [o for o in scene["objects"] if all(w in (o["shape"], o["color"], o["size"]) for w in words)]
+    return found[0] if len(found) == 1 else None
+
+
+def object_centre(obj: dict[str, Any]) -> tuple[float, float]:
+    """An object's centre in pixels: the free layout's (x, y), the grid's bounding-box centre."""
+    x0, y0, x1, y1 = obj["bbox"]
+    return obj.get("x", (x0 + x1) / 2), obj.get("y", (y0 + y1) / 2)
 
 
 def _family_templates(family: str) -> list[str]:
