@@ -49,9 +49,8 @@ def phrase_targets(
         sample = samples[e.index]
         e.grounding = []
         scene = scenes.get(Path(sample.image).name) if sample.image is not None else None
-        if (
-            scene is None or sample.more_images
-        ):  # one image's scene: a phrase in a multi-image turn could be any
+        # one image's scene: in a sample of several images a phrase could name an object of any of them
+        if scene is None or sample.more_images:
             continue
         offset = 0
         for role, text, n_images in sample.encoder_turns():

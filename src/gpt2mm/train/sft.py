@@ -238,10 +238,9 @@ class SFTTrainer(Trainer):
         if self.cfg.data.grounding:  # the run's own head, beside the model (gpt2mm.train.grounding)
             width = self.model.config.text_config.n_embd
             self.grounding_head = torch.nn.Linear(width, 2).to(self.acc.device)
-            self.grounding_optimizer = (
-                torch.optim.AdamW(  # torch's defaults otherwise (betas 0.9, 0.999), as measured
-                    self.grounding_head.parameters(), lr=t.grounding_lr, weight_decay=0.0
-                )
+            # torch's AdamW defaults otherwise (betas 0.9, 0.999): what was measured
+            self.grounding_optimizer = torch.optim.AdamW(
+                self.grounding_head.parameters(), lr=t.grounding_lr, weight_decay=0.0
             )
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         if t.compile:
@@ -392,12 +391,10 @@ class SFTTrainer(Trainer):
         total = self.acc.reduce(count, reduction="sum") if self.world > 1 else count
         # DDP averages gradients over processes; scale so the result is sum(losses) / all labelled tokens
         denom = total / self.world
-        if (
-            self.grounding_head is not None
-        ):  # the grounded phrases' loss: its sum over all the batch's phrases
-            count = torch.tensor(sum(float(b["grounding_mask"].sum()) for b in micro), device=self.acc.device)
-            phrases = (self.acc.reduce(count, reduction="sum") if self.world > 1 else count).clamp(min=1)
-            phrases = phrases / self.world
+        # the grounded phrases' loss: its sum over the batch's phrases, divided by their count as the answers' loss
+        if self.grounding_head is not None:
+            n = torch.tensor(sum(float(b["grounding_mask"].sum()) for b in micro), device=self.acc.device)
+            phrases = (self.acc.reduce(n, reduction="sum") if self.world > 1 else n).clamp(min=1) / self.world
         loss_sum = grounding_sum = 0.0
         for i, batch in enumerate(micro):
             batch = {k: v.to(self.acc.device) for k, v in batch.items()}
@@ -439,9 +436,8 @@ class SFTTrainer(Trainer):
         if self.world > 1:
             for p in self.grounding_head.parameters():
                 p.grad = self.acc.reduce(p.grad, reduction="mean")
-        base = max(
-            self.scheduler.base_lrs
-        )  # one schedule for every group: any group with a rate gives its factor
+        # one schedule for every group: any group with a rate gives its factor
+        base = max(self.scheduler.base_lrs)
         factor = self.scheduler.get_last_lr()[self.scheduler.base_lrs.index(base)] / base if base > 0 else 1.0
         for group in self.grounding_optimizer.param_groups:
             group["lr"] = self.cfg.train.grounding_lr * factor
