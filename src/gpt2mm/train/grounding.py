@@ -25,13 +25,14 @@ from gpt2mm.errors import UsageError
 GROUNDINGS = ("objects",)
 
 
-def load_scene_objects(path: Path) -> dict[str, dict[str, Any]]:
-    """The synthetic world's scene records (`scenes/{split}_scenes.json`) by image file name."""
-    import json
+def load_scene_objects(root: Path, split: str) -> dict[str, dict[str, Any]]:
+    """The synthetic world's scene records of a split (`load_scenes`) by image file name."""
+    from gpt2mm.data.synthetic import load_scenes
 
+    path = root / "scenes" / f"{split}_scenes.json"
     if not path.is_file():
         raise UsageError(f"data.grounding: objects needs the synthetic world's {path}")
-    return {scene["file_name"]: scene for scene in json.loads(path.read_text())}
+    return {scene["file_name"]: scene for scene in load_scenes(root, split)}
 
 
 def phrase_targets(

@@ -166,7 +166,6 @@ class SFTTrainer(Trainer):
 
     def _ground_phrases(self) -> None:
         """`data.grounding: objects`: each training example's phrase targets (`gpt2mm.train.grounding`)."""
-        from gpt2mm.data.splits import resolve
         from gpt2mm.train.grounding import load_scene_objects, phrase_targets
 
         d = self.cfg.data
@@ -175,7 +174,7 @@ class SFTTrainer(Trainer):
             raise UsageError(
                 f"train.grounding_layer {self.cfg.train.grounding_layer}: GPT-2 has {layers} blocks"
             )
-        scenes = load_scene_objects(resolve(d.root, "scenes/train_scenes.json"))
+        scenes = load_scene_objects(Path(d.root), "train")
         placed, seen = phrase_targets(self.examples, self.train_samples, self.processor, scenes)
         if not placed:
             raise UsageError(
