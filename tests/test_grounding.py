@@ -22,7 +22,7 @@ from gpt2mm.data.synthetic import (
     write_world,
 )
 from gpt2mm.errors import UsageError
-from gpt2mm.train.grounding import collate_grounding, grounding_loss
+from gpt2mm.train.grounding import centres_loss, collate_centres, collate_grounding, grounding_loss
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo-sft.yaml"
 
@@ -168,11 +168,21 @@ def test_the_loss_is_the_mean_squared_error_over_the_batchs_phrases(world):
         assert float(grounding_loss(hidden[:2], head, empty, 1)) == 0.0
 
 
-def test_a_step_is_the_same_whatever_the_micro_batches(world, tmp_path):
-    """The grounding loss is divided by the whole batch's phrases, as the answers' loss by its answers: one
-    micro-batch of 8 or two of 4 (with different phrase counts) give the same step to rounding."""
+@pytest.mark.parametrize("centres", ["0", "1"], ids=["phrases", "phrases+centres"])
+def test_a_step_is_the_same_whatever_the_micro_batches(world, tmp_path, centres):
+    """The grounding losses are divided by the whole batch's phrases and images, as the answers' loss by its
+    answers: one micro-batch of 8 or two of 4 (with different phrase counts) give the same step to rounding."""
     runs = [
-        trainer(world, tmp_path / f"r{k}", "--train.batch_size", "8", "--train.grad_accum", str(k))
+        trainer(
+            world,
+            tmp_path / f"r{k}",
+            "--train.batch_size",
+            "8",
+            "--train.grad_accum",
+            str(k),
+            "--train.centres_weight",
+            centres,
+        )
         for k in (1, 2)
     ]
     batch = runs[0]._next_batch()
@@ -185,6 +195,72 @@ def test_a_step_is_the_same_whatever_the_micro_batches(world, tmp_path):
     a, b = (dict(r.model.named_parameters()) for r in runs)
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5) for k in a)
     assert torch.allclose(runs[0].grounding_head.weight, runs[1].grounding_head.weight, atol=1e-6, rtol=1e-5)
+    if centres == "1":
+        assert torch.allclose(runs[0].centres_head.weight, runs[1].centres_head.weight, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("stem", ["patches", "cnn"])
+def test_centre_targets_count_the_objects_whose_centre_lies_in_each_patch(world, tmp_path, stem):
+    """Reference: each patch's own pixel square (objects whose centre falls in it, counted by a loop over
+    patches), and the vision tower itself for which token is which patch: changing one patch's pixels changes
+    the tower's features most at the token the targets give that patch (CLIP's patch embedding and the demo's
+    CNN stem, both with the class token first)."""
+    model_args = ["--model.overrides", "{}"] if stem == "patches" else []
+    run = trainer(world, tmp_path / "run", "--train.centres_weight", "1", *model_args)
+    scenes = {s["file_name"]: s for s in scenes_of(world)}
+    image = run.processor.image_token_id
+    side = round((run.processor.num_image_tokens - 1) ** 0.5)
+    assert side * side + 1 == run.processor.num_image_tokens and not run.model.config.vision_drop_cls
+    for e in run.examples:
+        start, cells = e.centres
+        scene = scenes[Path(run.train_samples[e.index].image).name]
+        assert e.input_ids[start - 1] == image and all(
+            t == image for t in e.input_ids[start : start + side * side]
+        )
+        pw, ph = scene["width"] / side, scene["height"] / side
+        naive = []
+        for row in range(side):
+            for col in range(side):
+                inside = [
+                    o for o in scene["objects"]
+                    if col * pw <= object_centre(o)[0] < (col + 1) * pw
+                    and row * ph <= object_centre(o)[1] < (row + 1) * ph
+                ]  # fmt: skip
+                naive.append(float(len(inside)))
+        assert cells == naive and sum(cells) == len(scene["objects"])
+    # which token is which patch: the class token first, then the patches in raster order
+    size = run.model.config.vision_config.image_size
+    patch = size // side
+    pixels = torch.zeros(1, 3, size, size)
+    run.model.eval()
+    with torch.no_grad():
+        base = run.model.get_vision_hidden_states(pixels)
+        for row, col in ((0, side - 1), (side - 1, 0), (side // 2, side // 2)):
+            changed = pixels.clone()
+            changed[..., row * patch : (row + 1) * patch, col * patch : (col + 1) * patch] = 1.0
+            moved = (run.model.get_vision_hidden_states(changed) - base).norm(dim=-1)[0, 1:]
+            assert int(moved.argmax()) == row * side + col
+
+
+def test_the_centres_loss_is_the_squared_error_summed_over_each_images_patches(world):
+    """Reference: a loop over the images and their patches."""
+    torch.manual_seed(0)
+
+    class E:
+        def __init__(self, centres):
+            self.centres = centres
+
+    examples = [E((2, [0.0, 1.0, 2.0, 0.0])), E(None), E((0, [1.0, 0.0, 0.0, 1.0]))]
+    batch = collate_centres(examples)
+    hidden = torch.randn(3, 8, 6)
+    head = torch.nn.Linear(6, 1)
+    with torch.no_grad():
+        naive = 0.0
+        for i, e in enumerate(examples):
+            if e.centres is not None:
+                start, cells = e.centres
+                naive += sum((float(head(hidden[i, start + k])) - c) ** 2 for k, c in enumerate(cells))
+        assert float(centres_loss(hidden, head, batch, 2)) == pytest.approx(naive / 2, rel=1e-6)
 
 
 def train_args(world: Path, out: Path, grounding: str = "objects") -> list[str]:
@@ -198,25 +274,29 @@ def train_args(world: Path, out: Path, grounding: str = "objects") -> list[str]:
 
 
 def test_training_with_grounding_resumes_exactly_and_saves_a_plain_model(world, tmp_path):
+    centres = ["--train.centres_weight", "1"]
     full = tmp_path / "full"
-    assert main(train_args(world, full)) == 0
+    assert main(train_args(world, full) + centres) == 0
     rows = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["grounding_loss"] > 0 for r in rows if "loss" in r)
+    assert all(r["grounding_loss"] > 0 and r["centres_loss"] > 0 for r in rows if "loss" in r)
     state = torch.load(full / "checkpoint-3" / "trainer_state.pt", weights_only=False)
-    assert set(state["grounding_head"]) == {"weight", "bias"}
-    # the same run stopped after step 3, then resumed: the same weights at the end (the head's state resumed too)
+    assert set(state["grounding_head"]) == set(state["centres_head"]) == {"weight", "bias"}
+    # the same run stopped after step 3, then resumed: the same weights at the end (the heads' state resumed too)
     part = tmp_path / "part"
     part.mkdir()
     shutil.copytree(full / "checkpoint-3", part / "checkpoint-3")
-    assert main(train_args(world, part) + ["--resume"]) == 0
+    assert main(train_args(world, part) + centres + ["--resume"]) == 0
     a, b = (
         load_file(str(full / "checkpoint-6" / "model.safetensors")),
         load_file(str(part / "checkpoint-6" / "model.safetensors")),
     )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # the model is the model without grounding: the same keys; and the loss moved it elsewhere
+    # (train.centres_weight applies with data.grounding only)
     plain = tmp_path / "plain"
-    assert main(train_args(world, plain, grounding="none")) == 0
+    assert main(train_args(world, plain, grounding="none") + centres) == 0
+    rows = [json.loads(line) for line in (plain / "metrics.jsonl").read_text().splitlines()]
+    assert not any("centres_loss" in r or "grounding_loss" in r for r in rows)
     c = load_file(str(plain / "checkpoint-6" / "model.safetensors"))
     assert c.keys() == a.keys()
     assert any(not torch.equal(a[k], c[k]) for k in a if k.startswith("language_model.h.0."))
@@ -233,6 +313,11 @@ def test_a_resume_without_the_heads_state_is_refused(world, tmp_path):
         SFTTrainer(
             load_config(SFTConfig, RECIPE, train_args(world, plain)[2:]), resume=True, log=lambda m: None
         )
+    phrases = tmp_path / "phrases"
+    assert main(train_args(world, phrases) + ["--train.centres_weight", "0"]) == 0
+    with pytest.raises(UsageError, match="without train.centres_weight"):
+        args = train_args(world, phrases)[2:] + ["--train.centres_weight", "1"]
+        SFTTrainer(load_config(SFTConfig, RECIPE, args), resume=True, log=lambda m: None)
 
 
 def test_bad_grounding_settings_name_what_is_wrong(world, tmp_path):
@@ -244,6 +329,8 @@ def test_bad_grounding_settings_name_what_is_wrong(world, tmp_path):
         trainer(world, tmp_path / "c", "--train.grounding_weight", "0")
     with pytest.raises(ValueError, match="data.grounding needs train.precision"):
         trainer(world, tmp_path / "e", "--train.precision", "fp16")
+    with pytest.raises(ValueError, match="train.centres_weight must be 0 or more"):
+        trainer(world, tmp_path / "f", "--train.centres_weight", "-1")
     bare = tmp_path / "bare"
     shutil.copytree(world, bare)
     shutil.rmtree(bare / "scenes")

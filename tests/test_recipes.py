@@ -18,7 +18,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # averaged over answers, which their long descriptions call for) and where the demo writes.
 WORLD_EXTRAS = {
     "data.root", "data.synth", "data.synth_args", "data.conversation_mix", "data.difficulty", "data.grounding",
-    "train.output_dir", "train.max_minutes", "train.curriculum_steps", "train.loss_average",
+    "train.output_dir", "train.max_minutes", "train.curriculum_steps", "train.loss_average", "train.centres_weight",
 }  # fmt: skip
 
 

@@ -29,6 +29,7 @@ class Encoded:
     index: int  # position of the sample in its source list
     difficulty: float | None = None
     grounding: list[tuple[int, float, float]] | None = None  # (token index, x, y): `gpt2mm.train.grounding`
+    centres: tuple[int, list[float]] | None = None  # (first image token, centres per cell): the same module
 
 
 @dataclass
@@ -179,6 +180,10 @@ class Collator:
             from gpt2mm.train.grounding import collate_grounding
 
             batch.update(collate_grounding(examples))
+        if any(e.centres is not None for e in examples):
+            from gpt2mm.train.grounding import collate_centres
+
+            batch.update(collate_centres(examples))
         return batch
 
 

@@ -288,6 +288,10 @@ class TrainConfig(RunConfig):
         default=2.5e-4,
         metadata={"help": "the learning rate of data.grounding's linear head (train.schedule's)"},
     )
+    centres_weight: float = field(
+        default=0.0,
+        metadata={"help": "with data.grounding: the weight of each image token's count of object centres"},
+    )
     compile: bool = field(
         default=False,
         metadata={"help": "torch.compile each transformer block (pays on a GPU; compiling takes ~20 s)"},
@@ -309,6 +313,8 @@ class TrainConfig(RunConfig):
                 "train.grounding_weight and grounding_lr must be more than 0 and grounding_layer 1 or more, got "
                 f"{self.grounding_weight}, {self.grounding_lr}, {self.grounding_layer}"
             )
+        if not self.centres_weight >= 0:
+            raise ValueError(f"train.centres_weight must be 0 or more, got {self.centres_weight}")
         for name in ("projector_lr", "vision_lr"):  # none: train.lr; 0 keeps that part as it is
             rate = getattr(self, name)
             if rate is not None and not rate >= 0:

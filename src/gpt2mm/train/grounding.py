@@ -92,6 +92,65 @@ def collate_grounding(examples: Sequence) -> dict[str, torch.Tensor]:
 
 
 GROUNDING_KEYS = ("grounding_index", "grounding_target", "grounding_mask")
+CENTRE_KEYS = ("centres_start", "centres_target", "centres_mask")
+
+
+def centre_targets(
+    examples: Sequence, samples: Sequence, processor: Any, scenes: dict[str, dict], cls: bool
+) -> int:
+    """Set each example's `centres`: (index of its first patch token, how many objects of its image's scene have
+    their centre in each patch's cell, in the raster order of the square grid of patches; `cls`: the image's
+    tokens start with the vision tower's class token). Returns the number of examples that have them."""
+    from gpt2mm.data.synthetic import object_centre
+
+    n = processor.num_image_tokens - int(cls)
+    side = round(n**0.5)
+    if side * side != n:
+        return 0
+    count = 0
+    for e in examples:
+        sample = samples[e.index]
+        e.centres = None
+        scene = scenes.get(Path(sample.image).name) if sample.image is not None else None
+        if scene is None or sample.more_images or processor.image_token_id not in e.input_ids:
+            continue
+        start = e.input_ids.index(processor.image_token_id) + int(cls)
+        if start + n > len(e.input_ids):
+            continue
+        cells = [0.0] * n
+        for obj in scene["objects"]:
+            x, y = object_centre(obj)
+            col = min(side - 1, int(x * side / scene["width"]))
+            row = min(side - 1, int(y * side / scene["height"]))
+            cells[row * side + col] += 1.0
+        e.centres = (start, cells)
+        count += 1
+    return count
+
+
+def collate_centres(examples: Sequence) -> dict[str, torch.Tensor]:
+    """`centres_start` (B,), `centres_target` (B, N) and `centres_mask` (B,), 1 where an example has them."""
+    n = next(len(e.centres[1]) for e in examples if e.centres is not None)
+    start = torch.zeros(len(examples), dtype=torch.long)
+    target = torch.zeros(len(examples), n)
+    mask = torch.zeros(len(examples))
+    for i, e in enumerate(examples):
+        if e.centres is not None:
+            start[i], mask[i] = e.centres[0], 1.0
+            target[i] = torch.tensor(e.centres[1])
+    return {"centres_start": start, "centres_target": target, "centres_mask": mask}
+
+
+def centres_loss(
+    hidden: torch.Tensor, head: torch.nn.Module, batch: dict[str, torch.Tensor], images: torch.Tensor | float
+) -> torch.Tensor:
+    """The squared error of `head`'s count of centres at each image token, summed over an image's cells and the
+    batch's images and divided by `images` (the whole batch's count, as `grounding_loss`)."""
+    start, target, mask = (batch[k] for k in CENTRE_KEYS)
+    index = start.unsqueeze(1) + torch.arange(target.shape[1], device=start.device)
+    states = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    error = ((head(states.float()).squeeze(-1) - target) ** 2).sum(-1)
+    return (error * mask).sum() / images
 
 
 def grounding_loss(

@@ -41,7 +41,7 @@ from gpt2mm.train.checkpoints import (
     write_weights,
 )
 from gpt2mm.train.config import SFTConfig
-from gpt2mm.train.grounding import GROUNDING_KEYS, grounding_loss
+from gpt2mm.train.grounding import CENTRE_KEYS, GROUNDING_KEYS, centres_loss, grounding_loss
 from gpt2mm.train.trainer import Trainer
 
 CURRICULUM_BLOCK = 50  # steps whose curriculum batches are drawn together and grouped by length, at most
@@ -181,6 +181,17 @@ class SFTTrainer(Trainer):
                 f"data.grounding: no question of {d.root}'s train split names an object of its scenes"
             )
         self.log(f"grounding: {placed} of {seen} object phrases placed")
+        if self.cfg.train.centres_weight > 0:
+            from gpt2mm.train.grounding import centre_targets
+
+            cls = not self.model.config.vision_drop_cls
+            images = centre_targets(self.examples, self.train_samples, self.processor, scenes, cls)
+            if not images:
+                raise UsageError(
+                    "train.centres_weight: no training example has one image of the scenes whose tokens are a "
+                    "square grid of patches"
+                )
+            self.log(f"grounding: the object centres of {images} examples' images")
 
     @property
     def image_key(self) -> str:
@@ -240,6 +251,13 @@ class SFTTrainer(Trainer):
             # torch's AdamW defaults otherwise (betas 0.9, 0.999): what was measured
             self.grounding_optimizer = torch.optim.AdamW(
                 self.grounding_head.parameters(), lr=t.grounding_lr, weight_decay=0.0
+            )
+        self.centres_head = self.centres_optimizer = None
+        if self.cfg.data.grounding and t.centres_weight > 0:
+            width = self.model.config.text_config.n_embd
+            self.centres_head = torch.nn.Linear(width, 1).to(self.acc.device)
+            self.centres_optimizer = torch.optim.AdamW(
+                self.centres_head.parameters(), lr=t.grounding_lr, weight_decay=0.0
             )
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         if t.compile:
@@ -369,6 +387,8 @@ class SFTTrainer(Trainer):
         row = {"loss": loss, "lr": self.scheduler.get_last_lr()[0]}
         if self.grounding_head is not None:
             row["grounding_loss"] = self.last_grounding_loss
+        if self.centres_head is not None:
+            row["centres_loss"] = self.last_centres_loss
         if grad_norm is not None:
             row["grad_norm"] = grad_norm
         return row, self.cfg.train.batch_size
@@ -390,14 +410,19 @@ class SFTTrainer(Trainer):
         total = self.acc.reduce(count, reduction="sum") if self.world > 1 else count
         # DDP averages gradients over processes; scale so the result is sum(losses) / all labelled tokens
         denom = total / self.world
-        # the grounded phrases' loss: its sum over the batch's phrases, divided by their count as the answers' loss
-        if self.grounding_head is not None:
-            n = torch.tensor(sum(float(b["grounding_mask"].sum()) for b in micro), device=self.acc.device)
-            phrases = (self.acc.reduce(n, reduction="sum") if self.world > 1 else n).clamp(min=1) / self.world
-        loss_sum = grounding_sum = 0.0
+
+        def targets(mask: str) -> torch.Tensor:
+            """A grounding loss's divisor: the whole batch's count of its targets (phrases, images), scaled as
+            `denom` is, so that its sum over them gives the mean whatever the split."""
+            n = torch.tensor(sum(float(b[mask].sum()) for b in micro), device=self.acc.device)
+            return (self.acc.reduce(n, reduction="sum") if self.world > 1 else n).clamp(min=1) / self.world
+
+        phrases = targets("grounding_mask") if self.grounding_head is not None else None
+        images = targets("centres_mask") if self.centres_head is not None else None
+        loss_sum = grounding_sum = centres_sum = 0.0
         for i, batch in enumerate(micro):
             batch = {k: v.to(self.acc.device) for k, v in batch.items()}
-            grounded = {k: batch.pop(k) for k in GROUNDING_KEYS if k in batch}
+            grounded = {k: batch.pop(k) for k in GROUNDING_KEYS + CENTRE_KEYS if k in batch}
             sync = i == len(micro) - 1
             ctx = self.acc.no_sync(self.model) if not sync and self.world > 1 else contextlib.nullcontext()
             with ctx, self.acc.autocast():
@@ -410,6 +435,10 @@ class SFTTrainer(Trainer):
                     grounding = grounding_loss(hidden, self.grounding_head, grounded, phrases)
                     objective = out.loss + t.grounding_weight * grounding
                     grounding_sum += float(grounding.detach())
+                    if self.centres_head is not None:
+                        centres = centres_loss(hidden, self.centres_head, grounded, images)
+                        objective = objective + t.centres_weight * centres
+                        centres_sum += float(centres.detach())
             self.acc.backward(objective)
             loss_sum += float(out.loss.detach())
         grad_norm = None
@@ -418,11 +447,12 @@ class SFTTrainer(Trainer):
         self.optimizer.step()
         if self.grounding_head is not None:
             self._grounding_step()
-            self.last_grounding_loss = (
-                float(self.acc.reduce(torch.tensor(grounding_sum, device=self.acc.device), reduction="mean"))
+            mean = (
+                (lambda v: float(self.acc.reduce(torch.tensor(v, device=self.acc.device), reduction="mean")))
                 if self.world > 1
-                else grounding_sum
+                else float
             )
+            self.last_grounding_loss, self.last_centres_loss = mean(grounding_sum), mean(centres_sum)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         # the global mean loss over labelled tokens (or answers)
@@ -442,15 +472,21 @@ class SFTTrainer(Trainer):
             group["lr"] = self.cfg.train.grounding_lr * factor
         self.grounding_optimizer.step()
         self.grounding_optimizer.zero_grad(set_to_none=True)
+        if self.centres_head is not None:
+            for group in self.centres_optimizer.param_groups:
+                group["lr"] = self.cfg.train.grounding_lr * factor
+            self.centres_optimizer.step()
+            self.centres_optimizer.zero_grad(set_to_none=True)
 
     def extra_state(self) -> dict[str, Any]:
-        """The grounding head and its optimizer (`data.grounding`), which the saved model does not hold."""
-        if self.grounding_head is None:
-            return {}
-        return {
-            "grounding_head": self.grounding_head.state_dict(),
-            "grounding_optimizer": self.grounding_optimizer.state_dict(),
-        }
+        """The grounding heads and their optimizers (`data.grounding`), which the saved model does not hold."""
+        state = {}
+        for name in ("grounding", "centres"):
+            head = getattr(self, f"{name}_head")
+            if head is not None:
+                state[f"{name}_head"] = head.state_dict()
+                state[f"{name}_optimizer"] = getattr(self, f"{name}_optimizer").state_dict()
+        return state
 
     def has_validation(self) -> bool:
         return bool(self.val_samples)
@@ -580,9 +616,11 @@ class SFTTrainer(Trainer):
 
             scatter_optimizer_state(self.model, self.optimizer, state["optimizer"], self._param_names, path)
         self.scheduler.load_state_dict(state["scheduler"])
-        if self.grounding_head is not None:
-            if "grounding_head" not in state:
-                raise UsageError(f"--resume: {path} was written by a run without data.grounding")
-            self.grounding_head.load_state_dict(state["grounding_head"])
-            self.grounding_optimizer.load_state_dict(state["grounding_optimizer"])
+        for name, setting in (("grounding", "data.grounding"), ("centres", "train.centres_weight")):
+            head = getattr(self, f"{name}_head")
+            if head is not None:
+                if f"{name}_head" not in state:
+                    raise UsageError(f"--resume: {path} was written by a run without {setting}")
+                head.load_state_dict(state[f"{name}_head"])
+                getattr(self, f"{name}_optimizer").load_state_dict(state[f"{name}_optimizer"])
         self.restore_counters(path, state)
