@@ -36,7 +36,7 @@ from gpt2mm.errors import DataError, UsageError  # noqa: E402
 from gpt2mm.train.args import load_config  # noqa: E402
 from gpt2mm.train.config import SFTConfig  # noqa: E402
 from gpt2mm.train.fast import fast_attn_implementation, fast_precision  # noqa: E402
-from gpt2mm.train.grounding import GROUNDING_KEYS  # noqa: E402
+from gpt2mm.train.grounding import CENTRE_KEYS, GROUNDING_KEYS  # noqa: E402
 from gpt2mm.train.sft import SFTTrainer  # noqa: E402
 
 ATTENTION = ("eager", "sdpa", "gpt2mm_eager")  # transformers' two, then gpt2mm.layers.eager_attention
@@ -62,7 +62,7 @@ def build(recipe: str, world: str, out: Path, precision: str, attn: str, extra: 
 
 def loss_on(trainer: SFTTrainer, micro: list[dict[str, torch.Tensor]]) -> float:
     """The model's loss on the first micro-batch's answers, without a gradient (grounding targets left out)."""
-    batch = {k: v for k, v in micro[0].items() if k not in GROUNDING_KEYS}
+    batch = {k: v for k, v in micro[0].items() if k not in GROUNDING_KEYS + CENTRE_KEYS}
     with torch.no_grad(), trainer.acc.autocast():
         return float(trainer.model(**batch).loss)
 

@@ -186,6 +186,10 @@ def test_a_step_is_the_same_whatever_the_micro_batches(world, tmp_path, centres)
         for k in (1, 2)
     ]
     batch = runs[0]._next_batch()
+    if centres == "1":  # the second run's first micro-batch without centre targets (an image without a scene)
+        for run in runs:
+            for i in batch[:4]:
+                run.examples[i].centres = None
     counts = []
     for run in runs:
         micro = run._micro_batches(batch)
@@ -196,27 +200,37 @@ def test_a_step_is_the_same_whatever_the_micro_batches(world, tmp_path, centres)
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5) for k in a)
     assert torch.allclose(runs[0].grounding_head.weight, runs[1].grounding_head.weight, atol=1e-6, rtol=1e-5)
     if centres == "1":
-        assert torch.allclose(runs[0].centres_head.weight, runs[1].centres_head.weight, atol=1e-6, rtol=1e-5)
+        assert "centres_mask" not in runs[1]._micro_batches(batch)[0]
+        for name in ("weight", "bias"):
+            a, b = (getattr(r.centres_head, name) for r in runs)
+            assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("stem", ["patches", "cnn"])
-def test_centre_targets_count_the_objects_whose_centre_lies_in_each_patch(world, tmp_path, stem):
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        "{}",
+        "{vision_stem: cnn, vision_config: {patch_size: 8}, vision_feature_layer: 0}",
+        "{vision_drop_cls: true}",
+    ],
+    ids=["patches", "cnn-stem", "no-class-token"],
+)
+def test_centre_targets_count_the_objects_whose_centre_lies_in_each_patch(world, tmp_path, overrides):
     """Reference: each patch's own pixel square (objects whose centre falls in it, counted by a loop over
     patches), and the vision tower itself for which token is which patch: changing one patch's pixels changes
     the tower's features most at the token the targets give that patch (CLIP's patch embedding and the demo's
-    CNN stem, both with the class token first)."""
-    model_args = ["--model.overrides", "{}"] if stem == "patches" else []
-    run = trainer(world, tmp_path / "run", "--train.centres_weight", "1", *model_args)
+    CNN stem with the class token first, and without a class token)."""
+    run = trainer(world, tmp_path / "run", "--train.centres_weight", "1", "--model.overrides", overrides)
     scenes = {s["file_name"]: s for s in scenes_of(world)}
     image = run.processor.image_token_id
-    side = round((run.processor.num_image_tokens - 1) ** 0.5)
-    assert side * side + 1 == run.processor.num_image_tokens and not run.model.config.vision_drop_cls
+    cls = int(not run.model.config.vision_drop_cls)
+    side = round((run.processor.num_image_tokens - cls) ** 0.5)
+    assert side * side + cls == run.processor.num_image_tokens and side == (6 if "cnn" in overrides else 3)
     for e in run.examples:
         start, cells = e.centres
         scene = scenes[Path(run.train_samples[e.index].image).name]
-        assert e.input_ids[start - 1] == image and all(
-            t == image for t in e.input_ids[start : start + side * side]
-        )
+        assert e.input_ids[start - cls : start + side * side] == [image] * (cls + side * side)
+        assert start - cls == 0 or e.input_ids[start - cls - 1] != image  # the image's first token
         pw, ph = scene["width"] / side, scene["height"] / side
         naive = []
         for row in range(side):
@@ -238,11 +252,11 @@ def test_centre_targets_count_the_objects_whose_centre_lies_in_each_patch(world,
         for row, col in ((0, side - 1), (side - 1, 0), (side // 2, side // 2)):
             changed = pixels.clone()
             changed[..., row * patch : (row + 1) * patch, col * patch : (col + 1) * patch] = 1.0
-            moved = (run.model.get_vision_hidden_states(changed) - base).norm(dim=-1)[0, 1:]
+            moved = (run.model.get_vision_hidden_states(changed) - base).norm(dim=-1)[0, cls:]
             assert int(moved.argmax()) == row * side + col
 
 
-def test_the_centres_loss_is_the_squared_error_summed_over_each_images_patches(world):
+def test_the_centres_loss_is_the_squared_error_summed_over_each_images_patches():
     """Reference: a loop over the images and their patches."""
     torch.manual_seed(0)
 

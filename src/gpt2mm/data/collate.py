@@ -29,7 +29,7 @@ class Encoded:
     index: int  # position of the sample in its source list
     difficulty: float | None = None
     grounding: list[tuple[int, float, float]] | None = None  # (token index, x, y): `gpt2mm.train.grounding`
-    centres: tuple[int, list[float]] | None = None  # (first image token, centres per cell): the same module
+    centres: tuple[int, list[float]] | None = None  # (first patch token, centres per patch): the same module
 
 
 @dataclass

@@ -286,11 +286,13 @@ class TrainConfig(RunConfig):
     )
     grounding_lr: float = field(
         default=2.5e-4,
-        metadata={"help": "the learning rate of data.grounding's linear head (train.schedule's)"},
+        metadata={"help": "the learning rate of data.grounding's linear heads (train.schedule's)"},
     )
     centres_weight: float = field(
         default=0.0,
-        metadata={"help": "with data.grounding: the weight of each image token's count of object centres"},
+        metadata={
+            "help": "with data.grounding: the weight of each patch's count of the objects centred in it (0: off)"
+        },
     )
     compile: bool = field(
         default=False,

@@ -10,6 +10,12 @@ head reads it from GPT-2's hidden state at the phrase's last token after block `
 belongs to the run, not to the model: checkpoints keep it in their trainer state, and the saved model has no
 trace of it. 3,000 steps on the two seeds whose x axis stayed at chance: free world 94.42 -> 97.77%, grid world
 99.46% (docs/experiments.md).
+
+Object centres (`train.centres_weight` > 0, with `data.grounding`): a second linear head reads, at each patch's
+image token after the same block, how many of the scene's objects have their centre in that patch. Its squared
+error, summed over the image's patches and averaged over the batch's images, times the weight joins the loss.
+"How many objects are there?" then has a count per patch to sum; trained without it, that count was mostly wrong
+by being too high, on scenes whose objects overlap (docs/experiments.md, 2026-12-08).
 """
 
 from __future__ import annotations
@@ -92,6 +98,20 @@ def collate_grounding(examples: Sequence) -> dict[str, torch.Tensor]:
 
 
 GROUNDING_KEYS = ("grounding_index", "grounding_target", "grounding_mask")
+
+
+def grounding_loss(
+    hidden: torch.Tensor, head: torch.nn.Module, batch: dict[str, torch.Tensor], phrases: torch.Tensor | float
+) -> torch.Tensor:
+    """The squared error (x and y summed) of `head` at each phrase's last token of `hidden` (B, T, D), summed
+    over the batch's phrases and divided by `phrases` (the whole batch's count, over micro-batches and processes,
+    as the answers' loss is: any split gives the same gradient); 0 (with a graph) when the batch has none."""
+    index, target, mask = (batch[k] for k in GROUNDING_KEYS)
+    states = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    error = ((head(states.float()) - target) ** 2).sum(-1)
+    return (error * mask).sum() / phrases
+
+
 CENTRE_KEYS = ("centres_start", "centres_target", "centres_mask")
 
 
@@ -144,22 +164,10 @@ def collate_centres(examples: Sequence) -> dict[str, torch.Tensor]:
 def centres_loss(
     hidden: torch.Tensor, head: torch.nn.Module, batch: dict[str, torch.Tensor], images: torch.Tensor | float
 ) -> torch.Tensor:
-    """The squared error of `head`'s count of centres at each image token, summed over an image's cells and the
+    """The squared error of `head`'s count of centres at each patch token, summed over an image's patches and the
     batch's images and divided by `images` (the whole batch's count, as `grounding_loss`)."""
     start, target, mask = (batch[k] for k in CENTRE_KEYS)
     index = start.unsqueeze(1) + torch.arange(target.shape[1], device=start.device)
     states = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
     error = ((head(states.float()).squeeze(-1) - target) ** 2).sum(-1)
     return (error * mask).sum() / images
-
-
-def grounding_loss(
-    hidden: torch.Tensor, head: torch.nn.Module, batch: dict[str, torch.Tensor], phrases: torch.Tensor | float
-) -> torch.Tensor:
-    """The squared error (x and y summed) of `head` at each phrase's last token of `hidden` (B, T, D), summed
-    over the batch's phrases and divided by `phrases` (the whole batch's count, over micro-batches and processes,
-    as the answers' loss is: any split gives the same gradient); 0 (with a graph) when the batch has none."""
-    index, target, mask = (batch[k] for k in GROUNDING_KEYS)
-    states = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-    error = ((head(states.float()) - target) ** 2).sum(-1)
-    return (error * mask).sum() / phrases

@@ -244,21 +244,19 @@ class SFTTrainer(Trainer):
         self._param_names, self._param_position = optimizer_param_names(self.model, self.optimizer)
         self._tied_copies = tied_copies(self.model)
         self.scheduler = make_scheduler(self.optimizer, t, lambda: self.train_seconds)
-        self.grounding_head = self.grounding_optimizer = None
-        if self.cfg.data.grounding:  # the run's own head, beside the model (gpt2mm.train.grounding)
-            width = self.model.config.text_config.n_embd
-            self.grounding_head = torch.nn.Linear(width, 2).to(self.acc.device)
-            # torch's AdamW defaults otherwise (betas 0.9, 0.999): what was measured
-            self.grounding_optimizer = torch.optim.AdamW(
-                self.grounding_head.parameters(), lr=t.grounding_lr, weight_decay=0.0
-            )
-        self.centres_head = self.centres_optimizer = None
-        if self.cfg.data.grounding and t.centres_weight > 0:
-            width = self.model.config.text_config.n_embd
-            self.centres_head = torch.nn.Linear(width, 1).to(self.acc.device)
-            self.centres_optimizer = torch.optim.AdamW(
-                self.centres_head.parameters(), lr=t.grounding_lr, weight_decay=0.0
-            )
+        # the run's own heads, beside the model (gpt2mm.train.grounding): the phrases' (x, y) and each patch's count
+        self.grounding_head = self.grounding_optimizer = self.centres_head = self.centres_optimizer = None
+        width = self.model.config.text_config.n_embd
+        for name, outputs, on in (("grounding", 2, True), ("centres", 1, t.centres_weight > 0)):
+            if self.cfg.data.grounding and on:
+                head = torch.nn.Linear(width, outputs).to(self.acc.device)
+                setattr(self, f"{name}_head", head)
+                # torch's AdamW defaults otherwise (betas 0.9, 0.999): what was measured
+                setattr(
+                    self,
+                    f"{name}_optimizer",
+                    torch.optim.AdamW(head.parameters(), lr=t.grounding_lr, weight_decay=0.0),
+                )
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         if t.compile:
             self.acc.unwrap_model(self.model).compile_blocks()
@@ -414,7 +412,7 @@ class SFTTrainer(Trainer):
         def targets(mask: str) -> torch.Tensor:
             """A grounding loss's divisor: the whole batch's count of its targets (phrases, images), scaled as
             `denom` is, so that its sum over them gives the mean whatever the split."""
-            n = torch.tensor(sum(float(b[mask].sum()) for b in micro), device=self.acc.device)
+            n = torch.tensor(sum(float(b[mask].sum()) for b in micro if mask in b), device=self.acc.device)
             return (self.acc.reduce(n, reduction="sum") if self.world > 1 else n).clamp(min=1) / self.world
 
         phrases = targets("grounding_mask") if self.grounding_head is not None else None
@@ -436,7 +434,12 @@ class SFTTrainer(Trainer):
                     objective = out.loss + t.grounding_weight * grounding
                     grounding_sum += float(grounding.detach())
                     if self.centres_head is not None:
-                        centres = centres_loss(hidden, self.centres_head, grounded, images)
+                        # a micro-batch without centre targets: 0, with a graph (the head's gradient is then 0)
+                        centres = (
+                            centres_loss(hidden, self.centres_head, grounded, images)
+                            if "centres_mask" in grounded
+                            else 0 * self.centres_head(hidden[:, :1].float()).sum()
+                        )
                         objective = objective + t.centres_weight * centres
                         centres_sum += float(centres.detach())
             self.acc.backward(objective)
@@ -452,40 +455,43 @@ class SFTTrainer(Trainer):
                 if self.world > 1
                 else float
             )
-            self.last_grounding_loss, self.last_centres_loss = mean(grounding_sum), mean(centres_sum)
+            self.last_grounding_loss = mean(grounding_sum)
+            self.last_centres_loss = mean(centres_sum) if self.centres_head is not None else None
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         # the global mean loss over labelled tokens (or answers)
         loss = torch.tensor(loss_sum, device=self.acc.device)
         return (float(self.acc.reduce(loss, reduction="mean")) if self.world > 1 else loss_sum), grad_norm
 
+    def _heads(self) -> list[tuple[str, torch.nn.Module, torch.optim.Optimizer]]:
+        """The grounding heads this run has: (name, head, its optimizer)."""
+        names = ("grounding", "centres")
+        return [
+            (n, getattr(self, f"{n}_head"), getattr(self, f"{n}_optimizer"))
+            for n in names
+            if getattr(self, f"{n}_head") is not None
+        ]
+
     def _grounding_step(self) -> None:
-        """The grounding head's step: its gradient averaged over processes, its rate `train.grounding_lr` under
-        the schedule's factor of this step (the main optimizer's current rate over its base)."""
-        if self.world > 1:
-            for p in self.grounding_head.parameters():
-                p.grad = self.acc.reduce(p.grad, reduction="mean")
+        """The grounding heads' step: each one's gradient averaged over processes, its rate `train.grounding_lr`
+        under the schedule's factor of this step (the main optimizer's current rate over its base)."""
         # one schedule for every group: any group with a rate gives its factor
         base = max(self.scheduler.base_lrs)
         factor = self.scheduler.get_last_lr()[self.scheduler.base_lrs.index(base)] / base if base > 0 else 1.0
-        for group in self.grounding_optimizer.param_groups:
-            group["lr"] = self.cfg.train.grounding_lr * factor
-        self.grounding_optimizer.step()
-        self.grounding_optimizer.zero_grad(set_to_none=True)
-        if self.centres_head is not None:
-            for group in self.centres_optimizer.param_groups:
+        for _, head, optimizer in self._heads():
+            if self.world > 1:
+                for p in head.parameters():
+                    p.grad = self.acc.reduce(p.grad, reduction="mean")
+            for group in optimizer.param_groups:
                 group["lr"] = self.cfg.train.grounding_lr * factor
-            self.centres_optimizer.step()
-            self.centres_optimizer.zero_grad(set_to_none=True)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     def extra_state(self) -> dict[str, Any]:
         """The grounding heads and their optimizers (`data.grounding`), which the saved model does not hold."""
         state = {}
-        for name in ("grounding", "centres"):
-            head = getattr(self, f"{name}_head")
-            if head is not None:
-                state[f"{name}_head"] = head.state_dict()
-                state[f"{name}_optimizer"] = getattr(self, f"{name}_optimizer").state_dict()
+        for name, head, optimizer in self._heads():
+            state[f"{name}_head"], state[f"{name}_optimizer"] = head.state_dict(), optimizer.state_dict()
         return state
 
     def has_validation(self) -> bool:
@@ -616,11 +622,10 @@ class SFTTrainer(Trainer):
 
             scatter_optimizer_state(self.model, self.optimizer, state["optimizer"], self._param_names, path)
         self.scheduler.load_state_dict(state["scheduler"])
-        for name, setting in (("grounding", "data.grounding"), ("centres", "train.centres_weight")):
-            head = getattr(self, f"{name}_head")
-            if head is not None:
-                if f"{name}_head" not in state:
-                    raise UsageError(f"--resume: {path} was written by a run without {setting}")
-                head.load_state_dict(state[f"{name}_head"])
-                getattr(self, f"{name}_optimizer").load_state_dict(state[f"{name}_optimizer"])
+        settings = {"grounding": "data.grounding", "centres": "train.centres_weight (set it to 0 to resume)"}
+        for name, head, optimizer in self._heads():
+            if f"{name}_head" not in state:
+                raise UsageError(f"--resume: {path} was written by a run without {settings[name]}")
+            head.load_state_dict(state[f"{name}_head"])
+            optimizer.load_state_dict(state[f"{name}_optimizer"])
         self.restore_counters(path, state)
