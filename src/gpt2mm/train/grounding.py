@@ -100,6 +100,11 @@ def collate_grounding(examples: Sequence) -> dict[str, torch.Tensor]:
 GROUNDING_KEYS = ("grounding_index", "grounding_target", "grounding_mask")
 
 
+def states_at(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The (B, K, D) rows of `hidden` (B, T, D) at the token indices `index` (B, K), in fp32 for a head."""
+    return hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])).float()
+
+
 def grounding_loss(
     hidden: torch.Tensor, head: torch.nn.Module, batch: dict[str, torch.Tensor], phrases: torch.Tensor | float
 ) -> torch.Tensor:
@@ -107,8 +112,7 @@ def grounding_loss(
     over the batch's phrases and divided by `phrases` (the whole batch's count, over micro-batches and processes,
     as the answers' loss is: any split gives the same gradient); 0 (with a graph) when the batch has none."""
     index, target, mask = (batch[k] for k in GROUNDING_KEYS)
-    states = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-    error = ((head(states.float()) - target) ** 2).sum(-1)
+    error = ((head(states_at(hidden, index)) - target) ** 2).sum(-1)
     return (error * mask).sum() / phrases
 
 
@@ -168,6 +172,5 @@ def centres_loss(
     batch's images and divided by `images` (the whole batch's count, as `grounding_loss`)."""
     start, target, mask = (batch[k] for k in CENTRE_KEYS)
     index = start.unsqueeze(1) + torch.arange(target.shape[1], device=start.device)
-    states = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-    error = ((head(states.float()).squeeze(-1) - target) ** 2).sum(-1)
+    error = ((head(states_at(hidden, index)).squeeze(-1) - target) ** 2).sum(-1)
     return (error * mask).sum() / images
